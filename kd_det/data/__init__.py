@@ -1,0 +1,1 @@
+"""Data: generated COCO-format scenes and the mixed-sample mapper."""
