@@ -57,6 +57,13 @@ def add_kd_config(cfg):
     _C.INPUT.MIX.BOX_RULE = "keep"
 
     # ---------------------------------------------------------------------------------------------
+    # Datasets (kd_det/data/builtin.py)
+    # ---------------------------------------------------------------------------------------------
+    # Root of data written by tools/make_synthetic_coco.py. Dataset names "<prefix>_train" and
+    # "<prefix>_val" whose prefix starts with "synthetic" are registered from it on first use.
+    _C.DATASETS.SYNTHETIC_ROOT = "datasets/synthetic"
+
+    # ---------------------------------------------------------------------------------------------
     # Training engine (kd_det/engine/trainer.py)
     # ---------------------------------------------------------------------------------------------
     _C.KD_TRAINER = CN()

@@ -1,0 +1,38 @@
+# kd_det: `make test` and `make demo` set everything up on a fresh machine.
+# VENV can be overridden: `make test VENV=/path/to/venv`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kd_det-setup-done
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint format clean-venv
+
+setup: $(STAMP)
+
+# Re-run only when the environment is new or the install recipe changed; every step is idempotent.
+$(STAMP): setup.py tools/install_detectron2.py Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip "setuptools<81" wheel
+	@# Unpinned: pip picks the build for this machine (constraint files on CI cap the version).
+	$(PY) -m pip install --quiet torch torchvision
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m kd_det.collect_env
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo.py
+
+lint: setup
+	$(VENV)/bin/black --check -l 100 kd_det tools tests
+	$(VENV)/bin/flake8 --max-line-length 100 --extend-ignore E203,W503 kd_det tools tests
+
+format: setup
+	$(VENV)/bin/black -l 100 kd_det tools tests
+
+clean-venv:
+	rm -rf $(VENV)

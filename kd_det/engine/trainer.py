@@ -1,0 +1,180 @@
+"""``KDTrainer``: detectron2's ``DefaultTrainer`` with what kd_det's users need on top.
+
+What differs from ``DefaultTrainer`` and why:
+
+* **DDP on CPU.** detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which
+  DistributedDataParallel rejects for CPU modules; multi-process CPU (gloo) training is how kd_det is
+  tested and how users without GPUs scale out. We pass ``device_ids=None`` for CPU models.
+* **find_unused_parameters** comes from ``KD_TRAINER.FIND_UNUSED_PARAMETERS``: distillation parts
+  that are switched off for a step would otherwise make DDP fail ("Expected to have finished
+  reduction in the prior iteration").
+* **Crash-safe checkpoints** (:class:`AtomicDetectionCheckpointer`) and a bounded number kept.
+* **AMP on CPU**: detectron2's ``AMPTrainer`` requires CUDA; on CPU we autocast to bfloat16 without a
+  grad scaler, so a GPU config with ``SOLVER.AMP.ENABLED`` still runs on a CPU machine.
+* **Input checks before the first step**: every training image must exist, so a wrong dataset path
+  fails in seconds with the path named, not after the model and the teacher were built.
+* **Mixed-sample mapper** when ``INPUT.MIX.ENABLED``; a COCO evaluator by default.
+"""
+import logging
+import os
+import time
+import weakref
+
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .checkpoint import AtomicDetectionCheckpointer
+
+logger = logging.getLogger(__name__)
+
+
+class CPUAMPTrainer(AMPTrainer):
+    """``AMPTrainer`` that also runs without CUDA: bfloat16 autocast on CPU, no grad scaler.
+
+    bfloat16 has float32's exponent range, so the loss scaling that float16 needs is unnecessary.
+    On a CUDA device it behaves exactly like detectron2's ``AMPTrainer``.
+    """
+
+    def run_step(self):
+        if torch.cuda.is_available():
+            return super().run_step()
+        assert self.model.training, "[CPUAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def check_dataset_files(dataset_names):
+    """Fail fast, with the path and the fix, if a training image is missing.
+
+    ``DatasetMapper`` would otherwise raise deep inside a data-loader worker, after the models were
+    built (and a teacher loaded). Only existence is checked here (cheap even for COCO's 118k images);
+    unreadable files are reported by the mapper with their path.
+
+    Args:
+        dataset_names (Iterable[str]): registered dataset names.
+    """
+    for name in dataset_names:
+        dicts = DatasetCatalog.get(name)
+        if len(dicts) == 0:
+            raise ValueError(f"Dataset '{name}' is empty. Check its annotation file.")
+        missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
+        if missing:
+            raise FileNotFoundError(
+                f"Dataset '{name}': {len(missing)} of {len(dicts)} images do not exist, e.g. "
+                f"'{missing[0]}'. Fix the image root given when the dataset was registered "
+                "(for generated data: rerun tools/make_synthetic_coco.py --output <root>)."
+            )
+
+
+def fall_back_to_cpu(cfg):
+    """Switch ``MODEL.DEVICE`` from CUDA to CPU when no GPU exists, with a warning.
+
+    COCO configs say ``cuda`` (detectron2's default); kd_det promises that everything also runs on a
+    CPU, so instead of failing in ``model.to("cuda")`` the config is adapted. Call before freezing.
+    """
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available; using cpu.")
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+class KDTrainer(DefaultTrainer):
+    """The trainer behind ``tools/train_net.py`` (see the module docstring for what it changes)."""
+
+    def __init__(self, cfg):
+        # Same construction order as DefaultTrainer.__init__, with our DDP and checkpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_dataset_files(cfg.DATASETS.TRAIN)
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = self.wrap_ddp(cfg, model)
+        trainer_cls = CPUAMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def train(self):
+        """Run training; returns the last evaluation's results (also without EXPECTED_RESULTS)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
+    @staticmethod
+    def wrap_ddp(cfg, model):
+        """Wrap in DistributedDataParallel when there are several processes, CPU included."""
+        if comm.get_world_size() == 1:
+            return model
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            device_ids=None if on_cpu else [comm.get_local_rank()],
+            find_unused_parameters=cfg.KD_TRAINER.FIND_UNUSED_PARAMETERS,
+        )
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                max_to_keep = self.cfg.KD_TRAINER.MAX_TO_KEEP or None
+                ret[i] = hooks.PeriodicCheckpointer(
+                    self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=max_to_keep
+                )
+        return ret
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.INPUT.MIX.ENABLED:
+            from kd_det.data.mixed_sample_mapper import MixedSampleDatasetMapper
+
+            return build_detection_train_loader(cfg, mapper=MixedSampleDatasetMapper(cfg, True))
+        return build_detection_train_loader(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO box AP with pycocotools (the official implementation; detectron2's fast C++
+        COCOeval needs its compiled ops, which kd_det does not require)."""
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if evaluator_type != "coco":
+            raise NotImplementedError(
+                f"Dataset '{dataset_name}' has evaluator_type '{evaluator_type}'; kd_det's trainer "
+                "evaluates COCO-format datasets. Override KDTrainer.build_evaluator for others."
+            )
+        return COCOEvaluator(
+            dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder
+        )
