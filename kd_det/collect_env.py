@@ -5,6 +5,7 @@ Reports torch/torchvision/detectron2 versions, where detectron2 came from (the p
 compiled ops are present (kd_det does not need them), and the device training will use. Paste its
 output into bug reports.
 """
+
 import importlib.metadata
 import os
 import sys
@@ -12,7 +13,9 @@ import sys
 
 def detectron2_source():
     """How detectron2 was installed: the installer's record, else the distribution's name."""
-    record = os.path.join(sys.prefix, "kd_det-detectron2-install.txt")  # see tools/install_detectron2.py
+    record = os.path.join(
+        sys.prefix, "kd_det-detectron2-install.txt"
+    )  # see tools/install_detectron2.py
     recorded = None
     if os.path.exists(record):
         with open(record) as f:
@@ -56,7 +59,9 @@ def collect_env_info():
     try:
         import detectron2
 
-        rows.append(("detectron2", f"{detectron2.__version__} @ {os.path.dirname(detectron2.__file__)}"))
+        rows.append(
+            ("detectron2", f"{detectron2.__version__} @ {os.path.dirname(detectron2.__file__)}")
+        )
         rows.append(("detectron2 source", detectron2_source()))
         rows.append(
             (
@@ -65,7 +70,9 @@ def collect_env_info():
             )
         )
     except ImportError:
-        rows.append(("detectron2", "NOT INSTALLED: run `make setup` or tools/install_detectron2.py"))
+        rows.append(
+            ("detectron2", "NOT INSTALLED: run `make setup` or tools/install_detectron2.py")
+        )
     try:
         import pytorch_msssim
 

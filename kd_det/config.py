@@ -4,6 +4,7 @@ Every key has a default so that a plain detectron2 YAML still loads after ``add_
 a user's YAML names must exist, so a typo fails with detectron2's usual ``KeyError: 'Non-existent
 config key: ...'`` instead of being ignored.
 """
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 

@@ -18,6 +18,7 @@ It prints which path it took and records it in ``<sys.prefix>/kd_det-detectron2-
 ``python -m kd_det.collect_env`` can report it. Only the standard library is used, so the script runs
 before anything else is installed. ``--dry-run`` prints the decision and the commands without running them.
 """
+
 import argparse
 import importlib.util
 import os

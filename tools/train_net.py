@@ -12,6 +12,7 @@ Examples:
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
     python tools/train_net.py --config-file CFG --resume     # continue from OUTPUT_DIR/last_checkpoint
 """
+
 import json
 import logging
 import os

@@ -4,6 +4,7 @@ detectron2 registers COCO/LVIS/... under ``$DETECTRON2_DATASETS`` itself. kd_det
 scenes: any dataset named ``synthetic*_train`` / ``synthetic*_val`` is registered from
 ``cfg.DATASETS.SYNTHETIC_ROOT`` (one root per config; use different prefixes for different roots).
 """
+
 from detectron2.data import DatasetCatalog
 
 

@@ -43,6 +43,7 @@ Determinism: image ``i`` of split ``s`` is drawn from ``numpy.random.default_rng
 ``SeedSequence([seed, crc32(s), i])``, so it depends only on ``(seed, split, i)`` and not on the
 order or number of workers that generate it.
 """
+
 import json
 import logging
 import math
@@ -161,10 +162,10 @@ def _shape_star6(rng):
 
 def _shape_cross(rng):
     t = rng.uniform(0.22, 0.34)
-    pts = [
-        [-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t],
-        [t, 1], [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t],
-    ]  # fmt: skip
+    # fmt: off
+    pts = [[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t],
+           [t, 1], [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]]
+    # fmt: on
     return [(np.array(pts, dtype=np.float64) * 0.85, 255)]
 
 
@@ -281,35 +282,49 @@ def _clutter_colour(rng):
     return tuple(int(c) for c in rng.integers(0, 256, size=3))
 
 
-def _draw_clutter(rng, draw, size, thin):
-    """Draw one clutter item on ``draw`` (RGB) and return nothing; shapes never resemble classes."""
+def _draw_clutter(rng, draw, size, thin, footprint=None):
+    """Draw one random clutter item; its shapes are chosen never to resemble a class.
+
+    Args:
+        rng (numpy.random.Generator): randomness source.
+        draw (PIL.ImageDraw.ImageDraw): RGB target.
+        size (int): image side.
+        thin (bool): only 1-pixel strokes (used above the objects, where clutter occludes them).
+        footprint (PIL.ImageDraw.ImageDraw): optional "L" target that receives the same item in
+            white, to record which pixels it covers.
+    """
     kind = rng.integers(2 if thin else 4)
     colour = _clutter_colour(rng)
     width = 1 if thin else int(rng.integers(1, 4))
+    targets = [(draw, colour)] + ([(footprint, 255)] if footprint is not None else [])
     if kind == 0:  # scribble: a random walk polyline
         n = int(rng.integers(3, 8))
         start = rng.uniform(0, size, size=2)
         steps = rng.normal(0, size / 8, size=(n, 2))
-        pts = np.clip(start + np.cumsum(steps, axis=0), 0, size - 1)
-        draw.line([tuple(p) for p in pts], fill=colour, width=width)
+        pts = [tuple(p) for p in np.clip(start + np.cumsum(steps, axis=0), 0, size - 1)]
+        for target, ink in targets:
+            target.line(pts, fill=ink, width=width)
     elif kind == 1:  # straight line
-        pts = rng.uniform(0, size, size=(2, 2))
-        draw.line([tuple(p) for p in pts], fill=colour, width=width)
+        pts = [tuple(p) for p in rng.uniform(0, size, size=(2, 2))]
+        for target, ink in targets:
+            target.line(pts, fill=ink, width=width)
     elif kind == 2:  # arc (an open curve, so it is not a ring)
         r = rng.uniform(5, size / 4)
         cx, cy = rng.uniform(0, size, size=2)
         a0 = rng.uniform(0, 360)
         a1 = a0 + rng.uniform(40, 200)
-        draw.arc([cx - r, cy - r, cx + r, cy + r], a0, a1, fill=colour, width=width)
+        for target, ink in targets:
+            target.arc([cx - r, cy - r, cx + r, cy + r], a0, a1, fill=ink, width=width)
     else:  # irregular blob: strongly perturbed radii so it never looks like a circle or polygon
         n = 14
         r = rng.uniform(4, size / 10)
-        radii = r * rng.uniform(0.35, 1.3, size=n)
-        radii = 0.5 * radii + 0.25 * (np.roll(radii, 1) + np.roll(radii, -1))
+        radii = r * rng.uniform(0.25, 1.4, size=n)
+        radii = 0.7 * radii + 0.15 * (np.roll(radii, 1) + np.roll(radii, -1))
         angles = np.sort(rng.uniform(0, 2 * np.pi, size=n))
         cx, cy = rng.uniform(0, size, size=2)
         pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
-        draw.polygon([tuple(p) for p in pts], fill=colour)
+        for target, ink in targets:
+            target.polygon([tuple(p) for p in pts], fill=ink)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -395,11 +410,7 @@ def generate_scene(rng, image_size):
     cover_img = Image.new("L", (image_size, image_size), 0)
     draw, cover_draw = ImageDraw.Draw(top), ImageDraw.Draw(cover_img)
     for _ in range(int(rng.integers(0, 4))):
-        state = rng.bit_generator.state
-        _draw_clutter(rng, draw, image_size, thin=True)
-        # Replay the same random draws to record the stroke's footprint.
-        rng.bit_generator.state = state
-        _draw_clutter(rng, cover_draw, image_size, thin=True)
+        _draw_clutter(rng, draw, image_size, thin=True, footprint=cover_draw)
     canvas = np.asarray(top, dtype=np.float32)
     cover = np.asarray(cover_img) > 0
 

@@ -8,6 +8,7 @@ the tag are written to a temporary file in the same directory, flushed to disk a
 target with ``os.replace``, which is atomic on POSIX and Windows: a reader sees either the old file or
 the complete new one, never a partial one.
 """
+
 import logging
 import os
 import tempfile
@@ -27,7 +28,9 @@ def atomic_torch_save(obj, path):
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(
+        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -44,7 +47,9 @@ def atomic_torch_save(obj, path):
 def atomic_write_text(text, path):
     """Write a small text file atomically (tmp file + rename)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(
+        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+    )
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -15,6 +15,7 @@ What differs from ``DefaultTrainer`` and why:
   fails in seconds with the path named, not after the model and the teacher were built.
 * **Mixed-sample mapper** when ``INPUT.MIX.ENABLED``; a COCO evaluator by default.
 """
+
 import logging
 import os
 import time
