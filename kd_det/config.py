@@ -37,6 +37,72 @@ def add_kd_config(cfg):
     _C.MODEL.EFFICIENTNET.FREEZE_AT = 0
 
     # ---------------------------------------------------------------------------------------------
+    # Offline distillation: DistillationRCNN (kd_det/modeling/distillation.py)
+    # ---------------------------------------------------------------------------------------------
+    _C.MODEL.KD = CN()
+    _C.MODEL.KD.TEACHER = CN()
+    # The teacher's own config file (any detectron2 or kd_det Faster R-CNN config).
+    _C.MODEL.KD.TEACHER.CONFIG_FILE = ""
+    # The teacher's trained weights: a local path or a detectron2:// URL. Required.
+    _C.MODEL.KD.TEACHER.WEIGHTS = ""
+    # Extra "KEY VALUE ..." overrides applied to the teacher's config after its file.
+    _C.MODEL.KD.TEACHER.OPTS = []
+    # Allow a teacher without weights (random init). Only for tests and benchmarks of cost.
+    _C.MODEL.KD.TEACHER.ALLOW_RANDOM = False
+    # Linear warm-up of every distillation weight from 0 over this many iterations (0: none).
+    _C.MODEL.KD.WARMUP_ITERS = 0
+
+    _C.MODEL.KD.FEATURE = CN()
+    # Feature-hint loss on FPN outputs: "ssim", "mse" or "l1".
+    _C.MODEL.KD.FEATURE.LOSS = "ssim"
+    # FPN levels distilled (any of p2..p6); empty disables FPN feature hints.
+    _C.MODEL.KD.FEATURE.LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+    # Weight per level (same order as LEVELS), or one value used for all levels.
+    _C.MODEL.KD.FEATURE.WEIGHTS = [1.0]
+    # Extra weight of pixels inside ground-truth boxes: w = 1 + FOREGROUND_WEIGHT * inside (0: off).
+    _C.MODEL.KD.FEATURE.FOREGROUND_WEIGHT = 0.0
+    # Range policy for unbounded activations ("teacher_absmax", "teacher_minmax", "standardize",
+    # "none"); "" picks the loss's default (teacher_absmax for ssim, none for mse/l1).
+    _C.MODEL.KD.FEATURE.RANGE_POLICY = ""
+    # Student-to-teacher channel adapters: "auto" (1x1 conv where channels differ), "always",
+    # or "none" (channel mismatch is an error).
+    _C.MODEL.KD.FEATURE.ADAPTER = "auto"
+
+    _C.MODEL.KD.SSIM = CN()
+    # Gaussian window size (odd) of SSIM.
+    _C.MODEL.KD.SSIM.WINDOW_SIZE = 11
+    # Gaussian window sigma of SSIM.
+    _C.MODEL.KD.SSIM.SIGMA = 1.5
+    # SSIM stability constants K1, K2.
+    _C.MODEL.KD.SSIM.K = [0.01, 0.03]
+    # Data range after the range policy; 0 takes the policy's own (1 for the min/max policies).
+    _C.MODEL.KD.SSIM.DATA_RANGE = 0.0
+    # "1-ssim" or "(1-ssim)/2".
+    _C.MODEL.KD.SSIM.LOSS_FORM = "1-ssim"
+    # Maps smaller than the window: "shrink" the window to fit, or "skip" the level.
+    _C.MODEL.KD.SSIM.SMALL_MAP = "shrink"
+
+    _C.MODEL.KD.BACKBONE = CN()
+    # Low-level hints on the backbone's own outputs (e.g. ["res2"]), before the FPN.
+    _C.MODEL.KD.BACKBONE.LEVELS = []
+    # Weight of each backbone-level hint (one value for all, or one per level).
+    _C.MODEL.KD.BACKBONE.WEIGHTS = [1.0]
+
+    _C.MODEL.KD.RPN = CN()
+    # BCE between student objectness logits and the teacher's probabilities on the same anchors.
+    _C.MODEL.KD.RPN.OBJECTNESS_WEIGHT = 0.0
+    # Smooth-L1 between anchor deltas where the teacher's objectness is above 0.5.
+    _C.MODEL.KD.RPN.DELTAS_WEIGHT = 0.0
+
+    _C.MODEL.KD.ROI = CN()
+    # KL(teacher || student) of ROI class distributions on the student's sampled proposals.
+    _C.MODEL.KD.ROI.CLS_WEIGHT = 0.0
+    # Softmax temperature of the class-logit term (the loss is multiplied by T^2).
+    _C.MODEL.KD.ROI.TEMPERATURE = 2.0
+    # Smooth-L1 between student and teacher box deltas on foreground proposals.
+    _C.MODEL.KD.ROI.BOX_WEIGHT = 0.0
+
+    # ---------------------------------------------------------------------------------------------
     # Mixed-sample regularization in the data mapper (kd_det/data/mixed_sample_mapper.py)
     # ---------------------------------------------------------------------------------------------
     _C.INPUT.MIX = CN()

@@ -127,10 +127,10 @@ def test_arbitrary_input_sizes(name):
     assert conv_types == {"Conv2dDynamicSamePadding"}
     for h, w in [(192, 256), (200, 264), (97, 131)]:
         with torch.no_grad():
-            out = backbone(torch.randn(2, 3, h, w))
+            out = backbone(torch.randn(1, 3, h, w))
         for r, stride in zip(RES, [4, 8, 16, 32]):
             assert out[r].shape == (
-                2,
+                1,
                 backbone.output_shape()[r].channels,
                 math.ceil(h / stride),
                 math.ceil(w / stride),
@@ -268,7 +268,7 @@ def test_frozen_bn_keeps_pretrained_statistics():
     backbone = _build(_cfg(LITE0, pretrained=True, norm="FrozenBN"))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     backbone.train()
-    backbone(torch.randn(2, 3, 64, 64))["res5"].sum().backward()
+    backbone(torch.randn(2, 3, 32, 32))["res5"].sum().backward()
     for key, value in backbone.state_dict().items():
         assert torch.equal(value, before[key]), key
 
@@ -293,13 +293,13 @@ def test_freeze_at(freeze_at):
     if freeze_at == 5:
         assert not any(p.requires_grad for p in backbone.parameters())
         return
-    backbone(torch.randn(2, 3, 64, 64))["res5"].sum().backward()
+    backbone(torch.randn(2, 3, 32, 32))["res5"].sum().backward()
     assert (backbone._conv_stem.weight.grad is None) == (freeze_at >= 1)
     assert (backbone._blocks[3]._depthwise_conv.weight.grad is None) == (freeze_at >= 3)
 
 
 def test_drop_connect_only_in_training():
-    backbone = _build(_cfg(LITE0, norm="FrozenBN"))
+    backbone = _build(_cfg(LITE0, pretrained=True, norm="FrozenBN"))
     backbone.drop_connect_rate = 0.9
     x = torch.randn(4, 3, 64, 64)
     backbone.eval()
@@ -308,7 +308,8 @@ def test_drop_connect_only_in_training():
         reference = backbone(x)["res5"]
         backbone.train()
         torch.manual_seed(0)
-        assert not torch.allclose(backbone(x)["res5"], reference)
+        difference = (backbone(x)["res5"] - reference).abs().max()
+    assert difference > 1e-2 * reference.abs().max()
 
 
 def test_pixel_format_warning(caplog):

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Throughput of the plain DatasetMapper vs. MixedSampleDatasetMapper for every mix type.
+
+All mappers run in one process, one after another, on the same small dataset written into a
+temporary directory (generated scenes from ``kd_det.data.synthetic``, or skimage photos as JPEG with
+random boxes), with the same augmentation config and the same global numpy seed. Mixing is applied
+to every sample (``--prob 1``) unless told otherwise, so the numbers are the worst case; at
+probability ``p`` the expected ratio is ``1 / ((1 - p) + p / ratio)``.
+
+Each mix type is measured with fresh partners (every partner read, decoded and augmented) and with
+the partner cache (``partner_cache_size``, partners reused from recently mapped samples).
+
+Example::
+
+    python tools/benchmark_data.py --num-images 32 --image-size 256 --repeats 2
+"""
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detectron2.data import DatasetMapper  # noqa: E402
+from detectron2.data.datasets import load_coco_json  # noqa: E402
+from kd_det.config import get_kd_cfg  # noqa: E402
+from kd_det.data.mixed_sample_mapper import MIX_TYPES, MixedSampleDatasetMapper  # noqa: E402
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
+
+
+def photo_dataset(root, num_images, image_size, seed=0):
+    """skimage photos resized to ``image_size`` on the long side, as JPEG, with random boxes."""
+    import cv2
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    dicts = []
+    for i in range(num_images):
+        img = getattr(skdata, PHOTOS[i % len(PHOTOS)])()
+        if img.ndim == 2:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        scale = image_size / max(img.shape[:2])
+        img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)))
+        h, w = img.shape[:2]
+        path = os.path.join(root, f"{i:06d}.jpg")
+        cv2.imwrite(path, img[:, :, ::-1])
+        annos = []
+        for _ in range(int(rng.integers(1, 8))):
+            bw, bh = rng.uniform(8, w / 2), rng.uniform(8, h / 2)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            annos.append({"bbox": [x, y, bw, bh], "bbox_mode": 1, "category_id": int(i % 3)})
+        dicts.append(
+            {"file_name": path, "height": h, "width": w, "image_id": i, "annotations": annos}
+        )
+    return dicts
+
+
+def synthetic_dataset(root, num_images, image_size):
+    """The project's generated scenes (train split) in detectron2's format."""
+    from kd_det.data.synthetic import generate_dataset
+
+    info = generate_dataset(root, num_images, 1, image_size, seed=0, show_progress=False)
+    return load_coco_json(info["train_json"], os.path.join(root, "train"), "kd_det_bench_train")
+
+
+def time_mapper(mapper, dicts, repeats, bar):
+    """Images per second of ``mapper`` over ``repeats`` shuffled passes (same order for all)."""
+    order = np.random.default_rng(0).permutation(np.tile(np.arange(len(dicts)), repeats))
+    np.random.seed(0)
+    torch.manual_seed(0)
+    for d in dicts[:2]:  # warm-up: file system cache, lazy imports
+        mapper(copy.deepcopy(d))
+    start = time.perf_counter()
+    for i in order:
+        mapper(copy.deepcopy(dicts[i]))
+        bar.update(1)
+    return len(order) / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-images", type=int, default=32, help="images in the dataset")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the stored images")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the dataset per mapper")
+    parser.add_argument("--source", choices=["synthetic", "photos"], default="photos")
+    parser.add_argument("--prob", type=float, default=1.0, help="INPUT.MIX.PROB of the mix mappers")
+    parser.add_argument(
+        "--cache-size", type=int, default=8, help="partner cache of the cached rows"
+    )
+    parser.add_argument("--types", nargs="+", default=list(MIX_TYPES), choices=MIX_TYPES)
+    parser.add_argument(
+        "--config-file", default="", help="config for INPUT.* (default: detectron2's)"
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)  # data loading runs in single-threaded workers
+    cfg = get_kd_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.INPUT.MIX.ENABLED = True
+    cfg.INPUT.MIX.PROB = args.prob
+
+    with tempfile.TemporaryDirectory() as root:
+        if args.source == "synthetic":
+            dicts = synthetic_dataset(root, args.num_images, args.image_size)
+        else:
+            dicts = photo_dataset(root, args.num_images, args.image_size)
+        runs = [("plain DatasetMapper", lambda: DatasetMapper(cfg, is_train=True))]
+        for mix_type in args.types:
+            for cache in (0, args.cache_size):
+                c = cfg.clone()
+                c.INPUT.MIX.TYPE = mix_type
+
+                def build(c=c, cache=cache):
+                    return MixedSampleDatasetMapper(
+                        c, is_train=True, dataset_dicts=dicts, partner_cache_size=cache
+                    )
+
+                runs.append((f"{mix_type}" + (f" (cache {cache})" if cache else ""), build))
+        rows = []
+        total = len(runs) * len(dicts) * args.repeats
+        with tqdm(total=total, desc="mapping", unit="img") as bar:
+            for name, build in runs:
+                rows.append((name, time_mapper(build(), dicts, args.repeats, bar)))
+    base = rows[0][1]
+    table = [(name, f"{ips:.1f}", f"{ips / base:.2f}") for name, ips in rows]
+    print(
+        f"\n{len(dicts)} {args.source} images of {args.image_size} px, {args.repeats} passes, "
+        f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}, MAX {cfg.INPUT.MAX_SIZE_TRAIN}, "
+        f"mix prob {args.prob}"
+    )
+    print(tabulate(table, headers=["mapper", "images/s", "ratio to plain"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
