@@ -35,13 +35,16 @@ def add_kd_config(cfg):
     _C.MODEL.EFFICIENTNET.NORM = "FrozenBN"
     # Freeze the stem (1), the stem and stages up to res2 (2), ... ; 0 trains everything.
     _C.MODEL.EFFICIENTNET.FREEZE_AT = 0
+    # Maximum stochastic-depth (drop-connect) rate in training; block i drops with rate * i / n.
+    _C.MODEL.EFFICIENTNET.DROP_CONNECT_RATE = 0.0
 
     # ---------------------------------------------------------------------------------------------
     # Offline distillation: DistillationRCNN (kd_det/modeling/distillation.py)
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.KD = CN()
     _C.MODEL.KD.TEACHER = CN()
-    # The teacher's own config file (any detectron2 or kd_det Faster R-CNN config).
+    # The teacher's own config file (any detectron2 or kd_det Faster R-CNN config), relative to
+    # the working directory, or "model_zoo:<path>" for a config of detectron2's model zoo.
     _C.MODEL.KD.TEACHER.CONFIG_FILE = ""
     # The teacher's trained weights: a local path or a detectron2:// URL. Required.
     _C.MODEL.KD.TEACHER.WEIGHTS = ""
@@ -122,6 +125,9 @@ def add_kd_config(cfg):
     _C.INPUT.MIX.MIN_BOX_SIZE = 2.0
     # Partly covered boxes that survive: "keep" their box, or "shrink" it to the visible part.
     _C.INPUT.MIX.BOX_RULE = "keep"
+    # Draw partners from this many recently mapped samples of the same worker (0: read every
+    # partner fresh from disk; about 8 makes mixing nearly as fast as the plain mapper).
+    _C.INPUT.MIX.PARTNER_CACHE_SIZE = 0
 
     # ---------------------------------------------------------------------------------------------
     # Datasets (kd_det/data/builtin.py)

@@ -27,6 +27,7 @@ from kd_det.config import get_kd_cfg
 from kd_det.data.builtin import register_datasets_from_config
 from kd_det.engine import KDTrainer
 from kd_det.engine.trainer import fall_back_to_cpu
+from kd_det.modeling.teacher import TeacherInference
 
 logger = logging.getLogger("kd_det")
 
@@ -45,15 +46,20 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    if args.eval_only:
+    if args.eval_only or args.eval_teacher:
         model = KDTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        if args.eval_teacher:
+            model = teacher_for_evaluation(cfg, model)
+        else:
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume
+            )
         res = KDTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
-            _write_results(cfg, res)
+            _write_results(
+                cfg, res, "teacher_results.json" if args.eval_teacher else "eval_results.json"
+            )
         return res
 
     trainer = KDTrainer(cfg)
@@ -64,15 +70,32 @@ def main(args):
     return res
 
 
-def _write_results(cfg, res):
-    path = os.path.join(cfg.OUTPUT_DIR, "final_results.json")
+def teacher_for_evaluation(cfg, model):
+    """The distillation model's teacher, fed the student's test inputs (same loader, evaluator)."""
+    teacher = getattr(model, "teacher", None)
+    if teacher is None:
+        raise ValueError(
+            "--eval-teacher needs a distillation config (MODEL.META_ARCHITECTURE DistillationRCNN "
+            "with MODEL.KD.TEACHER.* and at least one non-zero distillation weight)."
+        )
+    return TeacherInference(teacher, cfg.INPUT.FORMAT, model.teacher_input_format)
+
+
+def _write_results(cfg, res, name="final_results.json"):
+    path = os.path.join(cfg.OUTPUT_DIR, name)
     with open(path, "w") as f:
         json.dump(res, f, indent=2)
     logger.info(f"Wrote {path}")
 
 
 def build_parser():
-    return default_argument_parser()
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--eval-teacher",
+        action="store_true",
+        help="evaluate the teacher of a distillation config with the student's evaluator",
+    )
+    return parser
 
 
 if __name__ == "__main__":

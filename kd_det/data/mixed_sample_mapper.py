@@ -25,11 +25,11 @@ Rules (chosen so that every output box is exact for the pixels it describes):
 * **MixUp.** ``image = lam * main + (1 - lam) * partner`` with ``lam ~ Beta(ALPHA, ALPHA)``, rounded
   back to the main image's dtype; the boxes of both are kept (partner boxes clipped to the frame by
   the fitting crop follow the visibility rules below).
-* **CutMix / Cut^nMix.** A rectangle with area fraction ``r`` (``r ~ Beta(ALPHA, ALPHA)`` for CutMix,
-  ``Beta(ALPHA, ALPHA) / NUM_PATCHES`` per patch for Cut^nMix, so the total pasted area stays
-  comparable) and a log-uniform aspect (relative to the image's) in ``[1/2, 2]`` (narrowed so that
-  it fits) is placed uniformly at random; its pixels are the fitted partner's pixels *at the same
-  coordinates*. Cut^nMix pastes ``NUM_PATCHES`` patches in order, each from its own partner
+* **CutMix / Cut^nMix.** A rectangle with area fraction ``r`` (``r ~ Beta(ALPHA, ALPHA)`` for
+  CutMix, ``Beta(ALPHA, ALPHA) / NUM_PATCHES`` per patch for Cut^nMix, so the total pasted area
+  stays comparable) and a log-uniform aspect (relative to the image's) in ``[1/2, 2]`` (narrowed
+  so that it fits) is placed uniformly at random; its pixels are the fitted partner's pixels *at
+  the same coordinates*. Cut^nMix pastes ``NUM_PATCHES`` patches in order, each from its own partner
   (distinct partners while the data allows).
 * **Mosaic.** A centre is drawn uniformly in the middle half of the frame; the four quadrants it
   defines receive the main image and three partners in random order, each fitted to cover its
@@ -47,29 +47,35 @@ Rules (chosen so that every output box is exact for the pixels it describes):
   is narrower or shorter than ``MIN_BOX_SIZE``; untouched boxes of the main image are never
   dropped for size, so mixing does not change which small objects are trained on.
 
-Unsupported: instance masks, keypoints, precomputed proposals and semantic segmentation cannot be
-mixed; the mapper raises ``NotImplementedError`` when mixing is enabled together with them (a
-disabled mapper still supports everything ``DatasetMapper`` does).
+Unsupported: instance masks, keypoints and precomputed proposals cannot be mixed; the mapper raises
+``NotImplementedError`` at construction when mixing is enabled together with them (a disabled mapper
+still supports everything ``DatasetMapper`` does). A sample with semantic segmentation raises
+when it is about to be mixed.
 
-Randomness: augmentations use numpy's global RNG exactly as ``DatasetMapper`` does (detectron2 seeds
-it per worker in ``worker_init_reset_seed``). Every mixing decision (whether to mix, partner indices,
-ratios, rectangles, crop offsets) comes from a ``numpy.random.Generator`` owned by the mapper. It is
-created lazily on the first call *inside the process that maps*, from
+Randomness: augmentations use numpy's global RNG exactly as ``DatasetMapper`` does (detectron2
+seeds it per worker in ``worker_init_reset_seed``). Every mixing decision (whether to mix, partner
+indices, ratios, rectangles, crop offsets) comes from a ``numpy.random.Generator`` owned by the
+mapper. It is created lazily on the first call *inside the process that maps*, from
 ``SeedSequence([torch.initial_seed(), salt])``, and re-created whenever the process id or
 ``torch.initial_seed()`` changes. In a DataLoader worker ``torch.initial_seed()`` is the worker's
 seed (``base_seed + worker_id``, further reset by detectron2's ``worker_init_reset_seed``), so
 workers draw different streams, and a new iterator (new ``base_seed``) draws new ones; ``base_seed``
 comes from torch's global RNG, which ``default_setup`` seeds from ``cfg.SEED``, so a fixed
 ``cfg.SEED`` reproduces the mixing. With ``num_workers=0`` the main process's
-``torch.initial_seed()`` is used, so ``torch.manual_seed(s)`` reseeds the mixing too. The salt keeps
+``torch.initial_seed()`` is used, so ``torch.manual_seed(s)`` with a new ``s`` reseeds the mixing
+too (the same ``s`` again does not restart the stream: build a new mapper for that). The salt keeps
 the stream different from numpy's global RNG, which detectron2 seeds with the same integer.
 
-Speed: a partner costs one more read, decode and augmentation. ``partner_cache_size`` (constructor
-argument, default 0 = off) trades exactness of "fresh partner" for speed: the mapper keeps the last
-``partner_cache_size`` plain mapped samples of its process (already augmented by the same pipeline)
-and, once the cache is full, draws partners from it instead of reading new ones. With the usual
-shuffled sampler the cached samples are a random subset of the dataset, so partners stay uniform
-over the data, but each augmented sample may then appear more than once per epoch.
+Speed: a fresh partner costs one more read, decode and augmentation, so with fresh partners MixUp
+and CutMix run at about half the plain mapper's speed and Cut^nMix/Mosaic (3 partners) at about a
+fifth (``tools/benchmark_data.py``). Fitting and mixing themselves are cheap (OpenCV on the CHW
+planes). ``partner_cache_size`` (constructor argument, default 0 = off) trades "fresh partners" for
+speed: the mapper keeps the last ``partner_cache_size`` plain mapped samples of its process (already
+augmented by the same pipeline) and, once the cache is full, draws partners from it instead of
+reading new ones. With the usual shuffled sampler the cached samples are a random subset of the
+dataset, so partners stay uniform over the data, but each augmented sample then appears about
+``1 + PROB * partners_per_mix`` times per epoch (once as main image, the rest as partner), and the
+cache holds ``partner_cache_size`` augmented images per worker in memory.
 """
 
 import logging
@@ -88,7 +94,13 @@ from detectron2.data import transforms as T
 from detectron2.data.common import DatasetFromList
 from detectron2.structures import Boxes, Instances
 
-__all__ = ["MixedSampleDatasetMapper", "MIX_TYPES", "BOX_RULES"]
+__all__ = [
+    "MixedSampleDatasetMapper",
+    "MIX_TYPES",
+    "BOX_RULES",
+    "check_mix_args",
+    "visible_geometry",
+]
 
 MIX_TYPES = ("mixup", "cutmix", "cutnmix", "mosaic")
 BOX_RULES = ("keep", "shrink")
@@ -96,6 +108,9 @@ BOX_RULES = ("keep", "shrink")
 # Mixed into the seed so the mapper's stream differs from numpy's global RNG seeded with the same
 # integer by detectron2 (the ASCII of "kdmix").
 _RNG_SALT = 0x6B646D6978
+
+# cv2.warpAffine costs about this many times more per output pixel than cv2.resize (measured).
+_WARP_VS_RESIZE_COST = 3
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +216,86 @@ def visible_geometry(boxes: np.ndarray, covers: np.ndarray) -> Tuple[np.ndarray,
     return area, bbox
 
 
+@dataclass
+class _Fit:
+    """Cover-resize ``h x w`` to ``nh x nw`` (uniform scale), then crop ``th x tw`` at ``ox, oy``.
+
+    Boxes go through the equivalent detectron2 transforms (:meth:`transform`). Pixels are resized
+    with bilinear ``cv2.resize`` per channel plane of the CHW tensor (same half-pixel-centre
+    geometry as ``ResizeTransform``, no antialiasing when shrinking, as in common YOLO-style mosaic
+    code), and
+    only the pasted window is kept: several times cheaper than ``ResizeTransform``'s PIL path, which
+    also needs the image transposed to HWC and back. A window much smaller than the resized image
+    (a Cut^nMix patch) is sampled directly with ``cv2.warpAffine``, which costs about 3x more per
+    pixel than ``cv2.resize`` but touches only the window.
+    """
+
+    h: int
+    w: int
+    nh: int
+    nw: int
+    ox: int
+    oy: int
+    th: int
+    tw: int
+
+    @classmethod
+    def cover(cls, h, w, th, tw, rng=None, anchor=None) -> "_Fit":
+        """The fit of an ``h x w`` image onto ``th x tw``.
+
+        Args:
+            anchor: None for a random crop offset drawn from ``rng``, else ``(ax, ay)`` in {0, 1}:
+                keep the left/top (0) or right/bottom (1) part of the resized image.
+        """
+        if (h, w) == (th, tw):
+            return cls(h, w, h, w, 0, 0, th, tw)
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
+        if anchor is None:
+            ox, oy = int(rng.integers(0, nw - tw + 1)), int(rng.integers(0, nh - th + 1))
+        else:
+            ox, oy = anchor[0] * (nw - tw), anchor[1] * (nh - th)
+        return cls(h, w, nh, nw, ox, oy, th, tw)
+
+    def transform(self) -> T.TransformList:
+        tfms = []
+        if (self.nh, self.nw) != (self.h, self.w):
+            tfms.append(T.ResizeTransform(self.h, self.w, self.nh, self.nw))
+        if (self.ox, self.oy, self.th, self.tw) != (0, 0, self.nh, self.nw):
+            tfms.append(T.CropTransform(self.ox, self.oy, self.tw, self.th))
+        return T.TransformList(tfms)
+
+    def render(self, image: torch.Tensor, window) -> torch.Tensor:
+        """Pixels (C x h x w) of the fitted image in ``window`` (x0, y0, x1, y1, fitted coords)."""
+        x0, y0, x1, y1 = window
+        gx0, gy0 = x0 + self.ox, y0 + self.oy  # window origin in the resized image
+        if (self.nh, self.nw) == (self.h, self.w):
+            return image[:, gy0 : gy0 + y1 - y0, gx0 : gx0 + x1 - x0]
+        out = torch.empty((image.shape[0], y1 - y0, x1 - x0), dtype=image.dtype)
+        if out.numel() == 0:
+            return out
+        src = image.numpy()
+        if out[0].numel() * _WARP_VS_RESIZE_COST < self.nh * self.nw:
+            # A small window: sample just its pixels. Same bilinear half-pixel-centre mapping as
+            # cv2.resize (output pixel u samples source (u + gx0 + 0.5) * w / nw - 0.5); the
+            # interpolation weights are quantized a little differently (at most 1 grey level).
+            sx, sy = self.w / self.nw, self.h / self.nh
+            m = np.array([[sx, 0, (gx0 + 0.5) * sx - 0.5], [0, sy, (gy0 + 0.5) * sy - 0.5]])
+            for c in range(src.shape[0]):
+                out[c].numpy()[...] = cv2.warpAffine(
+                    src[c],
+                    m,
+                    (x1 - x0, y1 - y0),
+                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                    borderMode=cv2.BORDER_REPLICATE,
+                )
+            return out
+        for c in range(src.shape[0]):  # per channel plane: no CHW <-> HWC transposes
+            resized = cv2.resize(src[c], (self.nw, self.nh), interpolation=cv2.INTER_LINEAR)
+            out[c].numpy()[...] = resized[gy0 : gy0 + y1 - y0, gx0 : gx0 + x1 - x0]
+        return out
+
+
 def _blend(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     """``lam * a + (1 - lam) * b`` in ``a``'s dtype (rounded and saturated for uint8)."""
     if a.dtype == torch.uint8 and b.dtype == torch.uint8:
@@ -212,6 +307,41 @@ def _blend(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     if not a.dtype.is_floating_point:
         out = out.round()
     return out.to(a.dtype)
+
+
+def check_mix_args(
+    mix_type,
+    mix_prob,
+    mix_alpha,
+    num_patches,
+    min_visible,
+    min_box_size,
+    box_rule,
+    partner_cache_size=0,
+):
+    """Raise a ``ValueError`` naming the ``INPUT.MIX`` key of the first invalid value.
+
+    Called before the training set is loaded for partners, so a typo fails at once.
+    """
+    if mix_type not in MIX_TYPES:
+        raise ValueError(f"INPUT.MIX.TYPE must be one of {MIX_TYPES}, got {mix_type!r}")
+    if not 0.0 <= float(mix_prob) <= 1.0:
+        raise ValueError(f"INPUT.MIX.PROB must be in [0, 1], got {mix_prob!r}")
+    if not float(mix_alpha) > 0.0:
+        raise ValueError(f"INPUT.MIX.ALPHA must be > 0, got {mix_alpha!r}")
+    if int(num_patches) != num_patches or num_patches < 1:
+        raise ValueError(f"INPUT.MIX.NUM_PATCHES must be an integer >= 1, got {num_patches!r}")
+    if not 0.0 <= float(min_visible) <= 1.0:
+        raise ValueError(f"INPUT.MIX.MIN_VISIBLE must be in [0, 1], got {min_visible!r}")
+    if not float(min_box_size) >= 0.0:
+        raise ValueError(f"INPUT.MIX.MIN_BOX_SIZE must be >= 0, got {min_box_size!r}")
+    if box_rule not in BOX_RULES:
+        raise ValueError(f"INPUT.MIX.BOX_RULE must be one of {BOX_RULES}, got {box_rule!r}")
+    if int(partner_cache_size) != partner_cache_size or partner_cache_size < 0:
+        raise ValueError(
+            "INPUT.MIX.PARTNER_CACHE_SIZE (partner_cache_size) must be an integer >= 0, got "
+            f"{partner_cache_size!r}"
+        )
 
 
 class MixedSampleDatasetMapper(DatasetMapper):
@@ -257,24 +387,16 @@ class MixedSampleDatasetMapper(DatasetMapper):
                 visualization; off by default so the output format stays standard).
         """
         super().__init__(is_train, augmentations=augmentations, image_format=image_format, **kwargs)
-        if mix_type not in MIX_TYPES:
-            raise ValueError(f"INPUT.MIX.TYPE must be one of {MIX_TYPES}, got {mix_type!r}")
-        if not 0.0 <= float(mix_prob) <= 1.0:
-            raise ValueError(f"INPUT.MIX.PROB must be in [0, 1], got {mix_prob!r}")
-        if not float(mix_alpha) > 0.0:
-            raise ValueError(f"INPUT.MIX.ALPHA must be > 0, got {mix_alpha!r}")
-        if int(num_patches) != num_patches or num_patches < 1:
-            raise ValueError(f"INPUT.MIX.NUM_PATCHES must be an integer >= 1, got {num_patches!r}")
-        if not 0.0 <= float(min_visible) <= 1.0:
-            raise ValueError(f"INPUT.MIX.MIN_VISIBLE must be in [0, 1], got {min_visible!r}")
-        if not float(min_box_size) >= 0.0:
-            raise ValueError(f"INPUT.MIX.MIN_BOX_SIZE must be >= 0, got {min_box_size!r}")
-        if box_rule not in BOX_RULES:
-            raise ValueError(f"INPUT.MIX.BOX_RULE must be one of {BOX_RULES}, got {box_rule!r}")
-        if int(partner_cache_size) != partner_cache_size or partner_cache_size < 0:
-            raise ValueError(
-                f"partner_cache_size must be an integer >= 0, got {partner_cache_size}"
-            )
+        check_mix_args(
+            mix_type,
+            mix_prob,
+            mix_alpha,
+            num_patches,
+            min_visible,
+            min_box_size,
+            box_rule,
+            partner_cache_size,
+        )
 
         self.mix_enabled = bool(mix_enabled)
         self.mix_type = mix_type
@@ -306,8 +428,8 @@ class MixedSampleDatasetMapper(DatasetMapper):
                 )
             if dataset_dicts is None or len(dataset_dicts) == 0:
                 raise ValueError(
-                    "MixedSampleDatasetMapper needs a non-empty dataset_dicts to draw partners from "
-                    "when INPUT.MIX.ENABLED is True"
+                    "MixedSampleDatasetMapper needs a non-empty dataset_dicts to draw partners "
+                    "from when INPUT.MIX.ENABLED is True"
                 )
         self._partners = (
             DatasetFromList(list(dataset_dicts), copy=True, serialize=True)
@@ -335,8 +457,20 @@ class MixedSampleDatasetMapper(DatasetMapper):
         """
         ret = super().from_config(cfg, is_train)
         mix = cfg.INPUT.MIX
+        cache_size = mix.get("PARTNER_CACHE_SIZE", 0)  # not a config key (yet)
+        check_mix_args(
+            mix.TYPE,
+            mix.PROB,
+            mix.ALPHA,
+            mix.NUM_PATCHES,
+            mix.MIN_VISIBLE,
+            mix.MIN_BOX_SIZE,
+            mix.BOX_RULE,
+            cache_size,
+        )
         active = mix.ENABLED and is_train and mix.PROB > 0
-        if active and dataset_dicts is None and not (cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON):
+        unsupported = cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS
+        if active and dataset_dicts is None and not unsupported:  # else __init__ raises
             dataset_dicts = get_detection_dataset_dicts(
                 cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
             )
@@ -350,8 +484,7 @@ class MixedSampleDatasetMapper(DatasetMapper):
             min_box_size=mix.MIN_BOX_SIZE,
             box_rule=mix.BOX_RULE,
             dataset_dicts=dataset_dicts,
-            # Not a config key (yet): reuse of recently mapped samples as partners.
-            partner_cache_size=mix.get("PARTNER_CACHE_SIZE", 0),
+            partner_cache_size=cache_size,
         )
         return ret
 
@@ -372,17 +505,22 @@ class MixedSampleDatasetMapper(DatasetMapper):
         """``DatasetMapper``'s mapping, for the main sample and for partners alike."""
         return DatasetMapper.__call__(self, dataset_dict)
 
-    def _remember(self, sample: _Sample) -> None:
-        """Put a plainly mapped sample into this process's partner cache."""
+    def _remember(self, sample: _Sample, returned: bool) -> None:
+        """Put a plainly mapped sample into this process's partner cache.
+
+        Args:
+            returned: whether ``sample.image`` itself is handed out (the sample was not mixed).
+                It is then copied: the returned tensor travels through shared memory and could be
+                modified in place downstream. A mixed sample's own image is never handed out.
+        """
         if self.partner_cache_size == 0:
             return
         if self._cache_owner != os.getpid():  # a forked worker must not reuse its parent's cache
             self._cache = deque(maxlen=self.partner_cache_size)
             self._cache_owner = os.getpid()
-        # A copy: the returned tensor goes through shared memory and may be modified downstream.
         self._cache.append(
             _Sample(
-                sample.image.clone(),
+                sample.image.clone() if returned else sample.image,
                 sample.boxes,
                 sample.classes,
                 sample.has_instances,
@@ -411,39 +549,6 @@ class MixedSampleDatasetMapper(DatasetMapper):
     # ---------------------------------------------------------------------------------------------
     # Geometry
     # ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def _fit_transform(h, w, th, tw, rng=None, anchor=None) -> T.TransformList:
-        """Cover-resize (uniform scale) an ``h x w`` image to ``th x tw`` and crop the excess.
-
-        Args:
-            anchor: None for a random crop offset drawn from ``rng``, else ``(ax, ay)`` in {0, 1}:
-                keep the left/top (0) or right/bottom (1) part of the resized image.
-        """
-        if (h, w) == (th, tw):
-            return T.TransformList([])
-        scale = max(th / h, tw / w)
-        nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
-        tfms = [T.ResizeTransform(h, w, nh, nw)] if (nh, nw) != (h, w) else []
-        if anchor is None:
-            ox, oy = int(rng.integers(0, nw - tw + 1)), int(rng.integers(0, nh - th + 1))
-        else:
-            ox, oy = anchor[0] * (nw - tw), anchor[1] * (nh - th)
-        if (nh, nw) != (th, tw):
-            tfms.append(T.CropTransform(ox, oy, tw, th))
-        return T.TransformList(tfms)
-
-    @staticmethod
-    def _apply_fit(image: torch.Tensor, tfm: T.TransformList, window) -> torch.Tensor:
-        """The ``window`` (x0, y0, x1, y1) of ``image`` after ``tfm``, as a C x h x w tensor."""
-        x0, y0, x1, y1 = window
-        if not tfm.transforms:
-            return image[:, y0:y1, x0:x1]
-        hwc = np.ascontiguousarray(image.numpy().transpose(1, 2, 0))
-        out = tfm.apply_image(hwc)
-        if out.ndim == 2:
-            out = out[:, :, None]
-        return torch.from_numpy(np.ascontiguousarray(out[y0:y1, x0:x1].transpose(2, 0, 1)))
-
     @staticmethod
     def _random_rect(rng: np.random.Generator, h: int, w: int, area_frac: float):
         """A rectangle of about ``area_frac`` of an ``h x w`` frame at a uniform random position."""
@@ -483,9 +588,11 @@ class MixedSampleDatasetMapper(DatasetMapper):
             clipped[:, 2] = np.maximum(clipped[:, 2], clipped[:, 0])
             clipped[:, 3] = np.maximum(clipped[:, 3], clipped[:, 1])
             covers = [
-                l.region
-                for l in layers[i + 1 :]
-                if occluding and l.region[2] > l.region[0] and l.region[3] > l.region[1]
+                later.region
+                for later in layers[i + 1 :]
+                if occluding
+                and later.region[2] > later.region[0]
+                and later.region[3] > later.region[1]
             ]
             area, vis_box = visible_geometry(clipped, np.array(covers, dtype=np.float64))
             frac = np.where(area0 > 0, area / np.maximum(area0, 1e-12), 0.0)
@@ -526,13 +633,13 @@ class MixedSampleDatasetMapper(DatasetMapper):
         x0, y0, x1, y1 = region
         sh, sw = sample.image.shape[-2:]
         if fit_hw is None:
-            tfm = self._fit_transform(sh, sw, h, w, rng, anchor)
+            fit = _Fit.cover(sh, sw, h, w, rng, anchor)
             window, offset = region, (0, 0)
         else:
-            tfm = self._fit_transform(sh, sw, fit_hw[0], fit_hw[1], rng, anchor)
+            fit = _Fit.cover(sh, sw, fit_hw[0], fit_hw[1], rng, anchor)
             window, offset = (0, 0, x1 - x0, y1 - y0), (x0, y0)
-        pixels = self._apply_fit(sample.image, tfm, window)
-        boxes = tfm.apply_box(sample.boxes) if len(sample.boxes) else sample.boxes
+        pixels = fit.render(sample.image, window)
+        boxes = fit.transform().apply_box(sample.boxes) if len(sample.boxes) else sample.boxes
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) + np.array(offset * 2)
         return _Layer(sample, region, boxes, moved=True, pixels=pixels)
 
@@ -547,7 +654,9 @@ class MixedSampleDatasetMapper(DatasetMapper):
     def _cutmix(self, main, rng, num_patches):
         h, w = main.image.shape[-2:]
         partners = self._draw_partners(num_patches, rng)
-        image = main.image.clone()
+        # The main image may be pasted into in place unless someone else still needs its pixels.
+        keep_main = self.partner_cache_size > 0 or self.return_mix_info
+        image = main.image.clone() if keep_main else main.image
         layers = [self._main_layer(main)]
         for partner in partners:
             frac = float(rng.beta(self.mix_alpha, self.mix_alpha)) / num_patches
@@ -572,7 +681,7 @@ class MixedSampleDatasetMapper(DatasetMapper):
         ]
         sources = [main] + partners
         order = rng.permutation(4)
-        image = torch.zeros_like(main.image)
+        image = torch.empty_like(main.image)  # the quadrants tile the frame
         layers = []
         for q, (region, anchor) in enumerate(quadrants):
             x0, y0, x1, y1 = region
@@ -593,7 +702,17 @@ class MixedSampleDatasetMapper(DatasetMapper):
             dataset_dict (dict): metadata of one image, in detectron2's dataset format.
 
         Returns:
-            dict: ``DatasetMapper``'s output format; plus ``"mix_info"`` if ``return_mix_info``.
+            dict: ``DatasetMapper``'s output format. With ``return_mix_info`` (and mixing enabled)
+            also ``"mix_info"``: ``{"type": None}`` for an unmixed sample, else a dict with
+
+            * ``"type"``; ``"lam"`` (MixUp ratio of the main image) or ``"center"`` (Mosaic);
+            * ``"layers"``: in paint order, one dict per source with ``"source"`` ("main",
+              "dataset" or "cache"), ``"index"`` (into ``dataset_dicts``), ``"file_name"``,
+              ``"region"`` (x0, y0, x1, y1 output pixels), ``"boxes"`` (XYXY in output coordinates
+              before clipping to the region), ``"classes"``, ``"pixels"`` (the source's augmented
+              and fitted pixels in the region, C x h x w) and ``"area_fraction"`` for patches;
+            * ``"instance_layer"``, ``"instance_index"``: for each output box its layer and its
+              index in that layer's ``"boxes"``; ``"visible"``: its visible fraction.
         """
         ret = self._map_plain(dataset_dict)
         if not self._active:
@@ -604,7 +723,7 @@ class MixedSampleDatasetMapper(DatasetMapper):
         if do_mix and "sem_seg" in ret:
             raise NotImplementedError("MixedSampleDatasetMapper cannot mix semantic segmentation")
         if not do_mix:
-            self._remember(main)
+            self._remember(main, returned=True)
             if self.return_mix_info:
                 ret["mix_info"] = {"type": None}
             return ret
@@ -618,7 +737,7 @@ class MixedSampleDatasetMapper(DatasetMapper):
         else:
             image, layers, occluding, extra = self._mosaic(main, rng)
         # Remembered after drawing partners so a sample is never mixed with itself via the cache.
-        self._remember(main)
+        self._remember(main, returned=False)
 
         res = self._resolve_boxes(layers, occluding)
         ret["image"] = image

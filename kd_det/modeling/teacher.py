@@ -16,8 +16,13 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
+from torch import nn
 
 logger = logging.getLogger(__name__)
+
+
+#: ``MODEL.KD.TEACHER.CONFIG_FILE`` values with this prefix name a detectron2 model-zoo config.
+MODEL_ZOO_PREFIX = "model_zoo:"
 
 
 class TeacherLoadError(RuntimeError):
@@ -33,6 +38,11 @@ def build_teacher_cfg(cfg):
     from kd_det.config import get_kd_cfg
 
     path = cfg.MODEL.KD.TEACHER.CONFIG_FILE
+    if path.startswith(MODEL_ZOO_PREFIX):
+        # A config shipped inside detectron2's package, e.g. the model-zoo R101-FPN 3x teacher.
+        from detectron2 import model_zoo
+
+        path = model_zoo.get_config_file(path[len(MODEL_ZOO_PREFIX) :])
     if not path:
         raise FileNotFoundError(
             "MODEL.KD.TEACHER.CONFIG_FILE is empty. Point it at the teacher's config file "
@@ -165,3 +175,22 @@ class TeacherHolder:
         if model.training:
             model.eval()
         return model
+
+
+class TeacherInference(nn.Module):
+    """Runs the teacher on inputs prepared for the student (for evaluating the teacher with the
+    student's data loader and evaluator): flips RGB<->BGR when the two formats differ."""
+
+    def __init__(self, teacher, student_format, teacher_format):
+        super().__init__()
+        self.teacher = teacher
+        if student_format != teacher_format and {student_format, teacher_format} != {"RGB", "BGR"}:
+            raise ValueError(
+                f"Cannot feed {student_format} images to a teacher that expects {teacher_format}."
+            )
+        self.flip = student_format != teacher_format
+
+    def forward(self, batched_inputs):
+        if self.flip:
+            batched_inputs = [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
+        return self.teacher(batched_inputs)

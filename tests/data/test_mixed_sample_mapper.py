@@ -30,7 +30,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 # Data
 # -------------------------------------------------------------------------------------------------
 def _random_annos(rng, h, w, n, num_classes=5):
-    """Random XYWH boxes, some touching the border, some tiny, one crowd box that must be ignored."""
+    """Random XYWH boxes (some tiny, some at the border) and one crowd box that must be ignored."""
     annos = []
     for _ in range(n):
         bw, bh = rng.uniform(1, w), rng.uniform(1, h)
@@ -56,7 +56,7 @@ def _random_annos(rng, h, w, n, num_classes=5):
 
 @pytest.fixture(scope="module")
 def photo_dicts(tmp_path_factory):
-    """skimage photos as JPEG (camera is a grayscale JPEG), with random boxes; one image unlabeled."""
+    """skimage photos as JPEG (camera: grayscale JPEG) with random boxes; one image unlabeled."""
     root = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(0)
     dicts = []
@@ -234,7 +234,7 @@ def check_output(out, mapper, src_dict):
         )
         src = layer["boxes"][j]
         clipped = inter(src, layer["region"])
-        covers = [l["region"] for l in layers[k + 1 :]] if occluding else []
+        covers = [later["region"] for later in layers[k + 1 :]] if occluding else []
         vis = visible_area_ie(clipped, covers)
         assert vis / area(src) >= mapper.min_visible - 1e-6
         if k > 0 or mapper.mix_type == "mosaic" or np.abs(box - src).max() > 1e-3:  # changed box
@@ -250,7 +250,7 @@ def check_output(out, mapper, src_dict):
             stats["shrunk"] += int(np.abs(box - np.array(clipped)).max() > 1e-3)
     # Dropped boxes really failed a rule.
     for k, layer in enumerate(layers):
-        covers = [l["region"] for l in layers[k + 1 :]] if occluding else []
+        covers = [later["region"] for later in layers[k + 1 :]] if occluding else []
         for j, src in enumerate(layer["boxes"]):
             if (k, j) in kept:
                 continue
@@ -500,6 +500,14 @@ def test_config_validation_and_unsupported(photo_dicts):
         c.INPUT.MIX[key] = value
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
             MixedSampleDatasetMapper(c, is_train=True, dataset_dicts=photo_dicts)
+    # Checked before the (here unregistered) training set would be loaded for partners.
+    c = cfg.clone()
+    c.DATASETS.TRAIN = ("kd_det_test_not_registered",)
+    c.INPUT.MIX.TYPE = "mosaik"
+    with pytest.raises(ValueError, match="INPUT.MIX.TYPE"):
+        MixedSampleDatasetMapper(c, is_train=True)
+    with pytest.raises(ValueError, match="PARTNER_CACHE_SIZE"):
+        make_mapper(photo_dicts, "cutmix", partner_cache_size=-1)
     c = cfg.clone()
     c.MODEL.MASK_ON = True
     with pytest.raises(NotImplementedError, match="MASK_ON"):
@@ -530,3 +538,69 @@ def test_from_config_loads_registered_train_set_and_feeds_loader(photo_dicts):
     batch = next(iter(build_detection_train_loader(cfg, mapper=mapper)))
     assert len(batch) == 2 and all(b["image"].dtype == torch.uint8 for b in batch)
     assert all("instances" in b for b in batch)
+
+
+def test_fit_render_matches_full_resize():
+    """Window rendering (resize or warp path) equals resizing the whole image and cropping."""
+    from kd_det.data.mixed_sample_mapper import _Fit
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        h, w, th, tw = (int(v) for v in rng.integers(3, 200, 4))
+        img = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+        fit = _Fit.cover(h, w, th, tw, rng)
+        assert fit.nh >= th and fit.nw >= tw and min(fit.nh / h, fit.nw / w) >= min(th / h, tw / w)
+        ref = np.stack(
+            [cv2.resize(p, (fit.nw, fit.nh), interpolation=cv2.INTER_LINEAR) for p in img.numpy()]
+        )
+        ref = ref[:, fit.oy : fit.oy + th, fit.ox : fit.ox + tw]
+        full = fit.render(img, (0, 0, tw, th)).numpy().astype(int)
+        if th * tw * 3 >= fit.nh * fit.nw:  # resize path: bit-exact
+            np.testing.assert_array_equal(full, ref)
+        assert np.abs(full - ref).max() <= 1  # warp path: same mapping, other rounding
+        x0, y0 = int(rng.integers(0, tw)), int(rng.integers(0, th))
+        x1, y1 = x0 + max(1, (tw - x0) // 3), y0 + max(1, (th - y0) // 3)
+        win = fit.render(img, (x0, y0, x1, y1)).numpy().astype(int)
+        assert np.abs(win - ref[:, y0:y1, x0:x1]).max() <= 1
+
+
+def _load_tool(name):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"kd_det_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_visualize_mix_tool(synthetic_root, tmp_path):
+    tool = _load_tool("visualize_mix")
+    for mix_type in ("cutnmix", "mosaic"):
+        out = tmp_path / mix_type
+        tool.main(
+            [
+                "--num",
+                "2",
+                "--output",
+                str(out),
+                "--type",
+                mix_type,
+                "--dataset-root",
+                synthetic_root,
+            ]
+            + ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
+        )
+        pngs = sorted(os.listdir(out))
+        assert pngs == [f"000_{mix_type}.png", f"001_{mix_type}.png"]
+        assert cv2.imread(str(out / pngs[0])).shape[:2] == (64, 64)
+
+
+def test_benchmark_tool(capsys):
+    tool = _load_tool("benchmark_data")
+    tool.main(
+        ["--num-images", "3", "--image-size", "48", "--repeats", "1", "--types", "cutmix"]
+        + ["--cache-size", "2", "INPUT.MIN_SIZE_TRAIN", "(48,)", "INPUT.MAX_SIZE_TRAIN", "64"]
+    )
+    out = capsys.readouterr().out
+    assert "plain DatasetMapper" in out and "cutmix (cache 2)" in out and "ratio to plain" in out

