@@ -1,5 +1,6 @@
 """Every runnable YAML under configs/ builds (random weights, nothing downloaded) and runs one
 training step at tiny size on CPU, COCO/GPU configs included."""
+
 import glob
 import os
 

@@ -1,5 +1,6 @@
 """DistillationRCNN on tiny CPU models: equivalence with GeneralizedRCNN, teacher isolation,
 loading errors, adapters and every distillation term."""
+
 import copy
 import os
 
