@@ -11,6 +11,7 @@ Example::
 
     python tools/benchmark_ssim.py --height 512 --width 640 --repeats 3
 """
+
 import argparse
 import statistics
 import sys
@@ -28,7 +29,12 @@ try:
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_det.modeling.feature_losses import SSIMFeatureLoss, _blur, gaussian_window, ssim_map
+from kd_det.modeling.feature_losses import (  # noqa: E402
+    SSIMFeatureLoss,
+    _gaussian_valid,
+    gaussian_window,
+    ssim_map,
+)
 
 LEVELS = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 DATA_RANGE = 6.0
@@ -48,39 +54,19 @@ def make_features(batch, channels, height, width, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------
-# Alternative SSIM-map implementations; all compute the same values as ssim_map.
+# Alternative SSIM-map implementations; all compute the same values as kd_det's ssim_map. They are
+# the steps that led to it, kept so that the measurements can be repeated.
 # ------------------------------------------------------------------------------------------------
-def _ssim_from_stats(mu_x, mu_y, e_xx, e_yy, e_xy):
-    c1, c2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
-    sxx, syy, sxy = e_xx - mu_x * mu_x, e_yy - mu_y * mu_y, e_xy - mu_x * mu_y
-    return ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * (
-        (2 * sxy + c2) / (sxx + syy + c2)
-    )
+def _conv_blur(x, win):
+    """Depthwise separable valid filter with F.conv2d (pytorch_msssim's way), H then W."""
+    g, k = x.shape[1], win.numel()
+    x = F.conv2d(x, win.view(1, 1, k, 1).expand(g, 1, k, 1), groups=g)
+    return F.conv2d(x, win.view(1, 1, 1, k).expand(g, 1, 1, k), groups=g)
 
 
-def map_five_blurs(x, y, win):
-    """pytorch_msssim's structure: five separate depthwise blurs, all under autograd."""
-    return _ssim_from_stats(_blur(x, win), _blur(y, win), _blur(x * x, win), _blur(y * y, win),
-                            _blur(x * y, win))  # fmt: skip
-
-
-def map_stacked5(x, y, win):
-    """One grouped conv over ``[x, y, x*x, y*y, x*y]`` stacked along channels."""
-    c = x.shape[1]
-    stats = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), win).split(c, dim=1)
-    return _ssim_from_stats(*stats)
-
-
-def map_split_nograd(x, y, win):
-    """kd_det's choice: ``[x, x*x, x*y]`` with autograd, teacher ``[y, y*y]`` under no_grad."""
-    return ssim_map(x, y, DATA_RANGE, win, (K1, K2))
-
-
-def map_channels_last(x, y, win):
-    """As map_split_nograd with channels_last inputs (oneDNN depthwise kernels prefer NHWC)."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = y.contiguous(memory_format=torch.channels_last)
-    return ssim_map(x, y, DATA_RANGE, win, (K1, K2))
+def _band_blur(x, win):
+    """kd_det's band-matrix filter (autograd differentiates the matrix products)."""
+    return _gaussian_valid(x, win.numel(), 1.5)
 
 
 def _shift_blur(x, win):
@@ -96,21 +82,58 @@ def _shift_blur(x, win):
     return res
 
 
-def map_shift_add(x, y, win):
-    """Split/no_grad structure with the shift-and-add filter."""
+def _ssim_from_stats(mu_x, mu_y, e_xx, e_yy, e_xy):
+    c1, c2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
+    sxx, syy, sxy = e_xx - mu_x * mu_x, e_yy - mu_y * mu_y, e_xy - mu_x * mu_y
+    return ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * ((2 * sxy + c2) / (sxx + syy + c2))
+
+
+def map_five_blurs(x, y, win):
+    """pytorch_msssim's structure: five separate depthwise convolutions, all under autograd."""
+    stats = [_conv_blur(t, win) for t in (x, y, x * x, y * y, x * y)]
+    return _ssim_from_stats(*stats)
+
+
+def map_stacked5(x, y, win):
+    """One grouped convolution over ``[x, y, x*x, y*y, x*y]`` stacked along channels."""
     c = x.shape[1]
-    with torch.no_grad():
-        mu_y, e_yy = _shift_blur(torch.cat([y, y * y], dim=1), win).split(c, dim=1)
-    mu_x, e_xx, e_xy = _shift_blur(torch.cat([x, x * x, x * y], dim=1), win).split(c, dim=1)
-    return _ssim_from_stats(mu_x, mu_y, e_xx, e_yy, e_xy)
+    stats = _conv_blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), win).split(c, dim=1)
+    return _ssim_from_stats(*stats)
+
+
+def _split_nograd(blur):
+    """``[x, x*x, x*y]`` filtered with autograd, the teacher's ``[y, y*y]`` under no_grad."""
+
+    def fn(x, y, win):
+        c = x.shape[1]
+        with torch.no_grad():
+            mu_y, e_yy = blur(torch.cat([y, y * y], dim=1), win).split(c, dim=1)
+        mu_x, e_xx, e_xy = blur(torch.cat([x, x * x, x * y], dim=1), win).split(c, dim=1)
+        return _ssim_from_stats(mu_x, mu_y, e_xx, e_yy, e_xy)
+
+    return fn
+
+
+def map_channels_last(x, y, win):
+    """Split/no_grad convolutions on channels_last inputs (oneDNN's depthwise prefers NHWC)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = y.contiguous(memory_format=torch.channels_last)
+    return _split_nograd(_conv_blur)(x, y, win)
+
+
+def map_kd_det(x, y, win):
+    """kd_det: band-matrix filters and the hand-written backward of _SSIMMap."""
+    return ssim_map(x, y, DATA_RANGE, win.numel(), 1.5, (K1, K2))
 
 
 VARIANTS = {
     "five_blurs": map_five_blurs,
     "stacked5": map_stacked5,
-    "split_nograd": map_split_nograd,
+    "split_nograd": _split_nograd(_conv_blur),
     "channels_last": map_channels_last,
-    "shift_add": map_shift_add,
+    "shift_add": _split_nograd(_shift_blur),
+    "band_autograd": _split_nograd(_band_blur),
+    "band_custom_bwd": map_kd_det,
 }
 
 
@@ -168,7 +191,9 @@ def main():
         for s, t in fs:
             size = loss_module.window_size_for(*s.shape[-2:])
             if size is not None:
-                total = total + 1.0 - pytorch_msssim.ssim(s, t, data_range=DATA_RANGE, win_size=size)
+                total = (
+                    total + 1.0 - pytorch_msssim.ssim(s, t, data_range=DATA_RANGE, win_size=size)
+                )
         return total
 
     losses = {
