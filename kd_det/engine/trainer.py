@@ -66,15 +66,18 @@ class CPUAMPTrainer(AMPTrainer):
 
 
 def check_dataset_files(dataset_names):
-    """Fail fast, with the path and the fix, if a training image is missing.
+    """Fail fast, with the path and the fix, if a training image is missing or unreadable.
 
     ``DatasetMapper`` would otherwise raise deep inside a data-loader worker, after the models were
-    built (and a teacher loaded). Only existence is checked here (cheap even for COCO's 118k images);
-    unreadable files are reported by the mapper with their path.
+    built (and a teacher loaded), possibly hours into an epoch. Every file's existence is checked and
+    its header is parsed by PIL (``Image.open`` is lazy: it reads a few bytes, so even COCO's 118k
+    images take seconds). Truncated pixel data past a valid header is still only caught when read.
 
     Args:
         dataset_names (Iterable[str]): registered dataset names.
     """
+    from PIL import Image
+
     for name in dataset_names:
         dicts = DatasetCatalog.get(name)
         if len(dicts) == 0:
@@ -86,6 +89,15 @@ def check_dataset_files(dataset_names):
                 f"'{missing[0]}'. Fix the image root given when the dataset was registered "
                 "(for generated data: rerun tools/make_synthetic_coco.py --output <root>)."
             )
+        for d in dicts:
+            try:
+                with Image.open(d["file_name"]) as im:
+                    im.size
+            except Exception as e:
+                raise ValueError(
+                    f"Dataset '{name}': image '{d['file_name']}' cannot be read ({e}). Replace the "
+                    "file or remove its entry from the annotation file."
+                ) from e
 
 
 def fall_back_to_cpu(cfg):

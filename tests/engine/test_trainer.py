@@ -123,3 +123,20 @@ def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path, synthet
     log = proc.stdout + proc.stderr
     assert f"Starting training from iteration {done_iter + 1}" in log
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_unreadable_image_stops_before_training(tmp_path, synthetic_root):
+    import shutil
+
+    from kd_det.engine import KDTrainer
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    victim = sorted((root / "train").iterdir())[1]
+    victim.write_bytes(b"this is not a jpeg")
+    opts = tiny_overrides(tmp_path / "out", root)
+    opts[opts.index("DATASETS.TRAIN") + 1] = "('synthetic_corrupt_train',)"
+    opts[opts.index("DATASETS.TEST") + 1] = "('synthetic_corrupt_val',)"
+    cfg = _setup_cfg(opts)
+    with pytest.raises(ValueError, match=f"{victim.name}' cannot be read.*Replace the file"):
+        KDTrainer(cfg)

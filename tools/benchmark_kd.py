@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Cost of distillation: time per training iteration and peak memory, as ratios to the student alone.
+
+Variants (all on the same student, batch and input, in one run):
+
+* ``student``: the student alone (plain ``GeneralizedRCNN`` training step).
+* ``teacher_forward``: the student step plus the teacher's preprocessing and backbone forward under
+  ``no_grad`` -- the floor of any feature distillation's overhead.
+* ``mse``, ``ssim``: ``DistillationRCNN`` with MSE or SSIM hints on P2-P6.
+* ``multilevel``: SSIM on P2-P6 + res2, RPN objectness, ROI class KL and box deltas.
+
+Each variant runs in its own subprocess so that its peak memory (max RSS on CPU,
+``torch.cuda.max_memory_allocated`` on a GPU) is its own. Times are medians over ``--iters``
+iterations after ``--warmup``; the teacher has random weights (cost does not depend on them).
+Writes JSON and a Markdown table.
+
+    python tools/benchmark_kd.py --output output/benchmark_kd
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("student", "teacher_forward", "mse", "ssim", "multilevel")
+KD_OFF = ["MODEL.KD.FEATURE.WEIGHTS", "[0.0]"]
+MULTI = [
+    "MODEL.KD.BACKBONE.LEVELS", "['res2']",
+    "MODEL.KD.RPN.OBJECTNESS_WEIGHT", "1.0",
+    "MODEL.KD.ROI.CLS_WEIGHT", "1.0",
+    "MODEL.KD.ROI.BOX_WEIGHT", "1.0",
+]  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--config-file",
+        default=os.path.join(REPO, "configs", "Synthetic", "distill_lite2_to_lite0_ssim.yaml"),
+        help="a DistillationRCNN config (student + teacher)",
+    )
+    p.add_argument("--image-size", type=int, default=192)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--output", default=os.path.join(REPO, "output", "benchmark_kd"))
+    p.add_argument("--device", default="", help="default: cuda if available, else cpu")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p.parse_args(argv)
+
+
+def _batch(n, size, num_classes, device):
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        k = 6
+        xy = torch.rand(k, 2, generator=g) * (size * 0.7)
+        wh = 8 + torch.rand(k, 2, generator=g) * (size * 0.3)
+        inst.gt_boxes = Boxes(torch.cat([xy, (xy + wh).clamp(max=size - 1)], 1))
+        inst.gt_classes = torch.randint(0, num_classes, (k,), generator=g)
+        img = torch.randint(0, 256, (3, size, size), generator=g).float()
+        out.append({"image": img.to(device), "instances": inst})
+    return out
+
+
+def run_variant(args):
+    """Measure one variant in this process; print a JSON line."""
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    import kd_det  # noqa: F401
+    from kd_det.config import get_kd_cfg
+
+    os.chdir(REPO)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.merge_from_list(
+        ["MODEL.DEVICE", device, "MODEL.KD.TEACHER.WEIGHTS", "", "MODEL.KD.TEACHER.ALLOW_RANDOM",
+         "True", "MODEL.KD.WARMUP_ITERS", "0"]
+    )  # fmt: skip
+    v = args.variant
+    if v in ("student", "teacher_forward"):
+        cfg.merge_from_list(KD_OFF)
+    elif v == "mse":
+        cfg.merge_from_list(["MODEL.KD.FEATURE.LOSS", "mse"])
+    elif v == "ssim":
+        cfg.merge_from_list(["MODEL.KD.FEATURE.LOSS", "ssim"])
+    elif v == "multilevel":
+        cfg.merge_from_list(["MODEL.KD.FEATURE.LOSS", "ssim"] + MULTI)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    teacher = None
+    if v == "teacher_forward":
+        from kd_det.modeling.teacher import build_teacher
+
+        teacher, tcfg = build_teacher(cfg)
+        flip = tcfg.INPUT.FORMAT != cfg.INPUT.FORMAT
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    batch = _batch(args.batch, args.image_size, cfg.MODEL.ROI_HEADS.NUM_CLASSES, device)
+    times = []
+    with EventStorage() as storage:
+        for i in range(args.warmup + args.iters):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            losses = model(batch)
+            if teacher is not None:
+                with torch.no_grad():
+                    inputs = [dict(x, image=x["image"].flip(0)) for x in batch] if flip else batch
+                    teacher.backbone(teacher.preprocess_image(inputs).tensor)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+            storage.iter += 1
+    if device.startswith("cuda"):
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"variant": v, "median_s": statistics.median(times), "times": times,
+                      "peak_mb": peak_mb, "device": device,
+                      "losses": sorted(k for k in losses if k.startswith("loss_kd"))}))  # fmt: skip
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.variant:
+        return run_variant(args)
+    from tqdm import tqdm
+
+    os.makedirs(args.output, exist_ok=True)
+    results = {}
+    bar = tqdm(args.variants, desc="benchmark_kd", unit="variant")
+    for v in bar:
+        bar.set_postfix_str(v)
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", v, "--config-file",
+               args.config_file, "--image-size", str(args.image_size), "--batch", str(args.batch),
+               "--iters", str(args.iters), "--warmup", str(args.warmup)]  # fmt: skip
+        if args.device:
+            cmd += ["--device", args.device]
+        proc = subprocess.run(cmd + args.opts, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise SystemExit(f"variant {v} failed:\n{proc.stderr[-3000:]}")
+        results[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = results.get("student")
+    lines = [
+        f"Device: {next(iter(results.values()))['device']}; batch {args.batch} x "
+        f"{args.image_size}px; median of {args.iters} iterations after {args.warmup} warm-up.",
+        "",
+        "| variant | s / iter | x student | peak MB | x student |",
+        "|---|---|---|---|---|",
+    ]
+    for v, r in results.items():
+        t_ratio = r["median_s"] / base["median_s"] if base else float("nan")
+        m_ratio = r["peak_mb"] / base["peak_mb"] if base else float("nan")
+        lines.append(
+            f"| {v} | {r['median_s']:.3f} | {t_ratio:.2f} | {r['peak_mb']:.0f} | {m_ratio:.2f} |"
+        )
+    if base and "teacher_forward" in results:
+        tf = results["teacher_forward"]["median_s"]
+        for v in ("mse", "ssim", "multilevel"):
+            if v in results:
+                extra = (results[v]["median_s"] - tf) / base["median_s"]
+                lines.append(f"\n{v}: losses on top of the teacher forward cost {extra:+.1%} of a "
+                             "student iteration.")  # fmt: skip
+    md = "\n".join(lines)
+    with open(os.path.join(args.output, "benchmark_kd.json"), "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "opts"}, "results": results},
+                  f, indent=2)  # fmt: skip
+    with open(os.path.join(args.output, "benchmark_kd.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
