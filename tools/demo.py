@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""kd_det's end-to-end demo (``make demo``): generated data -> teacher -> student -> distilled student.
+"""kd_det's end-to-end demo (``make demo``): data -> teacher -> student -> distilled student.
 
 1. Generate COCO-format scenes (``tools/make_synthetic_coco.py``'s generator), once.
 2. Train the teacher (EfficientNet-Lite2 + FPN), or reuse it when a previous demo trained it with
@@ -17,13 +17,11 @@ finished stage is skipped on the next ``make demo`` (``--force`` retrains everyt
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(REPO, "configs", "Synthetic")
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def parse_args(argv=None):
@@ -56,57 +54,20 @@ def schedule(iters, batch, image_size):
     ]  # fmt: skip
 
 
-def run_stage(name, out_dir, config, opts, params, force):
-    """Train + evaluate one model through tools/train_net.py unless an identical run finished."""
-    stamp = os.path.join(out_dir, "demo_stage.json")
-    results = os.path.join(out_dir, "final_results.json")
-    if not force and os.path.exists(stamp) and os.path.exists(results):
-        with open(stamp) as f:
-            if json.load(f).get("params") == params:
-                print(f"[demo] {name}: reusing the finished run in {out_dir}", flush=True)
-                with open(results) as g, open(stamp) as h:
-                    return json.load(g)["bbox"], json.load(h)["seconds"]
-    resume = (
-        ["--resume"]
-        if not force and os.path.exists(os.path.join(out_dir, "last_checkpoint"))
-        else []
-    )
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
-    cmd += resume + opts + ["OUTPUT_DIR", out_dir]
-    print(f"[demo] {name}: training ({' '.join(resume) or 'from scratch'}); log in {out_dir}/log.txt",
-          flush=True)  # fmt: skip
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"[demo] {name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
-    seconds = time.time() - start
-    with open(results) as f:
-        bbox = json.load(f)["bbox"]
-    with open(stamp, "w") as f:
-        json.dump({"params": params, "seconds": seconds}, f)
-    return bbox, seconds
-
-
-def fmt(v):
-    return "n/a" if v is None or v != v or v < 0 else f"{v:.1f}"
-
-
-def table(rows):
-    head = "| model | " + " | ".join(METRICS) + " | train time |"
-    sep = "|---|" + "---|" * (len(METRICS) + 1)
-    lines = [head, sep]
-    for name, bbox, secs in rows:
-        vals = " | ".join(fmt(bbox.get(m)) for m in METRICS)
-        lines.append(f"| {name} | {vals} | {secs / 60:.1f} min |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     os.makedirs(args.output, exist_ok=True)
     sys.path.insert(0, REPO)
     from kd_det.data.synthetic import generate_dataset
+    from kd_det.utils.runs import markdown_table, train_and_evaluate
+
+    def run_stage(name, out_dir, config, opts, params):
+        try:
+            r = train_and_evaluate(name, config, opts, out_dir, params, force=args.force)
+        except RuntimeError as e:
+            raise SystemExit(f"[demo] {e}")
+        return r["bbox"], r["seconds"]
 
     data = os.path.join(args.output, "data")
     print(f"[demo] 1/4 data: {args.num_train} train + {args.num_val} val scenes of "
@@ -126,7 +87,7 @@ def main(argv=None):
     print("[demo] 2/4 teacher: EfficientNet-Lite2 + FPN", flush=True)
     t_res, t_sec = run_stage(
         "teacher", teacher_dir, os.path.join(CFG, "faster_rcnn_lite2_FPN.yaml"), t_opts,
-        dict(base, iters=args.teacher_iters), args.force,
+        dict(base, iters=args.teacher_iters),
     )  # fmt: skip
 
     s_opts = data_opts + schedule(args.student_iters, args.batch, args.image_size)
@@ -134,7 +95,7 @@ def main(argv=None):
     s_res, s_sec = run_stage(
         "student", os.path.join(args.output, "student_lite0"),
         os.path.join(CFG, "faster_rcnn_lite0_FPN.yaml"), s_opts,
-        dict(base, iters=args.student_iters), args.force,
+        dict(base, iters=args.student_iters),
     )  # fmt: skip
 
     print("[demo] 4/4 student + SSIM distillation from the teacher", flush=True)
@@ -145,7 +106,6 @@ def main(argv=None):
         "distilled student", os.path.join(args.output, "student_lite0_ssim_kd"),
         os.path.join(CFG, "distill_lite2_to_lite0_ssim.yaml"), kd_opts,
         dict(base, iters=args.student_iters, teacher=dict(base, iters=args.teacher_iters)),
-        args.force,
     )  # fmt: skip
 
     rows = [
@@ -153,7 +113,10 @@ def main(argv=None):
         (f"student: Lite0-FPN, {args.student_iters} it", s_res, s_sec),
         (f"student + SSIM KD, {args.student_iters} it", k_res, k_sec),
     ]
-    md = table(rows)
+    md = markdown_table(
+        [(label, res, {"train time": f"{sec / 60:.1f} min"}) for label, res, sec in rows],
+        extra_cols=("train time",),
+    )
     gap = t_res["AP"] - s_res["AP"]
     closed = (k_res["AP"] - s_res["AP"]) / gap if gap > 0 else float("nan")
     summary = (

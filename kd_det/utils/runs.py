@@ -1,0 +1,93 @@
+"""Run ``tools/train_net.py`` as a resumable, skippable stage, and tabulate COCO results.
+
+Shared by ``tools/demo.py`` and ``tools/run_study.py``: each training run is a subprocess (so a run
+is exactly what a user would type, with detectron2's own logging, metrics.json and TensorBoard
+files in its output directory) whose parameters are stamped next to its results. A later call with
+the same parameters reuses the finished run; an interrupted run resumes from its last checkpoint.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+STAMP = "run_stamp.json"
+
+
+def finished_run(out_dir, params):
+    """The stamp of a finished run with exactly these parameters, else None."""
+    stamp = os.path.join(out_dir, STAMP)
+    if not (os.path.exists(stamp) and os.path.exists(os.path.join(out_dir, "final_results.json"))):
+        return None
+    with open(stamp) as f:
+        data = json.load(f)
+    return data if data.get("params") == params else None
+
+
+def train_and_evaluate(name, config, opts, out_dir, params, force=False, quiet=False):
+    """Train + evaluate one model through tools/train_net.py unless an identical run finished.
+
+    Args:
+        name (str): label for progress messages.
+        config (str): config file.
+        opts (list[str]): ``KEY VALUE`` overrides (``OUTPUT_DIR`` is added).
+        out_dir (str): the run's output directory.
+        params (dict): everything that defines the run; compared to decide reuse.
+        force (bool): retrain even if a finished run exists.
+        quiet (bool): send train_net's console output to ``out_dir/stdout.txt``.
+
+    Returns:
+        dict: ``{"bbox": {...}, "seconds": float, "reused": bool}``.
+    """
+    done = None if force else finished_run(out_dir, params)
+    if done is not None:
+        with open(os.path.join(out_dir, "final_results.json")) as f:
+            bbox = json.load(f)["bbox"]
+        print(f"[run] {name}: reusing the finished run in {out_dir}", flush=True)
+        return {"bbox": bbox, "seconds": done["seconds"], "reused": True}
+    os.makedirs(out_dir, exist_ok=True)
+    resumable = os.path.exists(os.path.join(out_dir, "last_checkpoint"))
+    stamp_prev = os.path.join(out_dir, STAMP + ".partial")
+    same_params = False
+    if resumable and os.path.exists(stamp_prev):
+        with open(stamp_prev) as f:
+            same_params = json.load(f).get("params") == params
+    resume = ["--resume"] if (resumable and same_params and not force) else []
+    with open(stamp_prev, "w") as f:
+        json.dump({"params": params}, f)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
+    cmd += resume + list(opts) + ["OUTPUT_DIR", out_dir]
+    how = "resuming" if resume else "training"
+    print(f"[run] {name}: {how}; log in {out_dir}/log.txt", flush=True)
+    start = time.time()
+    if quiet:
+        with open(os.path.join(out_dir, "stdout.txt"), "a") as log:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    else:
+        proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
+    seconds = time.time() - start
+    with open(os.path.join(out_dir, "final_results.json")) as f:
+        bbox = json.load(f)["bbox"]
+    with open(os.path.join(out_dir, STAMP), "w") as f:
+        json.dump({"params": params, "seconds": seconds}, f)
+    return {"bbox": bbox, "seconds": seconds, "reused": False}
+
+
+def fmt(v, digits=1):
+    """A metric for a table; NaN and COCO's -1 ("no such objects") print as n/a."""
+    return "n/a" if v is None or v != v or v < 0 else f"{v:.{digits}f}"
+
+
+def markdown_table(rows, metrics=METRICS, extra_cols=()):
+    """``rows``: (label, bbox dict, {extra col: text}) -> a Markdown table string."""
+    head = "| model | " + " | ".join(metrics + tuple(extra_cols)) + " |"
+    lines = [head, "|---|" + "---|" * (len(metrics) + len(extra_cols))]
+    for label, bbox, extra in rows:
+        cells = [fmt(bbox.get(m)) for m in metrics] + [extra.get(c, "") for c in extra_cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
