@@ -9,6 +9,7 @@ target with ``os.replace``, which is atomic on POSIX and Windows: a reader sees 
 the complete new one, never a partial one.
 """
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -19,12 +20,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 logger = logging.getLogger(__name__)
 
 
-def atomic_torch_save(obj, path):
-    """``torch.save(obj, path)`` that never leaves a partial ``path`` behind.
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a temporary file next to ``path``; on success flush, fsync and rename it to ``path``.
 
-    Args:
-        obj: anything ``torch.save`` accepts.
-        path (str): final local file path.
+    On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` keeps
+    its previous content.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -32,34 +33,27 @@ def atomic_torch_save(obj, path):
         prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
     )
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        # Also on KeyboardInterrupt: remove the partial temp file, keep the previous checkpoint.
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save(obj, path)`` that never leaves a partial ``path`` behind."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_write_text(text, path):
     """Write a small text file atomically (tmp file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(
-        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
-    )
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
