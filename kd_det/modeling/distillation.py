@@ -20,7 +20,10 @@ Knowledge terms (each its own ``loss_kd_*`` entry, so detectron2's writers log t
 
 Every term is computed per image (a vector of N values and a validity mask, e.g. an image without
 foreground proposals has no box term) and reduced by averaging valid images. This is what
-instance-wise hint weighting (HKD) plugs into. Terms are computed in float32 with autocast off.
+instance-wise hint weighting (HKD) plugs into: with ``MODEL.KD.HINT_WEIGHTING: "dynamic"`` a
+meta-weight network (:mod:`kd_det.modeling.hint_weighting`, under the ``kd_hint_weights.`` prefix)
+gives every image its own weight per term and adds its own objective as ``loss_hint_meta``.
+Terms are computed in float32 with autocast off.
 With every weight at zero no teacher runs and training is exactly ``GeneralizedRCNN``'s.
 """
 
@@ -36,6 +39,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .feature_losses import build_feature_loss
+from .hint_weighting import HINT_WEIGHTINGS, HintWeighting
 from .teacher import TeacherHolder, build_teacher
 
 logger = logging.getLogger(__name__)
@@ -107,6 +111,8 @@ class DistillationRCNN(GeneralizedRCNN):
         roi_box_weight=0.0,
         temperature=2.0,
         warmup_iters=0,
+        hint_weighting="fixed",
+        hint_options=None,
         **kwargs,
     ):
         """
@@ -124,6 +130,10 @@ class DistillationRCNN(GeneralizedRCNN):
                 weights of the high-level terms.
             temperature (float): softmax temperature of the ROI class term.
             warmup_iters (int): linear warm-up of every distillation weight.
+            hint_weighting (str): "fixed" (the weights above) or "dynamic" (per-image weights
+                from a meta-weight network, see :mod:`kd_det.modeling.hint_weighting`).
+            hint_options (dict): keyword arguments of
+                :class:`~kd_det.modeling.hint_weighting.HintWeighting` when dynamic.
             kwargs: ``GeneralizedRCNN``'s arguments (the student).
         """
         super().__init__(**kwargs)
@@ -140,11 +150,21 @@ class DistillationRCNN(GeneralizedRCNN):
         self.teacher_input_format = teacher_input_format
         self._taps = {}
         self._teacher_taps = {}
+        # Student tensors each hint reads, recorded for the dynamic weighting's meta step.
+        self._hint_inputs = {}
+        self.kd_hint_weights = None
+        if hint_weighting not in HINT_WEIGHTINGS:
+            raise ValueError(
+                f"MODEL.KD.HINT_WEIGHTING={hint_weighting!r} is not one of "
+                f"{' | '.join(repr(h) for h in HINT_WEIGHTINGS)}."
+            )
         if adapter not in ADAPTER_POLICIES:
             raise ValueError(
                 f"MODEL.KD.FEATURE.ADAPTER={adapter!r} is not one of {ADAPTER_POLICIES}."
             )
         if not self.distills:
+            if hint_weighting == "dynamic":
+                logger.warning("MODEL.KD.HINT_WEIGHTING='dynamic' ignored: nothing is distilled.")
             self._teacher = None
             self.kd_adapters = nn.ModuleDict()
             return
@@ -159,6 +179,9 @@ class DistillationRCNN(GeneralizedRCNN):
             self._tap(teacher.backbone.bottom_up, self._teacher_taps, "bottom_up")
         if self.rpn_objectness_weight or self.rpn_deltas_weight:
             self._tap(self.proposal_generator.rpn_head, self._taps, "rpn")
+        if hint_weighting == "dynamic":
+            # Its own prefix: checkpointed and resumed with the model, dropped by the export.
+            self.kd_hint_weights = HintWeighting(self.hint_names, **(hint_options or {}))
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -208,6 +231,18 @@ class DistillationRCNN(GeneralizedRCNN):
             roi_box_weight=kd.ROI.BOX_WEIGHT,
             temperature=kd.ROI.TEMPERATURE,
             warmup_iters=kd.WARMUP_ITERS,
+            hint_weighting=kd.HINT_WEIGHTING,
+            hint_options=dict(
+                hidden_dim=kd.HINT.HIDDEN_DIM,
+                objective=kd.HINT.OBJECTIVE,
+                meta_loss_weight=kd.HINT.META_LOSS_WEIGHT,
+                meta_period=kd.HINT.META_PERIOD,
+                min_weight=kd.HINT.MIN_WEIGHT,
+                prior_weight=kd.HINT.PRIOR_WEIGHT,
+                momentum=kd.HINT.MOMENTUM,
+                ensemble_weight=kd.HINT.ENSEMBLE_WEIGHT,
+                max_iter=cfg.SOLVER.MAX_ITER,
+            ),
         )
         return ret
 
@@ -222,6 +257,16 @@ class DistillationRCNN(GeneralizedRCNN):
             or self.roi_cls_weight
             or self.roi_box_weight
         )
+
+    @property
+    def hint_names(self):
+        """Loss names of the enabled terms, in the order ``distillation_terms`` produces them."""
+        names = [f"loss_kd_fpn_{lvl}" for lvl in self.fpn_levels]
+        names += [f"loss_kd_backbone_{lvl}" for lvl in self.backbone_levels]
+        for name in ("rpn_objectness", "rpn_deltas", "roi_cls", "roi_box"):
+            if getattr(self, name + "_weight"):
+                names.append("loss_kd_" + name)
+        return names
 
     @property
     def teacher(self):
@@ -326,6 +371,7 @@ class DistillationRCNN(GeneralizedRCNN):
         images = self.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         self._taps.clear()
+        self._hint_inputs = {}
         features = self.backbone(images.tensor)
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
         if self.roi_distills:
@@ -343,8 +389,19 @@ class DistillationRCNN(GeneralizedRCNN):
             batched_inputs, features, gt_instances, sampled, predictions
         )
         scale = self.warmup_factor()
+        if self.kd_hint_weights is None:
+            for name, (values, valid, weight) in terms.items():
+                losses[name] = weight * scale * _masked_mean(values, valid)
+            return losses
+        # Dynamic: weight_k * warmup * sum_i(valid_ik * w_ik * value_ik) / sum_i(valid_ik), with
+        # detached w; the meta-net learns only from its own loss_hint_meta.
+        hint_inputs, self._hint_inputs = self._hint_inputs, {}
+        detection_loss = sum(detector_losses.values()) + sum(proposal_losses.values())
+        hint_w, losses["loss_hint_meta"] = self.kd_hint_weights(
+            terms, hint_inputs, detection_loss, get_event_storage().iter
+        )
         for name, (values, valid, weight) in terms.items():
-            losses[name] = weight * scale * _masked_mean(values, valid)
+            losses[name] = weight * scale * _masked_mean(values * hint_w[name], valid)
         return losses
 
     def warmup_factor(self):
@@ -437,8 +494,22 @@ class DistillationRCNN(GeneralizedRCNN):
                     terms["loss_kd_roi_box"] = (*box_t, self.roi_box_weight)
         return terms
 
+    def _hint_input(self, name, student, x, counts=None):
+        """``x`` (computed from the ``student`` tensor), read by hint ``name``.
+
+        With dynamic weighting, returns a private alias of ``x`` and records it, so that the
+        gradient of the hints w.r.t. the aliases separates every hint's own gradient in one
+        backward pass. ``counts``: rows per image when dim 0 is not the image (ROI proposals).
+        With fixed weighting ``x`` itself is returned (the computation is unchanged).
+        """
+        if self.kd_hint_weights is None:
+            return x
+        alias = x.view_as(x)
+        self._hint_inputs.setdefault(name, []).append((student, alias, counts))
+        return alias
+
     def _feature_term(self, name, s, t, gt_instances, stride):
-        s = s.float()
+        s = self._hint_input("loss_kd_" + name, s, s.float())
         if name in self.kd_adapters:
             s = self.kd_adapters[name](s)
         t = t.float()
@@ -457,7 +528,7 @@ class DistillationRCNN(GeneralizedRCNN):
         obj_vals, dlt_num, fg_count = [], [], []
         box_dim = self.proposal_generator.anchor_generator.box_dim
         for so, to, sd, td in zip(s_obj, t_obj, s_dlt, t_dlt):
-            so, to = so.float(), to.float()
+            so, to = self._hint_input("loss_kd_rpn_objectness", so, so.float()), to.float()
             if to.shape[-2:] != so.shape[-2:]:
                 to = F.interpolate(to, size=so.shape[-2:], mode="nearest")
                 td = F.interpolate(td, size=sd.shape[-2:], mode="nearest")
@@ -465,7 +536,8 @@ class DistillationRCNN(GeneralizedRCNN):
             bce = F.binary_cross_entropy_with_logits(so, p, reduction="none")
             obj_vals.append(bce.flatten(1))
             a = so.shape[1]
-            sd = sd.float().view(n, a, box_dim, *sd.shape[-2:])
+            sd = self._hint_input("loss_kd_rpn_deltas", sd, sd.float())
+            sd = sd.view(n, a, box_dim, *sd.shape[-2:])
             td = td.float().view(n, a, box_dim, *td.shape[-2:])
             mask = (p > 0.5).unsqueeze(2).float()
             l1 = F.smooth_l1_loss(sd, td, beta=0.0, reduction="none") * mask
@@ -480,6 +552,8 @@ class DistillationRCNN(GeneralizedRCNN):
         s_scores, s_deltas = s_pred
         t_scores, t_deltas = t_pred
         counts = [len(x) for x in sampled]
+        s_scores = self._hint_input("loss_kd_roi_cls", s_scores, s_scores.float(), counts)
+        s_deltas = self._hint_input("loss_kd_roi_box", s_deltas, s_deltas.float(), counts)
         T = self.temperature
         kl = F.kl_div(
             F.log_softmax(s_scores.float() / T, dim=1),

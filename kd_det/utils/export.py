@@ -5,6 +5,10 @@ trainable distillation parts (``kd_adapters.``), writes ``model_final.pth`` and 
 with ``META_ARCHITECTURE: GeneralizedRCNN`` and no kd_det-only keys, and then checks by loading both
 into a fresh ``GeneralizedRCNN`` with no missing and no unexpected keys.
 
+From an ``OnlineDistillationRCNN`` checkpoint, one member (``--member peer<i>`` or ``ema<i>``, an
+EMA teacher) is exported: its keys without the ``peers.<i>.`` / ``ema_peers.<i>.`` prefix, and its
+own model config with the training run's data and test settings.
+
 The exported config loads with plain ``detectron2.config.get_cfg()`` whenever the backbone is one
 of detectron2's. A student on a kd_det backbone (EfficientNet-Lite) keeps the
 ``MODEL.EFFICIENTNET`` section and needs ``import kd_det`` plus ``add_kd_config`` to load.
@@ -23,7 +27,7 @@ from kd_det.engine.checkpoint import atomic_torch_save
 logger = logging.getLogger(__name__)
 
 #: State-dict prefixes that belong to distillation, not to the detector.
-DISTILLATION_PREFIXES = ("kd_adapters.",)
+DISTILLATION_PREFIXES = ("kd_adapters.", "kd_hint_weights.")
 #: Config sections of kd_det that a kd_det backbone needs at build time.
 BACKBONE_SECTIONS = {"build_efficientnet_lite_backbone": "EFFICIENTNET",
                      "build_efficientnet_lite_fpn_backbone": "EFFICIENTNET"}  # fmt: skip
@@ -60,13 +64,16 @@ def student_state_dict(checkpoint_model):
     return {k: v for k, v in checkpoint_model.items() if not k.startswith(DISTILLATION_PREFIXES)}
 
 
-def export_student(cfg, weights, output_dir):
+def export_student(cfg, weights, output_dir, member=None):
     """Write ``output_dir/model_final.pth`` and ``output_dir/config.yaml`` for plain detectron2.
 
     Args:
         cfg (CfgNode): the training config (kd_det keys included).
         weights (str): the trained checkpoint (local path or URL).
         output_dir (str): where to write.
+        member (str or None): for an ``OnlineDistillationRCNN`` config, the member to export
+            (``peer<i>`` or ``ema<i>``; default ``MODEL.ONLINE_KD.INFERENCE``): its weights with
+            the ``peers.<i>.`` / ``ema_peers.<i>.`` prefix stripped, and its own model config.
 
     Returns:
         dict: paths written and the number of dropped keys.
@@ -80,6 +87,14 @@ def export_student(cfg, weights, output_dir):
         raise FileNotFoundError(f"Checkpoint '{weights}' not found (--weights).")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model_state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    if cfg.MODEL.META_ARCHITECTURE == "OnlineDistillationRCNN":
+        from kd_det.modeling.online_distillation import member_cfg, member_state_dict
+
+        member = member or cfg.MODEL.ONLINE_KD.INFERENCE
+        cfg = member_cfg(cfg, member)
+        model_state = member_state_dict(model_state, member)
+    elif member is not None:
+        raise ValueError("--member only applies to OnlineDistillationRCNN configs.")
     state = student_state_dict(model_state)
     out_weights = os.path.join(output_dir, "model_final.pth")
     atomic_torch_save({"model": state}, out_weights)

@@ -1,0 +1,519 @@
+"""Hint-dynamic weighting (HKD): instance-wise weights of the knowledge hints from a meta-net.
+
+HKD (see docs/PAPERS.md) weights each knowledge hint per instance with a small meta-weight network
+that perceives the student's learning progress, and smooths the weights with an ensemble over
+history. The abstract fixes neither the network's input, nor its training objective, nor the
+ensembling rule. This module is kd_det's own interpretation for detection; every choice is below.
+
+**Hints.** A hint is one distillation term of ``DistillationRCNN`` (``loss_kd_fpn_p2`` ...
+``loss_kd_roi_box``), i.e. one of the ``K`` enabled terms. Each term is computed per image, so the
+weight ``w[i, k]`` multiplies image ``i``'s value of hint ``k``::
+
+    loss_k = weight_k * warmup * sum_i(valid_ik * w_ik * value_ik) / sum_i(valid_ik)
+
+**Input: the student's learning state, per image** (all detached, ``4K + 2`` numbers, built by
+:meth:`HintWeighting.state`):
+
+* ``(log(value_ik) - m_k) / s_k``: how far image ``i`` is from the teacher on hint ``k`` compared
+  with what is usual for that hint right now (``m_k``, ``s_k``: running mean and std of
+  ``log value`` over images, momentum :data:`INPUT_MOMENTUM`, ``s_k >= MIN_LOG_STD``); logs make
+  hints of very different scales comparable, the standardisation makes per-image differences
+  visible to the network (they are a few percent of the value);
+* ``valid_ik`` (e.g. no box hint for an image without foreground proposals);
+* ``m_k``: the hint's running discrepancy level (how far the student is from the teacher overall);
+* ``tanh(a_k)``: the hint's running gradient agreement with the task (below), momentum
+  :data:`INPUT_MOMENTUM`: whether hint ``k`` has recently been helping the detection task;
+* ``log`` of the student's detection loss. detectron2's detection losses are batch means; a
+  per-image version would need re-implementing RPN and ROI losses, so the batch loss is used;
+* training progress ``iter / SOLVER.MAX_ITER``.
+
+**Network and normalisation.** A two-layer MLP (:class:`HintWeightNet`) maps the state to ``K``
+logits; its last layer starts at zero, so dynamic weighting *starts* as fixed weighting. Weights
+are a softmax over the image's valid hints scaled by their number, mixed with a floor::
+
+    w_ik = MIN_WEIGHT + (1 - MIN_WEIGHT) * n_i * p_ik,   p_i = softmax over i's valid hints
+
+so every image's mean weight over its valid hints is exactly 1 (the total distillation strength
+equals fixed weighting and ``MODEL.KD.*WEIGHT*`` keep their meaning), every hint keeps at least
+``MIN_WEIGHT`` of its configured weight, and invalid hints get weight 0 (never NaN). The meta
+objective is a cosine, which is blind to a per-image scale, so only the *allocation* across hints
+is learnable - the normalisation removes exactly that free direction.
+
+**Objective: gradient agreement** (``OBJECTIVE: "grad_cosine"``). A hint is useful for an image when
+the gradient it sends into the student points where the detection loss wants to go. For every
+hint, kd_det records the student tensor the hint reads (the FPN map, the backbone map, the RPN
+objectness logits or deltas, the ROI class logits or box deltas) through a private alias, so ONE
+backward of the sum of hints gives every hint's own gradient ``g_ik`` on its own tensor, and ONE
+backward of the detection loss gives the task gradient ``d_ik`` on the same tensors. The hints'
+tensors are disjoint blocks of one space; in each block both gradients are normalised to unit
+length (the objective compares *directions*: per-hint cosines ``c_ik = cos(g_ik, d_ik)``), and
+the agreement of image ``i``'s weighted distillation gradient with the task is the cosine in that
+space::
+
+    cos_i = sum_k w_ik c_ik / (|w_i| * sqrt(m_i)),   m_i = #blocks the task gradient reaches
+
+The meta loss only involves the detached ``c_ik`` and the meta-net's output, so after the two extra
+backward passes it costs microseconds::
+
+    loss_hint_meta = META_LOSS_WEIGHT * mean_i(1 - cos_i + PRIOR_WEIGHT * KL(uniform || p_i))
+
+where ``p_i`` is the softmax above. The cosine alone is maximised by ``w_ik ~ max(c_ik, 0)``:
+hints whose guidance disagrees with the task for an image are down-weighted for that image,
+agreeing hints share the weight in proportion to their agreement. Two choices were forced by tiny
+runs (random teacher, 30 iterations):
+
+* *Normalised blocks.* In the raw concatenated space the cosine is dominated by the largest
+  tensors (FPN maps, where the task gradient has most of its norm), and a hint strongly opposed to
+  the task on a small tensor (ROI logits, ``c = -0.5``) was *up*-weighted to 3x, because its large
+  gradient diluted the negative contributions of the others.
+* *The KL prior.* Being scale-free, the cosine hands all the weight to a hint whose agreement is
+  positive by noise only (``c = 0.02`` against ``c = 0``); the KL term pulls towards fixed
+  weighting, so a departure must be paid for by a real gain in agreement.
+
+This is a proxy of agreement in parameter space (the true update direction), which would need
+per-image per-hint parameter gradients, i.e. ``N*K`` full backward passes. The meta step runs
+every ``META_PERIOD`` iterations; in between, the weights are only predicted from the state.
+
+**Who trains what.** The weights used in the student's loss are detached, and every input of the
+meta loss is detached from the student, so the meta-net receives gradients only from
+``loss_hint_meta`` and the student none from it. ``loss_hint_meta`` is in the loss dict, so
+detectron2's trainer sums, backpropagates, optimises (the meta-net's parameters are part of the
+model, hence of the optimizer) and logs it, like any other loss; under SGD ``META_LOSS_WEIGHT`` is
+the meta-net's learning-rate multiplier. On iterations without a meta step ``loss_hint_meta`` is an
+attached zero, so DDP without ``find_unused_parameters`` is satisfied.
+
+**Weight ensembling over history.** A per-hint exponential moving average ``e_k`` (momentum
+``MOMENTUM``) of the past batches' mean weights, initialised at 1 (fixed weighting, an unbiased
+prior), is combined with the current per-image estimate::
+
+    used_ik = renorm_i((1 - ENSEMBLE_WEIGHT) * w_ik + ENSEMBLE_WEIGHT * e_k)
+
+where ``renorm_i`` rescales image ``i``'s valid hints to mean 1. The ensemble damps the noise of a
+single batch's estimate (HKD's "bias of coefficient estimation") while keeping per-image variation.
+``e_k`` is updated after use with the current batch's detached mean weights.
+
+**State and logging.** The meta-net and the running statistics (buffers) live under the model's
+``kd_hint_weights.`` prefix, so checkpoints and ``--resume`` restore them and the export drops them.
+Each iteration puts ``hint_weight/<hint>/mean`` and ``.../std`` (over the batch's valid images) of
+the used weights, and on meta steps ``hint_agreement/<hint>`` (mean per-hint cosine), into
+detectron2's EventStorage (metrics.json, TensorBoard; see ``tools/plot_hint_weights.py``). Running
+statistics are per process (no synchronisation across DDP ranks); rank 0's are checkpointed.
+"""
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HINT_WEIGHTINGS", "META_OBJECTIVES", "HintWeightNet", "HintWeighting"]
+
+HINT_WEIGHTINGS = ("fixed", "dynamic")
+META_OBJECTIVES = ("grad_cosine",)
+#: Momentum of the running statistics that normalise the meta-net's input (faster than the weight
+#: ensemble: the input must follow the student, the ensemble must average over many estimates).
+INPUT_MOMENTUM = 0.9
+_EPS = 1e-8
+#: Floor of the running std of ``log value`` that standardises the discrepancy input: differences
+#: below ~5% between images are treated as noise, not amplified.
+MIN_LOG_STD = 0.05
+# Logits of invalid hints before the softmax: exp underflows to exactly 0 in float32, and a row
+# without any valid hint stays finite (unlike -inf, which gives NaN).
+_MASKED_LOGIT = -1e4
+
+#: ``(student tensor, alias read by the hint, per-image row counts or None)``: what
+#: ``DistillationRCNN`` records for each hint. ``None`` counts mean dim 0 is the image index.
+HintInput = Tuple[torch.Tensor, torch.Tensor, Optional[Sequence[int]]]
+
+
+class HintWeightNet(nn.Module):
+    """The meta-weight network: per-image learning state ``(N, 4K + 2)`` -> hint logits ``(N, K)``.
+
+    Deliberately tiny (one hidden layer): its input is a handful of statistics, and its cost must
+    stay negligible next to a detector's step.
+    """
+
+    def __init__(self, num_hints: int, hidden_dim: int = 32):
+        """
+        Args:
+            num_hints (int): K, the number of knowledge hints.
+            hidden_dim (int): hidden units.
+        """
+        super().__init__()
+        self.num_hints = int(num_hints)
+        self.layers = nn.Sequential(
+            nn.Linear(self.state_dim(num_hints), hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, num_hints),
+        )
+        # Zero logits -> uniform weights: training starts exactly as fixed weighting and the
+        # meta-net only departs from it as far as its objective asks.
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    @staticmethod
+    def state_dim(num_hints: int) -> int:
+        """Size of the per-image input (see the module docstring)."""
+        return 4 * num_hints + 2
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.layers(state)
+
+
+def normalize_weights(logits: torch.Tensor, valid: torch.Tensor, min_weight: float) -> torch.Tensor:
+    """Positive weights with mean 1 over each row's valid entries and 0 elsewhere.
+
+    Args:
+        logits (Tensor): ``(N, K)``.
+        valid (Tensor): ``(N, K)`` bool.
+        min_weight (float): the floor in ``[0, 1)`` mixed into every valid weight.
+    """
+    validf = valid.to(logits.dtype)
+    p = torch.softmax(logits.masked_fill(~valid, _MASKED_LOGIT), dim=1) * validf
+    n = validf.sum(dim=1, keepdim=True)
+    return (min_weight + (1.0 - min_weight) * n * p) * validf
+
+
+def kl_from_uniform(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``KL(uniform || softmax)`` over each row's valid hints, ``(N,)``: 0 at fixed weighting.
+
+    Its gradient w.r.t. the logits is ``softmax - uniform``: a pull back to fixed weighting that
+    grows with the departure, scale-free like the cosine it is weighed against.
+    """
+    validf = valid.to(logits.dtype)
+    log_p = torch.log_softmax(logits.masked_fill(~valid, _MASKED_LOGIT), dim=1)
+    n = validf.sum(dim=1)
+    mean_log_p = (log_p * validf).sum(dim=1) / n.clamp_min(1)
+    return torch.where(n > 0, -torch.log(n.clamp_min(1)) - mean_log_p, torch.zeros_like(n))
+
+
+def renormalize(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rescale each row's valid weights to mean 1 (rows without valid entries become 0)."""
+    validf = valid.to(weights.dtype)
+    w = weights * validf
+    n = validf.sum(dim=1, keepdim=True)
+    return w * n / w.sum(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def _per_image(x: torch.Tensor, num_images: int, counts: Optional[Sequence[int]]) -> torch.Tensor:
+    """Sum a per-element quantity per image: over dims >= 1, then over each image's rows."""
+    x = x.float()
+    if x.dim() > 1:
+        x = x.flatten(1).sum(dim=1)
+    if counts is None:
+        return x
+    index = torch.repeat_interleave(
+        torch.arange(num_images, device=x.device), torch.as_tensor(counts, device=x.device)
+    )
+    return x.new_zeros(num_images).index_add_(0, index, x)
+
+
+def gradient_agreement(
+    terms: Dict[str, tuple],
+    hint_inputs: Dict[str, List[HintInput]],
+    detection_loss: torch.Tensor,
+    hint_names: Sequence[str],
+    num_images: int,
+):
+    """Per-image, per-hint inner products between hint and detection gradients.
+
+    Two backward passes through the graph that the training step keeps anyway
+    (``retain_graph=True``, nothing accumulated into ``.grad``): one of ``sum_k weight_k *
+    sum_i(valid_ik * value_ik)`` w.r.t. the hints' aliases, giving each hint its own gradient on
+    its own tensor, and one of the detection loss w.r.t. the same student tensors.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: ``dot, g2, d2``, each ``(N, K)`` float32 and detached:
+        ``<g_ik, d_ik>``, ``|g_ik|^2`` and ``|d_ik|^2`` where ``d_ik`` is the detection gradient
+        restricted to hint ``k``'s tensor and image ``i``.
+    """
+    k_total = len(hint_names)
+    device = detection_loss.device
+    dot = torch.zeros(num_images, k_total, device=device)
+    g2, d2 = torch.zeros_like(dot), torch.zeros_like(dot)
+    # A tensor without grad (e.g. res2 under detectron2's default BACKBONE.FREEZE_AT=2) cannot be
+    # moved by its hint: zero gradient, so that hint has no say in the agreement.
+    entries = [
+        (k, orig, alias, counts)
+        for k, name in enumerate(hint_names)
+        for orig, alias, counts in hint_inputs.get(name, ())
+        if alias.requires_grad and orig.requires_grad
+    ]
+    hint_total = sum(
+        terms[name][2] * (terms[name][0] * terms[name][1].to(terms[name][0].dtype)).sum()
+        for name in hint_names
+        if name in terms
+    )
+    if not entries or not torch.is_tensor(hint_total) or not hint_total.requires_grad:
+        return dot, g2, d2
+    if not detection_loss.requires_grad:
+        return dot, g2, d2
+    g_all = torch.autograd.grad(
+        hint_total, [e[2] for e in entries], retain_graph=True, allow_unused=True
+    )
+    d_all = torch.autograd.grad(
+        detection_loss, [e[1] for e in entries], retain_graph=True, allow_unused=True
+    )
+    for (k, _, _, counts), g, d in zip(entries, g_all, d_all):
+        if g is None:
+            continue
+        g = g.float()
+        g2[:, k] += _per_image(g * g, num_images, counts)
+        if d is not None:
+            d = d.float()
+            dot[:, k] += _per_image(g * d, num_images, counts)
+            d2[:, k] += _per_image(d * d, num_images, counts)
+    return dot, g2, d2
+
+
+def hint_cosines(dot, g2, d2):
+    """Per-image per-hint cosine ``c_ik`` between hint ``k``'s gradient and the detection gradient
+    on hint ``k``'s tensor; 0 where either is zero (a hint without gradient, a tensor the task
+    does not reach)."""
+    ok = (g2 > 0) & (d2 > 0)
+    # clamp before sqrt: a zero norm must not produce an infinite value or derivative.
+    c = dot / (g2.clamp_min(1e-30).sqrt() * d2.clamp_min(1e-30).sqrt())
+    return torch.where(ok, c, torch.zeros_like(c)), ok
+
+
+def agreement_cosine(weights, dot, g2, d2):
+    """``cos_i`` of the weighted, block-normalised distillation gradient with the block-normalised
+    detection gradient (module docstring), and a mask of the images where it is defined.
+
+    With unit blocks, ``sum_k w_ik g_ik`` has norm ``|w_i|`` (over hints with a gradient) and the
+    task direction norm ``sqrt(#blocks the task reaches)``, so
+    ``cos_i = sum_k w_ik c_ik / (|w_i| sqrt(m_i))``.
+    """
+    c, _ = hint_cosines(dot, g2, d2)
+    has_g, has_d = (g2 > 0).to(weights.dtype), (d2 > 0).to(weights.dtype)
+    w_norm2 = (weights * weights * has_g).sum(dim=1)
+    m = has_d.sum(dim=1)
+    defined = (w_norm2 > 0) & (m > 0)
+    cos = (weights * c).sum(dim=1) / (w_norm2.clamp_min(1e-30).sqrt() * m.clamp_min(1).sqrt())
+    return cos, defined
+
+
+class HintWeighting(nn.Module):
+    """Meta-weight network + weight ensemble (module docstring): per-image weights of ``K`` hints.
+
+    Registered in ``DistillationRCNN`` as ``kd_hint_weights``; its parameters are trained only by
+    the ``loss_hint_meta`` it returns, its buffers hold the running statistics.
+    """
+
+    def __init__(
+        self,
+        hint_names: Sequence[str],
+        *,
+        hidden_dim: int = 32,
+        objective: str = "grad_cosine",
+        meta_loss_weight: float = 1.0,
+        meta_period: int = 1,
+        min_weight: float = 0.1,
+        prior_weight: float = 0.1,
+        momentum: float = 0.99,
+        ensemble_weight: float = 0.5,
+        max_iter: int = 1,
+    ):
+        """
+        Args:
+            hint_names (Sequence[str]): loss names of the hints, e.g. ``loss_kd_fpn_p2``.
+            hidden_dim (int): hidden units of :class:`HintWeightNet`.
+            objective (str): the meta objective; only "grad_cosine".
+            meta_loss_weight (float): multiplier of ``loss_hint_meta``.
+            meta_period (int): run the meta step every this many iterations.
+            min_weight (float): floor of every valid weight, in ``[0, 1)``.
+            prior_weight (float): weight of ``KL(uniform || softmax)`` in the meta loss.
+            momentum (float): momentum of the per-hint EMA of mean weights, in ``[0, 1)``.
+            ensemble_weight (float): share of that EMA in the used weights, in ``[0, 1]``.
+            max_iter (int): ``SOLVER.MAX_ITER``, for the training-progress input.
+        """
+        super().__init__()
+        if objective not in META_OBJECTIVES:
+            raise ValueError(
+                f"MODEL.KD.HINT.OBJECTIVE={objective!r} is not one of {META_OBJECTIVES}."
+            )
+        checks = (
+            ("MIN_WEIGHT", min_weight, 0.0 <= min_weight < 1.0, "in [0, 1)"),
+            ("MOMENTUM", momentum, 0.0 <= momentum < 1.0, "in [0, 1)"),
+            ("ENSEMBLE_WEIGHT", ensemble_weight, 0.0 <= ensemble_weight <= 1.0, "in [0, 1]"),
+            ("META_PERIOD", meta_period, meta_period >= 1, ">= 1"),
+            ("HIDDEN_DIM", hidden_dim, hidden_dim >= 1, ">= 1"),
+            ("META_LOSS_WEIGHT", meta_loss_weight, meta_loss_weight >= 0, ">= 0"),
+            ("PRIOR_WEIGHT", prior_weight, prior_weight >= 0, ">= 0"),
+        )
+        for key, value, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"MODEL.KD.HINT.{key}={value} must be {rule}.")
+        if len(hint_names) == 0:
+            raise ValueError("Hint-dynamic weighting needs at least one distillation term.")
+        self.hint_names = tuple(hint_names)
+        self.objective = objective
+        self.meta_loss_weight = float(meta_loss_weight)
+        self.meta_period = int(meta_period)
+        self.min_weight = float(min_weight)
+        self.prior_weight = float(prior_weight)
+        self.momentum = float(momentum)
+        self.ensemble_weight = float(ensemble_weight)
+        self.max_iter = max(int(max_iter), 1)
+        k = len(self.hint_names)
+        self.net = HintWeightNet(k, hidden_dim)
+        # The weight ensemble: EMA of each hint's mean weight, starting at fixed weighting.
+        self.register_buffer("ema_weight", torch.ones(k))
+        # Input normalisation: running mean and variance of log(value), and running gradient
+        # agreement, per hint.
+        self.register_buffer("ema_log_value", torch.zeros(k))
+        self.register_buffer("ema_log_var", torch.zeros(k))
+        self.register_buffer("ema_agreement", torch.zeros(k))
+        # Whether ema_log_value has seen hint k yet (its first batch initialises it).
+        self.register_buffer("seen", torch.zeros(k, dtype=torch.bool))
+        if k == 1:
+            logger.warning(
+                "MODEL.KD.HINT_WEIGHTING='dynamic' with a single hint: each image's weights "
+                "are normalised to mean 1 across hints, so the weight stays 1."
+            )
+
+    @property
+    def short_names(self) -> List[str]:
+        """Hint names for logging: ``loss_kd_fpn_p2`` -> ``fpn_p2``."""
+        return [n[len("loss_kd_") :] if n.startswith("loss_kd_") else n for n in self.hint_names]
+
+    def extra_repr(self) -> str:
+        return (
+            f"hints={self.short_names}, objective={self.objective}, min_weight={self.min_weight}, "
+            f"momentum={self.momentum}, ensemble_weight={self.ensemble_weight}, "
+            f"meta_period={self.meta_period}"
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def stack(self, terms: Dict[str, tuple]):
+        """``(values (N, K) detached float32, valid (N, K) bool)`` in hint order; a hint missing
+        from ``terms`` counts as invalid for every image."""
+        ref = next(iter(terms.values()))[0]
+        n = ref.shape[0]
+        values = ref.new_zeros((n, len(self.hint_names)), dtype=torch.float32)
+        valid = torch.zeros((n, len(self.hint_names)), dtype=torch.bool, device=ref.device)
+        for k, name in enumerate(self.hint_names):
+            if name in terms:
+                v, ok, _ = terms[name]
+                values[:, k] = v.detach().float()
+                valid[:, k] = ok
+        return values, valid
+
+    def state(self, values, valid, detection_loss, progress):
+        """The meta-net's per-image input (module docstring), from detached quantities."""
+        n, k = values.shape
+        validf = valid.float()
+        log_v = torch.log(values.clamp_min(0) + _EPS)
+        std = self.ema_log_var.sqrt().clamp_min(MIN_LOG_STD)
+        z = ((log_v - self.ema_log_value) / std * validf).clamp(-5.0, 5.0)
+        level = self.ema_log_value.expand(n, k)
+        agree = torch.tanh(self.ema_agreement).expand(n, k)
+        det = torch.log(detection_loss.detach().float().clamp_min(0) + _EPS).reshape(1, 1)
+        prog = torch.tensor([[float(progress)]], device=values.device)
+        return torch.cat([z, validf, level, agree, det.expand(n, 1), prog.expand(n, 1)], dim=1)
+
+    @torch.no_grad()
+    def _update_input_stats(self, values, valid):
+        validf = valid.float()
+        count = validf.sum(dim=0)
+        present = count > 0
+        if not present.any():
+            return
+        log_v = torch.log(values.clamp_min(0) + _EPS)
+        mean = (log_v * validf).sum(dim=0) / count.clamp_min(1)
+        blended = INPUT_MOMENTUM * self.ema_log_value + (1 - INPUT_MOMENTUM) * mean
+        new_mean = torch.where(self.seen, blended, mean)
+        var = ((log_v - new_mean) ** 2 * validf).sum(dim=0) / count.clamp_min(1)
+        blended = INPUT_MOMENTUM * self.ema_log_var + (1 - INPUT_MOMENTUM) * var
+        new_var = torch.where(self.seen, blended, var)
+        self.ema_log_value.copy_(torch.where(present, new_mean, self.ema_log_value))
+        self.ema_log_var.copy_(torch.where(present, new_var, self.ema_log_var))
+        self.seen |= present
+
+    def forward(
+        self,
+        terms: Dict[str, tuple],
+        hint_inputs: Dict[str, List[HintInput]],
+        detection_loss: torch.Tensor,
+        iteration: int,
+    ):
+        """Weights for this batch and the meta loss.
+
+        Args:
+            terms: ``name -> (values (N,), valid (N,), weight)``, from ``distillation_terms``.
+            hint_inputs: ``name -> [(student tensor, alias, counts), ...]`` (module docstring).
+            detection_loss (Tensor): the student's summed detection losses (attached).
+            iteration (int): the current iteration (progress input and meta period).
+
+        Returns:
+            tuple[dict[str, Tensor], Tensor]: detached per-image weights ``(N,)`` per hint (0 where
+            invalid), and ``loss_hint_meta`` (an attached zero when no meta step runs).
+        """
+        with torch.autocast(device_type=detection_loss.device.type, enabled=False):
+            return self._forward(terms, hint_inputs, detection_loss, iteration)
+
+    def _forward(self, terms, hint_inputs, detection_loss, iteration):
+        values, valid = self.stack(terms)
+        n = values.shape[0]
+        # Running statistics and the meta step only where a real training step follows; a
+        # loss-only pass under no_grad (e.g. a validation-loss hook) must not change the state.
+        learning = self.training and torch.is_grad_enabled()
+        if learning:
+            self._update_input_stats(values, valid)
+        progress = min(max(iteration / self.max_iter, 0.0), 1.0)
+        state = self.state(values, valid, detection_loss, progress)
+        logits = self.net(state)
+        weights = normalize_weights(logits, valid, self.min_weight)
+
+        meta_loss = weights.sum() * 0.0
+        agreement = None
+        if learning and iteration % self.meta_period == 0:
+            dot, g2, d2 = gradient_agreement(terms, hint_inputs, detection_loss, self.hint_names, n)
+            cos, defined = agreement_cosine(weights, dot, g2, d2)
+            if defined.any():
+                prior = self.prior_weight * kl_from_uniform(logits, valid)
+                meta_loss = self.meta_loss_weight * (1.0 - cos + prior)[defined].mean()
+            # Per-hint cosines, for logging and the agreement input.
+            per_hint, per_hint_def = hint_cosines(dot, g2, d2)
+            count = per_hint_def.float().sum(dim=0)
+            agreement = (per_hint * per_hint_def).sum(dim=0) / count.clamp_min(1)
+            agreement = torch.where(count > 0, agreement, torch.full_like(agreement, float("nan")))
+            with torch.no_grad():
+                upd = INPUT_MOMENTUM * self.ema_agreement + (1 - INPUT_MOMENTUM) * agreement
+                self.ema_agreement.copy_(torch.where(count > 0, upd, self.ema_agreement))
+
+        current = weights.detach()
+        used = renormalize(
+            (1.0 - self.ensemble_weight) * current + self.ensemble_weight * self.ema_weight,
+            valid,
+        )
+        validf = valid.float()
+        count = validf.sum(dim=0)
+        if learning:
+            with torch.no_grad():
+                batch_mean = (current * validf).sum(dim=0) / count.clamp_min(1)
+                upd = self.momentum * self.ema_weight + (1 - self.momentum) * batch_mean
+                self.ema_weight.copy_(torch.where(count > 0, upd, self.ema_weight))
+        self._log(used, validf, count, agreement)
+        return {name: used[:, k] for k, name in enumerate(self.hint_names)}, meta_loss
+
+    def _log(self, used, validf, count, agreement):
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # called outside detectron2's training loop (e.g. a notebook)
+            return
+        mean = (used * validf).sum(dim=0) / count.clamp_min(1)
+        var = ((used - mean) ** 2 * validf).sum(dim=0) / count.clamp_min(1)
+        stats = torch.stack([mean, var.sqrt()], dim=1).tolist()
+        present = (count > 0).tolist()
+        agree = agreement.tolist() if agreement is not None else None
+        for k, name in enumerate(self.short_names):
+            # A hint with no valid image this batch has no weight to report (not a fake 0/NaN).
+            if present[k]:
+                storage.put_scalar(f"hint_weight/{name}/mean", stats[k][0], smoothing_hint=False)
+                storage.put_scalar(f"hint_weight/{name}/std", stats[k][1], smoothing_hint=False)
+            if agree is not None and agree[k] == agree[k]:  # not NaN
+                storage.put_scalar(f"hint_agreement/{name}", agree[k], smoothing_hint=False)
