@@ -105,6 +105,76 @@ def add_kd_config(cfg):
     # Smooth-L1 between student and teacher box deltas on foreground proposals.
     _C.MODEL.KD.ROI.BOX_WEIGHT = 0.0
 
+    # How the hints' weights are set: "fixed" (the weights above) or "dynamic" (HKD: per-image
+    # weights from a meta-weight network, kd_det/modeling/hint_weighting.py).
+    _C.MODEL.KD.HINT_WEIGHTING = "fixed"
+    _C.MODEL.KD.HINT = CN()
+    # Hidden units of the meta-weight network (an MLP on each image's learning state).
+    _C.MODEL.KD.HINT.HIDDEN_DIM = 32
+    # Meta objective: "grad_cosine" (cosine between the weighted hint gradients and the detection
+    # gradient on the student tensors the hints read, each tensor's block normalised).
+    _C.MODEL.KD.HINT.OBJECTIVE = "grad_cosine"
+    # Multiplier of loss_hint_meta, the meta-net's only gradient: its learning-rate scale under SGD.
+    _C.MODEL.KD.HINT.META_LOSS_WEIGHT = 1.0
+    # Run the meta step (two extra partial backward passes) every this many iterations.
+    _C.MODEL.KD.HINT.META_PERIOD = 1
+    # Floor of each weight; weights are MIN + (1 - MIN) * n * softmax, so each image's mean is 1.
+    _C.MODEL.KD.HINT.MIN_WEIGHT = 0.1
+    # Weight of KL(uniform || softmax) in loss_hint_meta: a prior towards fixed weighting.
+    _C.MODEL.KD.HINT.PRIOR_WEIGHT = 0.1
+    # Momentum of the per-hint EMA of past mean weights (the weight ensemble over history).
+    _C.MODEL.KD.HINT.MOMENTUM = 0.99
+    # Share s of that EMA in the used weights: renormalized (1 - s) * current + s * EMA.
+    _C.MODEL.KD.HINT.ENSEMBLE_WEIGHT = 0.5
+
+    # ---------------------------------------------------------------------------------------------
+    # Online distillation: OnlineDistillationRCNN (kd_det/modeling/online_distillation.py)
+    # ---------------------------------------------------------------------------------------------
+    _C.MODEL.ONLINE_KD = CN()
+    # Config files of the peers (two or more plain Faster R-CNN configs, relative to the working
+    # directory). The top-level config gives data, INPUT, SOLVER, TEST and MODEL.DEVICE.
+    _C.MODEL.ONLINE_KD.PEERS = []
+    # "KEY VALUE ..." overrides applied to every peer's config after its file; a key written
+    # "peer<i>:KEY" (e.g. "peer1:MODEL.FPN.OUT_CHANNELS") applies to peer i only.
+    _C.MODEL.ONLINE_KD.PEER_OPTS = []
+    # Initialise each peer from its own config's MODEL.WEIGHTS (e.g. ImageNet) when the model is
+    # built. The top-level MODEL.WEIGHTS is a whole-model checkpoint (all peers and EMA teachers).
+    _C.MODEL.ONLINE_KD.LOAD_PEER_WEIGHTS = True
+    # Mutual feature loss between peers' FPN maps: "ssim", "mse" or "l1" (SSIM settings from
+    # MODEL.KD.SSIM, range policy from MODEL.KD.FEATURE.RANGE_POLICY).
+    _C.MODEL.ONLINE_KD.FEATURE_LOSS = "ssim"
+    # FPN levels of the mutual and the EMA feature terms.
+    _C.MODEL.ONLINE_KD.FEATURE_LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+    # Weight of the mutual feature term toward each other (detached) peer, per level (one value
+    # for all levels or one per level); 0 disables it.
+    _C.MODEL.ONLINE_KD.FEATURE_WEIGHTS = [1.0]
+    # Weight of the mutual KL on ROI class distributions (a peer's sampled proposals scored by the
+    # other peers' box heads); 0 disables it.
+    _C.MODEL.ONLINE_KD.LOGIT_WEIGHT = 1.0
+    # Softmax temperature of every KL term, mutual and EMA (the loss is multiplied by T^2).
+    _C.MODEL.ONLINE_KD.TEMPERATURE = 2.0
+    # Mutual KL target: "each" (one term per other peer) or "average" (their mean distribution).
+    _C.MODEL.ONLINE_KD.LOGIT_TARGET = "each"
+    # Keep an EMA (mean-teacher) copy of every peer, updated after each optimizer step; needed by
+    # the EMA_* terms and by the "ema<i>" members (evaluation, export).
+    _C.MODEL.ONLINE_KD.EMA_ENABLED = True
+    # EMA decay d: w_ema <- d * w_ema + (1 - d) * w after every optimizer step (buffers copied).
+    _C.MODEL.ONLINE_KD.EMA_DECAY = 0.999
+    # Iterations before the EMA teachers start distilling (they are updated from the start).
+    _C.MODEL.ONLINE_KD.EMA_WARMUP = 1000
+    # Weight of the FPN feature hint from a peer's own EMA, per FEATURE_LEVELS level (one value
+    # for all or one per level); 0 disables it.
+    _C.MODEL.ONLINE_KD.EMA_FEATURE_WEIGHTS = [1.0]
+    # Weight of KL(EMA || peer) on ROI class distributions of the peer's sampled proposals.
+    _C.MODEL.ONLINE_KD.EMA_LOGIT_WEIGHT = 1.0
+    # Weight of smooth-L1 toward the EMA's box deltas on the peer's foreground proposals.
+    _C.MODEL.ONLINE_KD.EMA_BOX_WEIGHT = 1.0
+    # ROI teacher of each peer: "own" (its own EMA) or "ensemble" (mean of every peer's EMA).
+    _C.MODEL.ONLINE_KD.EMA_LOGIT_TARGET = "ensemble"
+    # Member run by forward in eval mode (periodic evaluation, --eval-only, DefaultPredictor) and
+    # exported by default: "peer<i>" or "ema<i>".
+    _C.MODEL.ONLINE_KD.INFERENCE = "peer0"
+
     # ---------------------------------------------------------------------------------------------
     # Mixed-sample regularization in the data mapper (kd_det/data/mixed_sample_mapper.py)
     # ---------------------------------------------------------------------------------------------

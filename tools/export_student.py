@@ -19,12 +19,18 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True, help="the training config")
     parser.add_argument("--weights", required=True, help="trained checkpoint")
     parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument(
+        "--member",
+        default=None,
+        help="online distillation: the member to export, peer<i> or ema<i> "
+        "(default: MODEL.ONLINE_KD.INFERENCE)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     cfg = get_kd_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    out = export_student(cfg, args.weights, args.output)
+    out = export_student(cfg, args.weights, args.output, member=args.member)
     print(
         f"Wrote {out['weights']} and {out['config']} ({out['dropped_keys']} adapter keys dropped)"
     )

@@ -11,6 +11,7 @@ Examples:
     python tools/train_net.py --config-file CFG --num-gpus 8
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
     python tools/train_net.py --config-file CFG --resume     # continue from OUTPUT_DIR/last_checkpoint
+    python tools/train_net.py --config-file CFG --eval-all-peers MODEL.WEIGHTS out/model_final.pth
 """
 
 import json
@@ -46,6 +47,8 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    if args.eval_all_peers:
+        return evaluate_all_peers(cfg, args)
     if args.eval_only or args.eval_teacher:
         model = KDTrainer.build_model(cfg)
         if args.eval_teacher:
@@ -81,6 +84,20 @@ def teacher_for_evaluation(cfg, model):
     return TeacherInference(teacher, cfg.INPUT.FORMAT, model.teacher_input_format)
 
 
+def evaluate_all_peers(cfg, args):
+    """Online distillation: evaluate every peer and EMA teacher of a checkpoint, labelled."""
+    from kd_det.modeling.online_distillation import evaluate_all_members
+
+    model = KDTrainer.build_model(cfg)
+    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=args.resume
+    )
+    res = evaluate_all_members(cfg, model, KDTrainer.test)
+    if comm.is_main_process():
+        _write_results(cfg, res, "members_results.json")
+    return res
+
+
 def _write_results(cfg, res, name="final_results.json"):
     path = os.path.join(cfg.OUTPUT_DIR, name)
     with open(path, "w") as f:
@@ -94,6 +111,12 @@ def build_parser():
         "--eval-teacher",
         action="store_true",
         help="evaluate the teacher of a distillation config with the student's evaluator",
+    )
+    parser.add_argument(
+        "--eval-all-peers",
+        action="store_true",
+        help="online distillation: evaluate every peer and EMA teacher of MODEL.WEIGHTS (or the "
+        "last checkpoint with --resume); writes OUTPUT_DIR/members_results.json",
     )
     return parser
 

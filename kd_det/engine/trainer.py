@@ -166,6 +166,12 @@ class KDTrainer(DefaultTrainer):
                 ret[i] = hooks.PeriodicCheckpointer(
                     self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=max_to_keep
                 )
+        # Models with EMA teachers (OnlineDistillationRCNN) average the weights each optimizer
+        # step produced: update right after the step, before checkpointing and evaluation see it.
+        core = getattr(self.model, "module", self.model)
+        if callable(getattr(core, "update_ema", None)):
+            at = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
+            ret.insert(at, hooks.CallbackHook(after_step=lambda _: core.update_ema()))
         return ret
 
     @classmethod
