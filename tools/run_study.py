@@ -138,7 +138,12 @@ def main(argv=None):
     teacher_weights = args.teacher_weights
     results = {"preset": preset, "seeds": args.seeds, "methods": {}}
     if args.teacher_weights:
+        # A teacher trained elsewhere (e.g. by tools/demo.py): report its AP if it was evaluated.
+        res = os.path.join(os.path.dirname(args.teacher_weights), "final_results.json")
         results["teacher"] = None
+        if os.path.exists(res):
+            with open(res) as f:
+                results["teacher"] = {"bbox": json.load(f)["bbox"], "seconds": None, "reused": True}
     else:
         t_dir = os.path.join(args.output, "runs", "teacher")
         t_params = dict(base, iters=preset["teacher_iters"], seed=42)
