@@ -45,6 +45,12 @@ METHODS = {
         [],
         True,
     ),
+    "ssim_std": (
+        "+ SSIM hints, standardized maps (range 6)",
+        KD_SSIM,
+        ["MODEL.KD.FEATURE.RANGE_POLICY", "standardize", "MODEL.KD.SSIM.DATA_RANGE", "6.0"],
+        True,
+    ),
     "mixup": ("student + MixUp", STUDENT, _mix("mixup"), False),
     "cutmix": ("student + CutMix", STUDENT, _mix("cutmix"), False),
     "cutnmix": ("student + Cut^nMix", STUDENT, _mix("cutnmix"), False),
