@@ -39,28 +39,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def schedule(iters, batch, image_size):
-    """Overrides shared by every run: size, schedule (LR drops at 2/3 and 8/9), no periodic eval."""
-    steps = f"({int(iters * 2 / 3)}, {int(iters * 8 / 9)})"
-    return [
-        "INPUT.MIN_SIZE_TRAIN", f"({image_size},)",
-        "INPUT.MIN_SIZE_TEST", str(image_size),
-        "SOLVER.IMS_PER_BATCH", str(batch),
-        "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", steps,
-        "SOLVER.WARMUP_ITERS", str(min(50, iters // 5)),
-        "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 4)),
-        "TEST.EVAL_PERIOD", "0",
-    ]  # fmt: skip
-
-
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     os.makedirs(args.output, exist_ok=True)
     sys.path.insert(0, REPO)
     from kd_det.data.synthetic import generate_dataset
-    from kd_det.utils.runs import markdown_table, train_and_evaluate
+    from kd_det.utils.runs import markdown_table, schedule_opts, train_and_evaluate
 
     def run_stage(name, out_dir, config, opts, params):
         try:
@@ -83,14 +68,14 @@ def main(argv=None):
     base["data_seed"] = args.data_seed
 
     teacher_dir = os.path.join(args.output, "teacher_lite2")
-    t_opts = data_opts + schedule(args.teacher_iters, args.batch, args.image_size)
+    t_opts = data_opts + schedule_opts(args.teacher_iters, args.batch, args.image_size)
     print("[demo] 2/4 teacher: EfficientNet-Lite2 + FPN", flush=True)
     t_res, t_sec = run_stage(
         "teacher", teacher_dir, os.path.join(CFG, "faster_rcnn_lite2_FPN.yaml"), t_opts,
         dict(base, iters=args.teacher_iters),
     )  # fmt: skip
 
-    s_opts = data_opts + schedule(args.student_iters, args.batch, args.image_size)
+    s_opts = data_opts + schedule_opts(args.student_iters, args.batch, args.image_size)
     print("[demo] 3/4 student alone: EfficientNet-Lite0 + FPN", flush=True)
     s_res, s_sec = run_stage(
         "student", os.path.join(args.output, "student_lite0"),

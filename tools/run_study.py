@@ -94,19 +94,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _schedule(iters, batch, image_size):
-    return [
-        "INPUT.MIN_SIZE_TRAIN", f"({image_size},)",
-        "INPUT.MIN_SIZE_TEST", str(image_size),
-        "SOLVER.IMS_PER_BATCH", str(batch),
-        "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", f"({int(iters * 2 / 3)}, {int(iters * 8 / 9)})",
-        "SOLVER.WARMUP_ITERS", str(min(50, iters // 5)),
-        "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 4)),
-        "TEST.EVAL_PERIOD", "0",
-    ]  # fmt: skip
-
-
 def summarize(values):
     vals = [v for v in values if v is not None and v == v and v >= 0]
     if not vals:
@@ -116,7 +103,7 @@ def summarize(values):
 
 def main(argv=None):
     from kd_det.data.synthetic import generate_dataset
-    from kd_det.utils.runs import METRICS, train_and_evaluate
+    from kd_det.utils.runs import METRICS, schedule_opts, train_and_evaluate
 
     args = parse_args(argv)
     if args.list:
@@ -153,8 +140,8 @@ def main(argv=None):
     else:
         t_dir = os.path.join(args.output, "runs", "teacher")
         t_params = dict(base, iters=preset["teacher_iters"], seed=42)
-        opts = data_opts + _schedule(preset["teacher_iters"], preset["batch"],
-                                     preset["image_size"]) + ["SEED", "42"]  # fmt: skip
+        sched = schedule_opts(preset["teacher_iters"], preset["batch"], preset["image_size"])
+        opts = data_opts + sched + ["SEED", "42"]
         r = train_and_evaluate("teacher", TEACHER, opts, t_dir, t_params, args.force, quiet=True)
         results["teacher"] = r
         teacher_weights = os.path.join(t_dir, "model_final.pth")
@@ -165,7 +152,7 @@ def main(argv=None):
         label, config, extra, needs_teacher = METHODS[m]
         runs = []
         for seed in args.seeds:
-            opts = data_opts + _schedule(preset["iters"], preset["batch"], preset["image_size"])
+            opts = data_opts + schedule_opts(preset["iters"], preset["batch"], preset["image_size"])
             opts += ["SEED", str(seed)] + extra
             if needs_teacher:
                 opts += ["MODEL.KD.TEACHER.WEIGHTS", teacher_weights]

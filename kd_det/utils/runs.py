@@ -17,6 +17,23 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 STAMP = "run_stamp.json"
 
 
+def schedule_opts(iters, batch, image_size):
+    """Overrides shared by demo and study runs: input size, batch, and a schedule of ``iters``
+    iterations whose LR drops at 2/3 and 8/9 (steps that would coincide or fall outside the run
+    are dropped, so tiny smoke runs work), with no periodic evaluation (the final one remains)."""
+    steps = sorted({s for s in (int(iters * 2 / 3), int(iters * 8 / 9)) if 0 < s < iters})
+    return [
+        "INPUT.MIN_SIZE_TRAIN", f"({image_size},)",
+        "INPUT.MIN_SIZE_TEST", str(image_size),
+        "SOLVER.IMS_PER_BATCH", str(batch),
+        "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.STEPS", str(tuple(steps)),
+        "SOLVER.WARMUP_ITERS", str(min(50, iters // 5)),
+        "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 4)),
+        "TEST.EVAL_PERIOD", "0",
+    ]  # fmt: skip
+
+
 def finished_run(out_dir, params):
     """The stamp of a finished run with exactly these parameters, else None."""
     stamp = os.path.join(out_dir, STAMP)
