@@ -1,0 +1,40 @@
+"""tools/run_study.py end to end at tiny size: teacher once, methods x seeds, reports, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+ARGS = ["--num-train", "8", "--num-val", "4", "--image-size", "64", "--teacher-iters", "2",
+        "--iters", "2", "--batch", "2", "--methods", "student", "ssim", "--seeds", "0", "1"]  # fmt: skip
+
+
+def test_run_study_tiny(tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        cmd + ARGS, capture_output=True, text=True, cwd=REPO, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.load(open(tmp_path / "results.json"))
+    assert set(res["methods"]) == {"student", "ssim"}
+    assert all(len(m["runs"]) == 2 for m in res["methods"].values())
+    assert "AP" in res["teacher"]["bbox"]
+    md = (tmp_path / "results.md").read_text()
+    assert "teacher (Lite2-FPN)" in md and "+ SSIM hints (P2-P6)" in md and "+-" in md
+    assert (tmp_path / "results.png").stat().st_size > 0
+    # Finished runs are skipped on the next call.
+    again = subprocess.run(
+        cmd + ARGS, capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing the finished run") == 5  # teacher + 2 methods x 2 seeds
+
+
+def test_run_study_rejects_unknown_method(tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path),
+           "--methods", "ssim", "distill_everything"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode != 0 and "Unknown methods ['distill_everything']" in proc.stderr
