@@ -103,7 +103,7 @@ def summarize(values):
 
 def main(argv=None):
     from kd_det.data.synthetic import generate_dataset
-    from kd_det.utils.runs import METRICS, schedule_opts, train_and_evaluate
+    from kd_det.utils.runs import METRICS, evaluate_members, schedule_opts, train_and_evaluate
 
     args = parse_args(argv)
     if args.list:
@@ -130,7 +130,9 @@ def main(argv=None):
 
     teacher_weights = args.teacher_weights
     results = {"preset": preset, "seeds": args.seeds, "methods": {}}
-    if args.teacher_weights:
+    if not any(METHODS[m][3] for m in methods):
+        results["teacher"] = None  # no method needs one (e.g. online peers only)
+    elif args.teacher_weights:
         # A teacher trained elsewhere (e.g. by tools/demo.py): report its AP if it was evaluated.
         res = os.path.join(os.path.dirname(args.teacher_weights), "final_results.json")
         results["teacher"] = None
@@ -163,8 +165,12 @@ def main(argv=None):
             eta = elapsed / done * (total - done) if done else float("nan")
             print(f"[study] {done + 1}/{total} {m} seed {seed} (elapsed {elapsed / 60:.0f} min, "
                   f"ETA {eta / 60:.0f} min)", flush=True)  # fmt: skip
-            runs.append(train_and_evaluate(f"{m}/seed{seed}", config, opts, out, params,
-                                           args.force, quiet=True))  # fmt: skip
+            run = train_and_evaluate(f"{m}/seed{seed}", config, opts, out, params, args.force,
+                                     quiet=True)  # fmt: skip
+            if m.startswith("online"):
+                # Every peer and EMA teacher of the run, labelled (the run's own AP is peer0's).
+                run["members"] = evaluate_members(config, opts, out)
+            runs.append(run)
             done += 1
         results["methods"][m] = {"label": label, "runs": runs}
     results["wall_minutes"] = (time.time() - t0) / 60
@@ -201,6 +207,16 @@ def write_reports(results, output, metrics):
         bars.append((entry["label"], ap, ap_std))
         lines.append(f"| {entry['label']} | " + " | ".join(cells) + f" | {gap} | "
                      f"{len(entry['runs'])} |")  # fmt: skip
+    member_rows = []
+    for m, entry in results["methods"].items():
+        names = sorted({k for r in entry["runs"] for k in r.get("members", {})})
+        for name in names:
+            mean, std = summarize([r["members"][name]["bbox"]["AP"] for r in entry["runs"]
+                                   if name in r.get("members", {})])  # fmt: skip
+            member_rows.append(f"| {entry['label']} | {name} | {fmt(mean)} +- {fmt(std)} |")
+    if member_rows:
+        lines += ["", "Online distillation, every member (AP, mean +- std over seeds):", "",
+                  "| method | member | AP |", "|---|---|---|"] + member_rows  # fmt: skip
     p = results["preset"]
     lines.append("")
     lines.append(

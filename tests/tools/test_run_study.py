@@ -38,3 +38,19 @@ def test_run_study_rejects_unknown_method(tmp_path):
            "--methods", "ssim", "distill_everything"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode != 0 and "Unknown methods ['distill_everything']" in proc.stderr
+
+
+def test_run_study_online_reports_every_member(tmp_path):
+    args = ["--num-train", "8", "--num-val", "4", "--image-size", "64", "--iters", "2",
+            "--batch", "2", "--methods", "online", "--seeds", "0"]  # fmt: skip
+    cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        cmd + args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["teacher"] is None  # online peers need no teacher
+    members = res["methods"]["online"]["runs"][0]["members"]
+    assert set(members) == {"peer0", "peer1", "ema0", "ema1"}
+    assert "| online: 2 Lite0 peers (no teacher) | ema1 |" in (tmp_path / "results.md").read_text()
