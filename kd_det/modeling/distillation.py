@@ -205,24 +205,12 @@ class DistillationRCNN(GeneralizedRCNN):
             teacher, tcfg = build_teacher(cfg)
             if kd.ROI.CLS_WEIGHT or kd.ROI.BOX_WEIGHT:
                 _check_label_space(cfg, tcfg)
-        loss_kwargs = {}
-        if kd.FEATURE.RANGE_POLICY:
-            loss_kwargs["range_policy"] = kd.FEATURE.RANGE_POLICY
-        if kd.FEATURE.LOSS.lower() == "ssim":
-            loss_kwargs.update(
-                win_size=kd.SSIM.WINDOW_SIZE,
-                win_sigma=kd.SSIM.SIGMA,
-                K=tuple(kd.SSIM.K),
-                data_range=kd.SSIM.DATA_RANGE or None,
-                loss_form=kd.SSIM.LOSS_FORM,
-                small_map=kd.SSIM.SMALL_MAP,
-            )
         ret.update(
             teacher=teacher,
             teacher_input_format=tcfg.INPUT.FORMAT if tcfg is not None else cfg.INPUT.FORMAT,
             fpn_levels=fpn_levels,
             backbone_levels=bb_levels,
-            feature_loss=build_feature_loss(kd.FEATURE.LOSS, **loss_kwargs),
+            feature_loss=feature_loss_from_config(cfg, kd.FEATURE.LOSS),
             foreground_weight=kd.FEATURE.FOREGROUND_WEIGHT,
             adapter=kd.FEATURE.ADAPTER,
             rpn_objectness_weight=kd.RPN.OBJECTNESS_WEIGHT,
@@ -579,6 +567,25 @@ class DistillationRCNN(GeneralizedRCNN):
             torch.stack(box_vals),
             torch.stack(box_valid),
         )
+
+
+def feature_loss_from_config(cfg, name):
+    """The feature-hint loss ``name`` with ``MODEL.KD.SSIM.*`` and ``MODEL.KD.FEATURE.RANGE_POLICY``
+    (shared by offline and online distillation)."""
+    kd = cfg.MODEL.KD
+    kwargs = {}
+    if kd.FEATURE.RANGE_POLICY:
+        kwargs["range_policy"] = kd.FEATURE.RANGE_POLICY
+    if name.lower() == "ssim":
+        kwargs.update(
+            win_size=kd.SSIM.WINDOW_SIZE,
+            win_sigma=kd.SSIM.SIGMA,
+            K=tuple(kd.SSIM.K),
+            data_range=kd.SSIM.DATA_RANGE or None,
+            loss_form=kd.SSIM.LOSS_FORM,
+            small_map=kd.SSIM.SMALL_MAP,
+        )
+    return build_feature_loss(name, **kwargs)
 
 
 def _masked_mean(values, valid):

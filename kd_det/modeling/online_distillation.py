@@ -102,8 +102,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
-from .distillation import _class_specific, _masked_mean, _per_level
-from .feature_losses import build_feature_loss
+from .distillation import _class_specific, _masked_mean, _per_level, feature_loss_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -374,24 +373,11 @@ class OnlineDistillationRCNN(nn.Module):
             if okd.LOAD_PEER_WEIGHTS and pcfg.MODEL.WEIGHTS:
                 load_peer_weights(peer, pcfg.MODEL.WEIGHTS, i)
             peers.append(peer)
-        kd = cfg.MODEL.KD
-        loss_kwargs = {}
-        if kd.FEATURE.RANGE_POLICY:
-            loss_kwargs["range_policy"] = kd.FEATURE.RANGE_POLICY
-        if okd.FEATURE_LOSS.lower() == "ssim":
-            loss_kwargs.update(
-                win_size=kd.SSIM.WINDOW_SIZE,
-                win_sigma=kd.SSIM.SIGMA,
-                K=tuple(kd.SSIM.K),
-                data_range=kd.SSIM.DATA_RANGE or None,
-                loss_form=kd.SSIM.LOSS_FORM,
-                small_map=kd.SSIM.SMALL_MAP,
-            )
         return {
             "peers": peers,
             "input_format": cfg.INPUT.FORMAT,
             "peer_input_formats": [p.INPUT.FORMAT for p in peer_cfgs],
-            "feature_loss": build_feature_loss(okd.FEATURE_LOSS, **loss_kwargs),
+            "feature_loss": feature_loss_from_config(cfg, okd.FEATURE_LOSS),
             "feature_levels": _per_level(
                 okd.FEATURE_WEIGHTS, okd.FEATURE_LEVELS, "MODEL.ONLINE_KD.FEATURE_WEIGHTS"
             ),
