@@ -1,0 +1,407 @@
+"""Every command in docs/*.md is real, and each one names the test (or the demo) that runs it.
+
+Rule: every ``python tools/<x>.py ...`` or ``python -m kd_det...`` line of a fenced ``bash``/``sh``
+block in ``docs/*.md`` (``\\`` continuations joined) must
+
+(a) name an existing script or module;
+(b) pass the tool's own argument parser, exactly as written (no abbreviated flags); the parser is
+    captured from the tool without running it;
+(c) if it has ``--config-file X``: X exists and ``get_kd_cfg()`` + ``merge_from_file(X)`` +
+    ``merge_from_list(opts)`` succeeds, so every documented override key is real; the teacher and
+    peer config files the merged config names exist too;
+(d) be preceded, in its block or in the HTML comment lines right above the block, by
+    ``<!-- tested: tests/path.py::test_name -->`` (an existing test function) or
+    ``<!-- tested: make demo -->``. For tools other than ``train_net.py`` at least one named test
+    file (or, for ``make demo``, the Makefile/demo sources) must mention the tool.
+
+``make ...`` lines and other shell lines are not checked. Besides commands: ``yaml`` blocks must
+merge into kd_det's config (unknown keys fail), ``python`` blocks must parse, config keys written
+in inline code must exist, and relative links, ``tools/*.py``, ``configs/*.yaml`` and
+``kd_det/*.py`` paths named anywhere in the docs must exist. Nothing is trained or run.
+"""
+
+import argparse
+import ast
+import contextlib
+import glob
+import importlib
+import importlib.util
+import inspect
+import io
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import List
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(REPO, "docs")
+PAGES = [
+    "README.md",
+    "getting_started.md",
+    "distill_your_detector.md",
+    "online_distillation.md",
+    "mixed_sample.md",
+    "export_and_deploy.md",
+    "multi_gpu.md",
+    "troubleshooting.md",
+]
+COMMAND_LANGS = ("bash", "sh", "shell")
+FENCE_RE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
+TAG_RE = re.compile(r"<!--\s*tested:\s*(.+?)\s*-->")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+# Where ``make demo`` (its set-up included) runs tools: a tool named here is run by the demo.
+DEMO_SOURCES = ("Makefile", "tools/demo.py", "kd_det/utils/runs.py")
+# Config keys written in inline code, e.g. `MODEL.KD.FEATURE.LEVELS` or `INPUT.MIX.TYPE`.
+ROOTS = "MODEL|INPUT|SOLVER|DATASETS|DATALOADER|KD_TRAINER|TEST"
+KEY_RE = re.compile(r"(?<![\w.])((?:%s)(?:\.[A-Z][A-Z0-9_]*)+)" % ROOTS)
+
+
+@dataclass
+class Block:
+    page: str
+    line: int  # 1-based line of the opening fence
+    lang: str
+    lines: List[str]
+    tags_above: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Command:
+    page: str
+    line: int
+    text: str
+    argv: List[str]  # after "python": ["tools/x.py", ...] or ["-m", "kd_det.x", ...]
+    tags: List[str]
+
+    @property
+    def id(self):
+        return f"{self.page}:{self.line}"
+
+
+def _pages():
+    return sorted(glob.glob(os.path.join(DOCS, "*.md")))
+
+
+def parse_blocks(path):
+    """Fenced code blocks of a Markdown file, with the ``tested`` tags right above each."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    page = os.path.relpath(path, REPO)
+    blocks, i = [], 0
+    while i < len(lines):
+        m = FENCE_RE.match(lines[i])
+        if m is None:
+            i += 1
+            continue
+        fence, lang = m.group(1), m.group(2).lower()
+        tags, j = [], i - 1
+        while j >= 0 and lines[j].strip().startswith("<!--"):  # comment lines above the fence
+            tags = TAG_RE.findall(lines[j]) + tags
+            j -= 1
+        body, k = [], i + 1
+        while k < len(lines) and not lines[k].strip().startswith(fence[:3]):
+            body.append(lines[k])
+            k += 1
+        blocks.append(Block(page, i + 1, lang, body, tags))
+        i = k + 1
+    return blocks
+
+
+def _logical_lines(block):
+    """``(line number, text)`` with backslash continuations joined."""
+    out, buf, start = [], "", None
+    for n, raw in enumerate(block.lines, start=block.line + 1):
+        if start is None:
+            start = n
+        s = raw.rstrip()
+        if s.endswith("\\"):
+            buf += s[:-1] + " "
+            continue
+        out.append((start, buf + s))
+        buf, start = "", None
+    if buf:
+        out.append((start, buf))
+    return out
+
+
+def _python_argv(text):
+    """``argv`` after the interpreter if ``text`` runs a kd_det tool or module, else None."""
+    try:
+        tokens = shlex.split(text, comments=True)
+    except ValueError as e:
+        raise AssertionError(f"cannot split shell line {text!r}: {e}")
+    while tokens and ENV_RE.match(tokens[0]):
+        tokens = tokens[1:]
+    if len(tokens) < 2 or os.path.basename(tokens[0]) not in ("python", "python3"):
+        return None
+    if tokens[1].startswith("tools/"):
+        return tokens[1:]
+    if tokens[1] == "-m" and len(tokens) > 2 and tokens[2].split(".")[0] == "kd_det":
+        return tokens[1:]
+    return None
+
+
+def collect_commands():
+    commands = []
+    for path in _pages():
+        for block in parse_blocks(path):
+            if block.lang not in COMMAND_LANGS:
+                continue
+            inside = []
+            for n, text in _logical_lines(block):
+                inside += TAG_RE.findall(text)
+                argv = _python_argv(text)
+                if argv is not None:
+                    tags = block.tags_above + inside
+                    commands.append(Command(block.page, n, text.strip(), argv, tags))
+    return commands
+
+
+COMMANDS = collect_commands()
+
+
+# ------------------------------------------------------------------------------------------------
+# Capturing a tool's parser without running the tool
+# ------------------------------------------------------------------------------------------------
+class _Captured(Exception):
+    def __init__(self, parser):
+        super().__init__("parser captured")
+        self.parser = parser
+
+
+_MODULES = {}
+
+
+def _load(target):
+    """Import ``tools/<x>.py`` (by path) or a ``kd_det`` module (by name), once."""
+    if target not in _MODULES:
+        if target.endswith(".py"):
+            name = "kd_det_docs_tool_" + os.path.basename(target)[:-3]
+            spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, target))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        _MODULES[target] = module
+    return _MODULES[target]
+
+
+def capture_parser(module):
+    """The ``ArgumentParser`` a tool builds: ``build_parser()``, else the parser its
+    ``parse_args``/``main`` hands to ``ArgumentParser.parse_args`` (intercepted before parsing,
+    so nothing after it runs)."""
+    if callable(getattr(module, "build_parser", None)):
+        return module.build_parser()
+    source = inspect.getsource(module)
+    if "ArgumentParser" not in source and "default_argument_parser" not in source:
+        return None
+    entry = getattr(module, "parse_args", None) or getattr(module, "main", None)
+    assert callable(entry), f"{module.__name__} has neither build_parser, parse_args nor main"
+
+    def intercept(self, args=None, namespace=None):
+        raise _Captured(self)
+
+    original_parse, original_argv = argparse.ArgumentParser.parse_args, sys.argv
+    argparse.ArgumentParser.parse_args = intercept
+    sys.argv = [module.__name__]
+    try:
+        if inspect.signature(entry).parameters:
+            entry([])
+        else:
+            entry()
+    except _Captured as c:
+        return c.parser
+    finally:
+        argparse.ArgumentParser.parse_args = original_parse
+        sys.argv = original_argv
+    raise AssertionError(f"{module.__name__}: {entry.__name__}() returned without parsing args")
+
+
+def parse_exactly(parser, args):
+    """``parser.parse_args(args)``; fails on argparse errors and on abbreviated flags."""
+    known = set(parser._option_string_actions)
+    for tok in args:
+        if tok.startswith("--"):
+            flag = tok.split("=", 1)[0]
+            assert flag in known, f"{flag} is not an option of {parser.prog} ({sorted(known)})"
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(args)
+    except SystemExit:
+        raise AssertionError(f"argument parser rejected {args}:\n{err.getvalue()}")
+
+
+def check_config(ns):
+    """(c): the config file exists and the command's overrides merge into it."""
+    from kd_det.config import get_kd_cfg
+    from kd_det.modeling.teacher import MODEL_ZOO_PREFIX
+
+    config_file = getattr(ns, "config_file", "") or ""
+    opts = list(getattr(ns, "opts", None) or [])
+    if not config_file and not opts:
+        return
+    cfg = get_kd_cfg()
+    if config_file:
+        path = os.path.join(REPO, config_file)
+        assert os.path.isfile(path), f"--config-file {config_file} does not exist"
+        cfg.merge_from_file(path)
+    if opts:
+        cfg.merge_from_list(opts)  # an unknown key raises "Non-existent key: ..."
+    teacher = cfg.MODEL.KD.TEACHER.CONFIG_FILE
+    if teacher and not teacher.startswith(MODEL_ZOO_PREFIX):
+        assert os.path.isfile(os.path.join(REPO, teacher)), f"teacher config {teacher} missing"
+    for peer in cfg.MODEL.ONLINE_KD.PEERS:
+        assert os.path.isfile(os.path.join(REPO, peer)), f"peer config {peer} missing"
+
+
+def _read(relpath):
+    with open(os.path.join(REPO, relpath)) as f:
+        return f.read()
+
+
+def check_tags(cmd, tool_stem):
+    """(d): at least one tag; every tag names make demo or an existing test function."""
+    assert cmd.tags, (
+        f"{cmd.id}: `{cmd.text}` has no <!-- tested: tests/...py::test_name --> or "
+        "<!-- tested: make demo --> comment in its block or right above it"
+    )
+    mentions = []
+    for tag in cmd.tags:
+        if tag == "make demo":
+            mentions.append(any(tool_stem in _read(p) for p in DEMO_SOURCES))
+            continue
+        assert "::" in tag, f"{cmd.id}: tag {tag!r} is not 'tests/<file>.py::<test>'"
+        relpath, name = tag.split("::", 1)
+        assert relpath.startswith("tests/") and relpath.endswith(".py"), f"{cmd.id}: {tag!r}"
+        assert os.path.isfile(os.path.join(REPO, relpath)), f"{cmd.id}: no file {relpath}"
+        source = _read(relpath)
+        assert re.search(
+            rf"^\s*def {re.escape(name)}\(", source, re.M
+        ), f"{cmd.id}: {relpath} has no test function {name}"
+        mentions.append(tool_stem in source)
+    if tool_stem != "train_net":  # train_net is the generic entry; its tags name the feature
+        assert any(mentions), f"{cmd.id}: none of {cmd.tags} runs {tool_stem}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------------
+def test_pages_exist_and_index_links_them():
+    for page in PAGES:
+        assert os.path.isfile(os.path.join(DOCS, page)), f"docs/{page} is missing"
+    index = _read("docs/README.md")
+    for page in PAGES[1:]:
+        assert f"]({page})" in index, f"docs/README.md does not link {page}"
+    assert len(COMMANDS) >= 20, f"only {len(COMMANDS)} commands found in docs/*.md"
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
+def test_documented_command(cmd):
+    if cmd.argv[0] == "-m":
+        target, args = cmd.argv[1], cmd.argv[2:]
+        # (a) the module exists
+        assert importlib.util.find_spec(target) is not None, f"{cmd.id}: no module {target}"
+        stem = target.rsplit(".", 1)[-1]
+    else:
+        target, args = cmd.argv[0], cmd.argv[1:]
+        assert re.fullmatch(r"tools/\w+\.py", target), f"{cmd.id}: {target} is not tools/<x>.py"
+        assert os.path.isfile(os.path.join(REPO, target)), f"{cmd.id}: {target} does not exist"
+        stem = os.path.basename(target)[:-3]
+    # (d) before anything heavy: the cheapest check fails first
+    check_tags(cmd, stem)
+    # (b) the tool's own parser accepts the arguments
+    module = _load(target)
+    parser = capture_parser(module)
+    if parser is None:
+        assert not args, f"{cmd.id}: {target} takes no arguments, got {args}"
+        return
+    ns = parse_exactly(parser, args)
+    # (c) config file and overrides
+    check_config(ns)
+
+
+def _blocks(lang):
+    return [b for p in _pages() for b in parse_blocks(p) if b.lang == lang]
+
+
+@pytest.mark.parametrize("block", _blocks("yaml"), ids=lambda b: f"{b.page}:{b.line}")
+def test_yaml_snippet_is_a_valid_config_fragment(block):
+    from detectron2.config import CfgNode
+
+    from kd_det.config import get_kd_cfg
+
+    data = yaml.safe_load("\n".join(block.lines))
+    assert isinstance(data, dict), "a yaml snippet must be a config mapping"
+    data.pop("_BASE_", None)
+    get_kd_cfg().merge_from_other_cfg(CfgNode(data))  # unknown keys / wrong types raise
+
+
+@pytest.mark.parametrize("block", _blocks("python"), ids=lambda b: f"{b.page}:{b.line}")
+def test_python_snippet_parses(block):
+    ast.parse("\n".join(block.lines))
+
+
+def _inline_code(text):
+    text = re.sub(r"^\s*(```|~~~).*?^\s*\1", "", text, flags=re.M | re.S)  # drop fenced blocks
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+def test_config_keys_in_inline_code_exist():
+    from kd_det.config import get_kd_cfg
+
+    cfg = get_kd_cfg()
+    bad = []
+    for path in _pages():
+        with open(path) as f:
+            spans = _inline_code(f.read())
+        for span in spans:
+            if "Non-existent" in span:  # a quoted error about a deliberately wrong key
+                continue
+            for key in KEY_RE.findall(span):
+                node = cfg
+                for part in key.split("."):
+                    if not hasattr(node, "keys") or part not in node:
+                        bad.append(f"{os.path.basename(path)}: {key}")
+                        break
+                    node = node[part]
+    assert not bad, "config keys that do not exist: " + ", ".join(sorted(set(bad)))
+
+
+def _anchors(path):
+    """GitHub-style anchors of a Markdown file's headings."""
+    with open(path) as f:
+        text = re.sub(r"^\s*(```|~~~).*?^\s*\1", "", f.read(), flags=re.M | re.S)
+    out = set()
+    for heading in re.findall(r"^#+\s+(.+?)\s*$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+        out.add(slug.replace(" ", "-"))
+    return out
+
+
+def test_links_and_repository_paths_exist():
+    bad = []
+    for path in _pages():
+        with open(path) as f:
+            text = f.read()
+        page = os.path.basename(path)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^(https?:|mailto:)", target):
+                continue
+            rel, _, anchor = target.partition("#")
+            full = os.path.join(DOCS, rel) if rel else path
+            if not os.path.exists(full):
+                bad.append(f"{page}: link {target}")
+            elif anchor and full.startswith(DOCS) and anchor not in _anchors(full):
+                bad.append(f"{page}: anchor {target}")
+        for rel in re.findall(
+            r"(?<![\w/.])((?:tools|configs|kd_det|tests)/[\w./-]+\.(?:py|yaml))", text
+        ):
+            if not os.path.exists(os.path.join(REPO, rel)):
+                bad.append(f"{page}: path {rel}")
+    assert not bad, "missing targets: " + ", ".join(bad)
