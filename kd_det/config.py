@@ -155,6 +155,9 @@ def add_kd_config(cfg):
     _C.MODEL.ONLINE_KD.TEMPERATURE = 2.0
     # Mutual KL target: "each" (one term per other peer) or "average" (their mean distribution).
     _C.MODEL.ONLINE_KD.LOGIT_TARGET = "each"
+    # Iterations over which the mutual feature and logit weights ramp linearly from 0 to their
+    # values (the peers start random and would teach each other noise); 0 disables the ramp.
+    _C.MODEL.ONLINE_KD.MUTUAL_WARMUP = 0
     # Keep an EMA (mean-teacher) copy of every peer, updated after each optimizer step; needed by
     # the EMA_* terms and by the "ema<i>" members (evaluation, export).
     _C.MODEL.ONLINE_KD.EMA_ENABLED = True

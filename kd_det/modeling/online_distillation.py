@@ -35,8 +35,11 @@ runs):
   uses only the peer's own EMA (mean teacher).
 
 Self-ensemble teacher: a temporal EMA ("mean teacher") copy of each peer, ``ema_peers[i]``, updated
-after every optimizer step with ``w_ema <- d * w_ema + (1 - d) * w`` for every parameter, while
-buffers (BatchNorm running statistics) are copied. Choices and why:
+after every optimizer step with ``w_ema <- d * w_ema + (1 - d) * w`` for every parameter AND every
+floating-point buffer (BatchNorm running statistics; integer counters are copied). Averaging the
+statistics with the weights keeps them consistent: an earlier version copied the peer's current
+statistics into the averaged weights, and its BatchNorm-FPN EMA teachers taught worse than the
+peers themselves. Choices and why:
 
 * The EMA copies hold their weights as BUFFERS (their parameters are converted at build time). So
   they are not in ``parameters()`` (no optimizer state, no gradients, DDP does not reduce them),
@@ -272,6 +275,7 @@ class OnlineDistillationRCNN(nn.Module):
         logit_weight=0.0,
         temperature=2.0,
         logit_target="each",
+        mutual_warmup=0,
         ema_enabled=True,
         ema_decay=0.999,
         ema_warmup=0,
@@ -291,6 +295,8 @@ class OnlineDistillationRCNN(nn.Module):
             logit_weight (float): weight of the mutual ROI class KL term.
             temperature (float): softmax temperature of every KL term.
             logit_target (str): "each" (one term per other peer) or "average".
+            mutual_warmup (int): the mutual (peer-to-peer) weights ramp linearly from 0 to their
+                value over this many iterations; 0 applies them from the first iteration.
             ema_enabled (bool): keep EMA copies of the peers (required by any ``ema_*`` weight).
             ema_decay (float): EMA decay ``d`` of :meth:`update_ema`.
             ema_warmup (int): iterations before the EMA terms start.
@@ -327,6 +333,7 @@ class OnlineDistillationRCNN(nn.Module):
         self.logit_weight = float(logit_weight)
         self.temperature = float(temperature)
         self.logit_target = logit_target
+        self.mutual_warmup = int(mutual_warmup)
         self.ema_decay = float(ema_decay)
         self.ema_warmup = int(ema_warmup)
         self.ema_feature_levels = {
@@ -384,6 +391,7 @@ class OnlineDistillationRCNN(nn.Module):
             "logit_weight": okd.LOGIT_WEIGHT,
             "temperature": okd.TEMPERATURE,
             "logit_target": okd.LOGIT_TARGET,
+            "mutual_warmup": okd.MUTUAL_WARMUP,
             "ema_enabled": okd.EMA_ENABLED,
             "ema_decay": okd.EMA_DECAY,
             "ema_warmup": okd.EMA_WARMUP,
@@ -494,19 +502,22 @@ class OnlineDistillationRCNN(nn.Module):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def update_ema(self):
-        """``w_ema <- d * w_ema + (1 - d) * w`` for every parameter; buffers are copied.
+        """``w_ema <- d * w_ema + (1 - d) * w`` for every parameter and floating-point buffer.
 
         Call once after every optimizer step (KDTrainer does, through a hook).
         """
         d = self.ema_decay
         for peer, ema in zip(self.peers, self.ema_peers):
             ema_state = dict(ema.named_buffers())
-            for name, p in peer.named_parameters():
-                e = ema_state[name]
-                e.mul_(d).add_(p.detach().to(e.dtype), alpha=1.0 - d)
-            for name, b in peer.named_buffers():
-                if name in ema_state:
-                    ema_state[name].copy_(b)
+            tensors = list(peer.named_parameters()) + list(peer.named_buffers())
+            for name, p in tensors:
+                e = ema_state.get(name)
+                if e is None:
+                    continue
+                if e.is_floating_point():
+                    e.mul_(d).add_(p.detach().to(e.dtype), alpha=1.0 - d)
+                else:  # counters (BatchNorm's num_batches_tracked)
+                    e.copy_(p)
         self.ema_updates += 1
 
     def _init_missing_ema(self, module, state_dict, prefix, *args, **kwargs):
@@ -525,6 +536,18 @@ class OnlineDistillationRCNN(nn.Module):
                 f"The loaded weights have no EMA teachers; {filled} EMA tensors were initialised "
                 "from the loaded peers."
             )
+
+    def mutual_factor(self):
+        """Linear warm-up of the mutual weights: ``min(1, iter / MUTUAL_WARMUP)``.
+
+        Two randomly initialised peers teach each other noise at first; pulling their features and
+        class distributions together from iteration 0 measurably slowed their detection losses
+        (README, online distillation), so the mutual terms can start at zero and grow while the
+        peers learn from ground truth.
+        """
+        if self.mutual_warmup <= 0:
+            return 1.0
+        return min(1.0, get_event_storage().iter / self.mutual_warmup)
 
     def _ema_active(self):
         it = get_event_storage().iter
@@ -575,6 +598,7 @@ class OnlineDistillationRCNN(nn.Module):
         peer_scores = self._peer_scores(outs) if self.logit_weight else None
         ema_outs = self._ema_forward(batched_inputs, outs) if self._ema_active() else None
         T = self.temperature
+        mutual = self.mutual_factor()
         terms = {}
         with torch.autocast(device_type=self.device.type, enabled=False):
             for i in range(n):
@@ -587,7 +611,7 @@ class OnlineDistillationRCNN(nn.Module):
                             *self._feature_term(
                                 feats[lvl], outs[j]["features"][lvl].detach(), f"p{i}_to_p{j}_{lvl}"
                             ),
-                            w,
+                            w * mutual,
                         )
                 if peer_scores is not None:
                     s_scores = outs[i]["predictions"][0]
@@ -597,13 +621,13 @@ class OnlineDistillationRCNN(nn.Module):
                         for j, t_logp in targets.items():
                             terms[f"loss_kd_peer{i}_roi_cls_from_peer{j}"] = (
                                 *_kl_per_image(s_scores, t_logp, counts, T),
-                                self.logit_weight,
+                                self.logit_weight * mutual,
                             )
                     else:
                         t_logp = _mean_log_probs(list(targets.values()))
                         terms[f"loss_kd_peer{i}_roi_cls_from_peers"] = (
                             *_kl_per_image(s_scores, t_logp, counts, T),
-                            self.logit_weight,
+                            self.logit_weight * mutual,
                         )
                 if ema_outs is None:
                     continue

@@ -279,6 +279,11 @@ def test_ema_update_follows_its_formula(lite0_pair):
     _, model = lite0_pair
     before = {k: v.clone() for k, v in model.ema_peers.state_dict().items()}
     _perturb(model, seed=5)
+    with torch.no_grad():  # BN statistics move too, as they do in training
+        for peer in model.peers:
+            for name, b in peer.named_buffers():
+                if name.endswith(("running_mean", "running_var")):
+                    b.add_(0.5)
     updates = int(model.ema_updates)
     model.update_ema()
     assert int(model.ema_updates) == updates + 1
@@ -291,7 +296,12 @@ def test_ema_update_follows_its_formula(lite0_pair):
                 want = 0.9 * before[key] + 0.1 * params[name].detach()
                 assert torch.allclose(ema[key], want, rtol=1e-6, atol=1e-7), key
                 assert not torch.equal(ema[key], before[key]), key
-            else:  # buffers (BN statistics) are copied
+            elif b.is_floating_point():  # BN statistics are averaged like the weights
+                want = 0.9 * before[key] + 0.1 * b
+                assert torch.allclose(ema[key], want, rtol=1e-6, atol=1e-7), key
+                if name.endswith("running_mean"):
+                    assert not torch.equal(ema[key], before[key]), key
+            else:  # counters are copied
                 assert torch.equal(ema[key], b), key
 
 
