@@ -2,6 +2,7 @@
 
 ``import kd_det`` registers kd_det's backbones and meta-architectures in detectron2's registries.
 """
+
 from .config import add_kd_config, get_kd_cfg  # noqa: F401
 from . import modeling  # noqa: F401  (registers backbones and meta-architectures)
 from . import data  # noqa: F401

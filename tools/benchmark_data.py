@@ -105,7 +105,7 @@ def benchmark(builders, dicts, repeats, warmup):
     return [float(np.median(s)) for s in speeds]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=32, help="images in the dataset")
     parser.add_argument("--image-size", type=int, default=256, help="side of the stored images")
@@ -120,8 +120,15 @@ def main(argv=None):
         "--config-file", default="", help="config for INPUT.* (default: detectron2's)"
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def measure(args):
+    """Images/s of the plain mapper and of every mix type (fresh and cached partners).
+
+    Returns:
+        tuple: ``(rows, description)``; rows are ``(mapper name, images/s)``, plain first.
+    """
     torch.set_num_threads(1)  # data loading runs in single-threaded workers
     cfg = get_kd_cfg()
     if args.config_file:
@@ -149,15 +156,25 @@ def main(argv=None):
                 runs.append((f"{mix_type}" + (f" (cache {cache})" if cache else ""), build))
         speeds = benchmark([b for _, b in runs], dicts, args.repeats, args.cache_size + 2)
         rows = [(name, ips) for (name, _), ips in zip(runs, speeds)]
-    base = rows[0][1]
-    table = [(name, f"{ips:.1f}", f"{ips / base:.2f}") for name, ips in rows]
-    print(
-        f"\n{len(dicts)} {args.source} images of {args.image_size} px, "
+    desc = (
+        f"{len(dicts)} {args.source} images of {args.image_size} px, "
         f"median of {args.repeats} passes, "
         f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}, MAX {cfg.INPUT.MAX_SIZE_TRAIN}, "
         f"mix prob {args.prob}"
     )
-    print(tabulate(table, headers=["mapper", "images/s", "ratio to plain"], tablefmt="github"))
+    return rows, desc
+
+
+def markdown(rows):
+    base = rows[0][1]
+    table = [(name, f"{ips:.1f}", f"{ips / base:.2f}") for name, ips in rows]
+    return tabulate(table, headers=["mapper", "images/s", "ratio to plain"], tablefmt="github")
+
+
+def main(argv=None):
+    rows, desc = measure(parse_args(argv))
+    print("\n" + desc)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

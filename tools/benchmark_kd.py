@@ -8,6 +8,10 @@ Variants (all on the same student, batch and input, in one run):
   ``no_grad`` -- the floor of any feature distillation's overhead.
 * ``mse``, ``ssim``: ``DistillationRCNN`` with MSE or SSIM hints on P2-P6.
 * ``multilevel``: SSIM on P2-P6 + res2, RPN objectness, ROI class KL and box deltas.
+* ``dynamic``: SSIM hints with hint-dynamic per-instance weights (its weight network and its
+  gradient-alignment objective included).
+* ``online``: ``OnlineDistillationRCNN`` with two students as peers (mutual SSIM + ROI KL, EMA
+  teachers active from the first step), i.e. the cost of training two detectors together.
 
 Each variant runs in its own subprocess so that its peak memory (max RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on a GPU) is its own. Times are medians over ``--iters``
@@ -27,7 +31,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("student", "teacher_forward", "mse", "ssim", "multilevel")
+VARIANTS = ("student", "teacher_forward", "mse", "ssim", "multilevel", "dynamic", "online")
+ONLINE = os.path.join(REPO, "configs", "Synthetic", "online_lite0_x2.yaml")
+DYNAMIC = os.path.join(REPO, "configs", "Synthetic", "distill_lite2_to_lite0_ssim_dynamic.yaml")
 KD_OFF = ["MODEL.KD.FEATURE.WEIGHTS", "[0.0]"]
 MULTI = [
     "MODEL.KD.BACKBONE.LEVELS", "['res2']",
@@ -85,14 +91,19 @@ def run_variant(args):
 
     os.chdir(REPO)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.merge_from_list(
-        ["MODEL.DEVICE", device, "MODEL.KD.TEACHER.WEIGHTS", "", "MODEL.KD.TEACHER.ALLOW_RANDOM",
-         "True", "MODEL.KD.WARMUP_ITERS", "0"]
-    )  # fmt: skip
     v = args.variant
+    cfg = get_kd_cfg()
+    # The online variant trains two copies of the student; the others wrap it with the teacher.
+    cfg.merge_from_file({"online": ONLINE, "dynamic": DYNAMIC}.get(v, args.config_file))
+    cfg.merge_from_list(args.opts)
+    if v == "online":
+        cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.ONLINE_KD.EMA_WARMUP", "0",
+                             "MODEL.ONLINE_KD.MUTUAL_WARMUP", "0"])  # fmt: skip
+    else:
+        cfg.merge_from_list(
+            ["MODEL.DEVICE", device, "MODEL.KD.TEACHER.WEIGHTS", "",
+             "MODEL.KD.TEACHER.ALLOW_RANDOM", "True", "MODEL.KD.WARMUP_ITERS", "0"]
+        )  # fmt: skip
     if v in ("student", "teacher_forward"):
         cfg.merge_from_list(KD_OFF)
     elif v == "mse":
@@ -101,6 +112,8 @@ def run_variant(args):
         cfg.merge_from_list(["MODEL.KD.FEATURE.LOSS", "ssim"])
     elif v == "multilevel":
         cfg.merge_from_list(["MODEL.KD.FEATURE.LOSS", "ssim"] + MULTI)
+    elif v == "dynamic" and cfg.MODEL.KD.HINT_WEIGHTING != "dynamic":
+        raise SystemExit(f"{DYNAMIC} does not set MODEL.KD.HINT_WEIGHTING dynamic.")
     torch.manual_seed(0)
     model = build_model(cfg)
     teacher = None
@@ -127,6 +140,8 @@ def run_variant(args):
             opt.zero_grad()
             sum(losses.values()).backward()
             opt.step()
+            if hasattr(model, "update_ema"):
+                model.update_ema()  # the online EMA teachers (KDTrainer's hook does this)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             if i >= args.warmup:
@@ -141,13 +156,10 @@ def run_variant(args):
                       "losses": sorted(k for k in losses if k.startswith("loss_kd"))}))  # fmt: skip
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.variant:
-        return run_variant(args)
+def measure(args):
+    """Run every variant of ``args.variants`` in its own subprocess; return ``{variant: result}``."""
     from tqdm import tqdm
 
-    os.makedirs(args.output, exist_ok=True)
     results = {}
     bar = tqdm(args.variants, desc="benchmark_kd", unit="variant")
     for v in bar:
@@ -161,6 +173,11 @@ def main(argv=None):
         if proc.returncode != 0:
             raise SystemExit(f"variant {v} failed:\n{proc.stderr[-3000:]}")
         results[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def markdown(results, args):
+    """The Markdown table: seconds and peak memory per variant, and their ratios to the student."""
     base = results.get("student")
     lines = [
         f"Device: {next(iter(results.values()))['device']}; batch {args.batch} x "
@@ -177,12 +194,21 @@ def main(argv=None):
         )
     if base and "teacher_forward" in results:
         tf = results["teacher_forward"]["median_s"]
-        for v in ("mse", "ssim", "multilevel"):
+        for v in ("mse", "ssim", "multilevel", "dynamic"):
             if v in results:
                 extra = (results[v]["median_s"] - tf) / base["median_s"]
                 lines.append(f"\n{v}: losses on top of the teacher forward cost {extra:+.1%} of a "
                              "student iteration.")  # fmt: skip
-    md = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.variant:
+        return run_variant(args)
+    os.makedirs(args.output, exist_ok=True)
+    results = measure(args)
+    md = markdown(results, args)
     with open(os.path.join(args.output, "benchmark_kd.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "opts"}, "results": results},
                   f, indent=2)  # fmt: skip

@@ -18,7 +18,9 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -58,7 +60,11 @@ METHODS = {
     "ssim_cutmix": ("+ SSIM hints + CutMix", KD_SSIM, _mix("cutmix"), True),
     "ssim_cutnmix": ("+ SSIM hints + Cut^nMix", KD_SSIM, _mix("cutnmix"), True),
 }
-QUICK = dict(num_train=500, num_val=100, image_size=160, teacher_iters=400, iters=250, batch=8)
+#: What ``tools/run_study.py`` trains without ``--methods``: every kd_det method on the student, and
+#: the student with Cut^nMix alone (the baseline of the online runs with Cut^nMix).
+DEFAULT_METHODS = ("student", "mse", "ssim", "multilevel", "ssim_dynamic", "ssim_cutmix",
+                   "ssim_cutnmix", "cutnmix", "online", "online_cutnmix")  # fmt: skip
+QUICK = dict(num_train=500, num_val=100, image_size=160, teacher_iters=400, iters=200, batch=8)
 FULL = dict(num_train=2000, num_val=300, image_size=192, teacher_iters=1500, iters=1000, batch=8)
 
 
@@ -84,14 +90,29 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default=os.path.join(REPO, "study"))
     p.add_argument("--quick", action="store_true", help="CPU-sized schedule (default: full)")
-    p.add_argument("--methods", nargs="+", default=None, help=f"subset of {sorted(METHODS)}")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"default: {' '.join(DEFAULT_METHODS)}; any of {sorted(METHODS)}")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--teacher-weights", default="", help="reuse a trained teacher checkpoint")
     p.add_argument("--list", action="store_true", help="list the methods and exit")
     for k in FULL:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained side by side, each with cores/jobs threads")  # fmt: skip
+    p.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        help="KEY VALUE overrides added to every run but the teacher",
+    )
     return p.parse_args(argv)
+
+
+def _file_id(path):
+    """Path, size and mtime of the teacher's weights: a retrained teacher retrains its students."""
+    st = os.stat(path)
+    return [path, st.st_size, int(st.st_mtime)]
 
 
 def summarize(values):
@@ -114,7 +135,7 @@ def main(argv=None):
     for k in FULL:
         if getattr(args, k) is not None:
             preset[k] = getattr(args, k)
-    methods = args.methods or list(METHODS)
+    methods = args.methods or [m for m in DEFAULT_METHODS if m in METHODS]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"Unknown methods {unknown}; choose from {sorted(METHODS)}.")
@@ -128,10 +149,17 @@ def main(argv=None):
     ]  # fmt: skip
     base = {k: preset[k] for k in ("num_train", "num_val", "image_size", "batch")}
 
-    teacher_weights = args.teacher_weights
-    results = {"preset": preset, "seeds": args.seeds, "methods": {}}
+    results = {"preset": preset, "seeds": args.seeds, "methods": {}, "jobs": args.jobs}
+    env = None
+    if args.jobs > 1:
+        # Small CPU models scale poorly over intra-op threads: N single-threaded runs side by side
+        # train faster than one run using every core (measured; see the README's study section).
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    teacher = {"weights": args.teacher_weights}
     if not any(METHODS[m][3] for m in methods):
         results["teacher"] = None  # no method needs one (e.g. online peers only)
+        teacher_job = None
     elif args.teacher_weights:
         # A teacher trained elsewhere (e.g. by tools/demo.py): report its AP if it was evaluated.
         res = os.path.join(os.path.dirname(args.teacher_weights), "final_results.json")
@@ -139,42 +167,84 @@ def main(argv=None):
         if os.path.exists(res):
             with open(res) as f:
                 results["teacher"] = {"bbox": json.load(f)["bbox"], "seconds": None, "reused": True}
+        teacher_job = None
     else:
         t_dir = os.path.join(args.output, "runs", "teacher")
+        teacher["weights"] = os.path.join(t_dir, "model_final.pth")
         t_params = dict(base, iters=preset["teacher_iters"], seed=42)
         sched = schedule_opts(preset["teacher_iters"], preset["batch"], preset["image_size"])
-        opts = data_opts + sched + ["SEED", "42"]
-        r = train_and_evaluate("teacher", TEACHER, opts, t_dir, t_params, args.force, quiet=True)
-        results["teacher"] = r
-        teacher_weights = os.path.join(t_dir, "model_final.pth")
+        t_opts = data_opts + sched + ["SEED", "42"]
+        teacher_job = (t_opts, t_dir, t_params)
 
-    total = len(methods) * len(args.seeds)
-    done = 0
-    for m in methods:
+    # Seed by seed (an interrupted study has whole seeds to report), and within a seed the runs
+    # without a teacher first: with --jobs > 1 they overlap the teacher's training.
+    tasks = [(m, seed) for seed in args.seeds for m in methods]
+    tasks.sort(key=lambda t: (args.seeds.index(t[1]), METHODS[t[0]][3]))
+    lock = threading.Lock()
+    progress = {"done": 0, "total": len(tasks) + (teacher_job is not None)}
+    teacher_done = threading.Event()
+
+    def report(name):
+        with lock:
+            progress["done"] += 1
+            done, total = progress["done"], progress["total"]
+        elapsed = time.time() - t0
+        eta = elapsed / done * (total - done)
+        print(f"[study] {done}/{total} done: {name} (elapsed {elapsed / 60:.0f} min, "
+              f"ETA {eta / 60:.0f} min)", flush=True)  # fmt: skip
+
+    def run_teacher():
+        try:
+            t_opts, t_dir, t_params = teacher_job
+            r = train_and_evaluate("teacher", TEACHER, t_opts, t_dir, t_params, args.force,
+                                   quiet=True, env=env)  # fmt: skip
+            results["teacher"] = r
+            report("teacher")
+        finally:
+            teacher_done.set()
+
+    def run_task(m, seed):
         label, config, extra, needs_teacher = METHODS[m]
-        runs = []
-        for seed in args.seeds:
-            opts = data_opts + schedule_opts(preset["iters"], preset["batch"], preset["image_size"])
-            opts += ["SEED", str(seed)] + extra
-            if needs_teacher:
-                opts += ["MODEL.KD.TEACHER.WEIGHTS", teacher_weights]
-            params = dict(base, iters=preset["iters"], seed=seed, method=m, opts=extra,
-                          teacher=teacher_weights if needs_teacher else None)  # fmt: skip
-            out = os.path.join(args.output, "runs", m, f"seed{seed}")
-            elapsed = time.time() - t0
-            eta = elapsed / done * (total - done) if done else float("nan")
-            print(f"[study] {done + 1}/{total} {m} seed {seed} (elapsed {elapsed / 60:.0f} min, "
-                  f"ETA {eta / 60:.0f} min)", flush=True)  # fmt: skip
-            run = train_and_evaluate(f"{m}/seed{seed}", config, opts, out, params, args.force,
-                                     quiet=True)  # fmt: skip
-            if m.startswith("online"):
-                # Every peer and EMA teacher of the run, labelled (the run's own AP is peer0's).
-                run["members"] = evaluate_members(config, opts, out)
-            runs.append(run)
-            done += 1
-        results["methods"][m] = {"label": label, "runs": runs}
+        if needs_teacher:
+            teacher_done.wait()
+            if not os.path.exists(teacher["weights"]):
+                raise RuntimeError(f"{m}/seed{seed}: the teacher {teacher['weights']} is missing.")
+        opts = data_opts + schedule_opts(preset["iters"], preset["batch"], preset["image_size"])
+        opts += ["SEED", str(seed)] + extra + list(args.opts)
+        if needs_teacher:
+            opts += ["MODEL.KD.TEACHER.WEIGHTS", teacher["weights"]]
+        params = dict(base, iters=preset["iters"], seed=seed, method=m,
+                      opts=extra + list(args.opts),
+                      teacher=_file_id(teacher["weights"]) if needs_teacher else None)  # fmt: skip
+        out = os.path.join(args.output, "runs", m, f"seed{seed}")
+        run = train_and_evaluate(f"{m}/seed{seed}", config, opts, out, params, args.force,
+                                 quiet=True, env=env)  # fmt: skip
+        if m.startswith("online"):
+            # Every peer and EMA teacher of the run, labelled (the run's own AP is peer0's).
+            run["members"] = evaluate_members(config, opts, out, env=env)
+        report(f"{m} seed {seed}")
+        return run
+
+    if teacher_job is None:
+        teacher_done.set()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_teacher)] if teacher_job is not None else []
+        runs = {t: pool.submit(run_task, *t) for t in tasks}
+        for f in futures:
+            f.result()
+        for m in methods:
+            results["methods"][m] = {
+                "label": METHODS[m][0],
+                "runs": [runs[(m, seed)].result() for seed in args.seeds],
+            }
     results["wall_minutes"] = (time.time() - t0) / 60
+    # Training + evaluation time of every run, reused ones included: what a fresh study costs.
+    seconds = [r["seconds"] for e in results["methods"].values() for r in e["runs"]]
+    if results.get("teacher") and results["teacher"].get("seconds"):
+        seconds.append(results["teacher"]["seconds"])
+    results["run_minutes"] = sum(x or 0 for x in seconds) / 60
     write_reports(results, args.output, METRICS)
+    plot_curves(args.output, results)
     print(open(os.path.join(args.output, "results.md")).read())
 
 
@@ -222,8 +292,9 @@ def write_reports(results, output, metrics):
     lines.append(
         f"Generated data: {p['num_train']} train / {p['num_val']} val images of "
         f"{p['image_size']} px; students {p['iters']} iterations, teacher "
-        f"{p['teacher_iters']}, batch {p['batch']}; seeds {results['seeds']}; wall time "
-        f"{results['wall_minutes']:.0f} min."
+        f"{p['teacher_iters']}, batch {p['batch']}; seeds {results['seeds']}; this invocation "
+        f"took {results['wall_minutes']:.0f} min; the runs it reports took "
+        f"{results.get('run_minutes', 0):.0f} min to train and evaluate."
     )
     with open(os.path.join(output, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -244,6 +315,58 @@ def write_reports(results, output, metrics):
     ax.set_xlabel("COCO box AP (mean +- std over seeds)")
     fig.tight_layout()
     fig.savefig(os.path.join(output, "results.png"), dpi=100)
+
+
+DETECTION_LOSSES = ("loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc")
+
+
+def _detection_curve(metrics_json, prefix="loss_"):
+    """(iterations, summed detection losses) from a run's metrics.json; KD terms excluded so that
+    every method is on the same scale (for online runs, peer0's own losses)."""
+    its, vals = [], []
+    if not os.path.exists(metrics_json):
+        return its, vals
+    with open(metrics_json) as f:
+        for line in f:
+            d = json.loads(line)
+            keys = [prefix + k[len("loss_") :] for k in DETECTION_LOSSES]
+            if "iteration" in d and all(k in d for k in keys):
+                its.append(d["iteration"])
+                vals.append(sum(d[k] for k in keys))
+    return its, vals
+
+
+def plot_curves(output, results):
+    """``curves.png``: detection-loss learning curves of the teacher, the student alone (each seed)
+    and, when present, the SSIM-distilled student and online peer0, to show that runs learned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = os.path.join(output, "runs")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    its, vals = _detection_curve(os.path.join(runs, "teacher", "metrics.json"))
+    if its:
+        ax.plot(its, vals, color="#c44e52", label="teacher (Lite2-FPN)")
+    styles = {"student": ("#4c72b0", "loss_"), "ssim": ("#55a868", "loss_"),
+              "online": ("#8172b2", "loss_peer0_")}  # fmt: skip
+    for m, (color, prefix) in styles.items():
+        if m not in results["methods"]:
+            continue
+        for k, seed in enumerate(results["seeds"]):
+            its, vals = _detection_curve(
+                os.path.join(runs, m, f"seed{seed}", "metrics.json"), prefix
+            )
+            label = results["methods"][m]["label"] if k == 0 else None
+            if its:
+                ax.plot(its, vals, color=color, alpha=0.8, label=label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("detection losses (cls + box + rpn), 20-it median")
+    ax.set_title("Learning curves (one line per seed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "curves.png"), dpi=100)
 
 
 if __name__ == "__main__":

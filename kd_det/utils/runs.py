@@ -6,6 +6,7 @@ files in its output directory) whose parameters are stamped next to its results.
 the same parameters reuses the finished run; an interrupted run resumes from its last checkpoint.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -34,6 +35,32 @@ def schedule_opts(iters, batch, image_size):
     ]  # fmt: skip
 
 
+def config_digest(config):
+    """SHA-1 over a config file, its ``_BASE_`` chain and its online peers' files.
+
+    Stamped with every run so that editing a config (or a file it inherits from) retrains the runs
+    that used it instead of silently reusing results of the old settings.
+    """
+    import yaml
+
+    h, todo, seen = hashlib.sha1(), [os.path.abspath(config)], set()
+    while todo:
+        path = todo.pop(0)
+        if path in seen or not os.path.exists(path):
+            continue
+        seen.add(path)
+        with open(path, "rb") as f:
+            text = f.read()
+        h.update(path.encode() + b"\0" + text)
+        data = yaml.safe_load(text) or {}
+        base = data.get("_BASE_")
+        if base:
+            todo.append(os.path.join(os.path.dirname(path), base))
+        peers = ((data.get("MODEL") or {}).get("ONLINE_KD") or {}).get("PEERS") or []
+        todo += [p if os.path.isabs(p) else os.path.join(REPO, p) for p in peers]
+    return h.hexdigest()
+
+
 def finished_run(out_dir, params):
     """The stamp of a finished run with exactly these parameters, else None."""
     stamp = os.path.join(out_dir, STAMP)
@@ -44,7 +71,7 @@ def finished_run(out_dir, params):
     return data if data.get("params") == params else None
 
 
-def train_and_evaluate(name, config, opts, out_dir, params, force=False, quiet=False):
+def train_and_evaluate(name, config, opts, out_dir, params, force=False, quiet=False, env=None):
     """Train + evaluate one model through tools/train_net.py unless an identical run finished.
 
     Args:
@@ -52,13 +79,16 @@ def train_and_evaluate(name, config, opts, out_dir, params, force=False, quiet=F
         config (str): config file.
         opts (list[str]): ``KEY VALUE`` overrides (``OUTPUT_DIR`` is added).
         out_dir (str): the run's output directory.
-        params (dict): everything that defines the run; compared to decide reuse.
+        params (dict): everything that defines the run; compared to decide reuse (the digest of
+            the config files, :func:`config_digest`, is added).
         force (bool): retrain even if a finished run exists.
         quiet (bool): send train_net's console output to ``out_dir/stdout.txt``.
+        env (dict): environment of the subprocess (e.g. ``OMP_NUM_THREADS`` for parallel runs).
 
     Returns:
         dict: ``{"bbox": {...}, "seconds": float, "reused": bool}``.
     """
+    params = dict(params, config_digest=config_digest(config))
     done = None if force else finished_run(out_dir, params)
     if done is not None:
         with open(os.path.join(out_dir, "final_results.json")) as f:
@@ -82,9 +112,9 @@ def train_and_evaluate(name, config, opts, out_dir, params, force=False, quiet=F
     start = time.time()
     if quiet:
         with open(os.path.join(out_dir, "stdout.txt"), "a") as log:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     else:
-        proc = subprocess.run(cmd, cwd=REPO)
+        proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
     seconds = time.time() - start
@@ -110,29 +140,30 @@ def markdown_table(rows, metrics=METRICS, extra_cols=()):
     return "\n".join(lines)
 
 
-def evaluate_members(config, opts, out_dir, quiet=True):
+def evaluate_members(config, opts, out_dir, quiet=True, env=None):
     """Evaluate every member (peers, EMA teachers) of a finished online-distillation run.
 
     Runs ``tools/train_net.py --eval-all-peers`` on ``out_dir/model_final.pth`` (peers' own init
     weights are not loaded: the checkpoint holds everything) and caches the result in
-    ``out_dir/members/members_results.json``.
+    ``out_dir/members/members_results.json`` (recomputed when the checkpoint is newer).
 
     Returns:
         dict: member name -> COCO results (``{"bbox": {...}}``).
     """
     members_dir = os.path.join(out_dir, "members")
     path = os.path.join(members_dir, "members_results.json")
-    if not os.path.exists(path):
+    weights = os.path.join(out_dir, "model_final.pth")
+    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(weights):
         os.makedirs(members_dir, exist_ok=True)
         cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
                "--eval-all-peers"] + list(opts) + [
-            "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"),
+            "MODEL.WEIGHTS", weights,
             "MODEL.ONLINE_KD.LOAD_PEER_WEIGHTS", "False",
             "OUTPUT_DIR", members_dir,
         ]  # fmt: skip
         out = open(os.path.join(members_dir, "stdout.txt"), "w") if quiet else None
         proc = subprocess.run(
-            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if quiet else None
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if quiet else None, env=env
         )
         if out:
             out.close()

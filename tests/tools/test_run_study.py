@@ -7,8 +7,11 @@ import sys
 
 from conftest import REPO
 
-ARGS = ["--num-train", "8", "--num-val", "4", "--image-size", "64", "--teacher-iters", "2",
-        "--iters", "2", "--batch", "2", "--methods", "student", "ssim", "--seeds", "0", "1"]  # fmt: skip
+ARGS = [
+    "--num-train", "8", "--num-val", "4", "--image-size", "64", "--teacher-iters", "2",
+    "--iters", "2", "--batch", "2", "--methods", "student", "ssim", "--seeds", "0", "1",
+    "--jobs", "2",
+]  # fmt: skip
 
 
 def test_run_study_tiny(tmp_path):
@@ -25,6 +28,8 @@ def test_run_study_tiny(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "teacher (Lite2-FPN)" in md and "+ SSIM hints (P2-P6)" in md and "+-" in md
     assert (tmp_path / "results.png").stat().st_size > 0
+    assert (tmp_path / "curves.png").stat().st_size > 0  # teacher + student learning curves
+    assert res["run_minutes"] > 0 and "took" in md
     # Finished runs are skipped on the next call.
     again = subprocess.run(
         cmd + ARGS, capture_output=True, text=True, cwd=REPO, env=env, timeout=600

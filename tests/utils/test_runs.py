@@ -1,0 +1,37 @@
+"""kd_det.utils.runs: a run is reused only when nothing that defines it changed."""
+
+import json
+
+from kd_det.utils.runs import STAMP, config_digest, finished_run
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_digest_follows_base_and_peers(tmp_path, monkeypatch):
+    monkeypatch.setattr("kd_det.utils.runs.REPO", str(tmp_path))
+    base = _write(tmp_path / "Base.yaml", "SOLVER:\n  BASE_LR: 0.02\n")
+    peer = _write(tmp_path / "peer.yaml", "_BASE_: Base.yaml\n")
+    child = _write(
+        tmp_path / "child.yaml",
+        "_BASE_: Base.yaml\nMODEL:\n  ONLINE_KD:\n    PEERS: ['peer.yaml', 'peer.yaml']\n",
+    )
+    d0 = config_digest(child)
+    assert d0 == config_digest(child)  # deterministic
+    _write(tmp_path / "Base.yaml", "SOLVER:\n  BASE_LR: 0.01\n")  # an inherited file changed
+    d1 = config_digest(child)
+    assert d1 != d0
+    _write(tmp_path / "peer.yaml", "_BASE_: Base.yaml\nSEED: 3\n")  # a peer's file changed
+    assert config_digest(child) != d1
+    assert base and peer
+
+
+def test_finished_run_needs_identical_params(tmp_path):
+    (tmp_path / "final_results.json").write_text(json.dumps({"bbox": {"AP": 1.0}}))
+    params = {"seed": 0, "config_digest": "abc"}
+    (tmp_path / STAMP).write_text(json.dumps({"params": params, "seconds": 1.0}))
+    assert finished_run(str(tmp_path), params)["seconds"] == 1.0
+    assert finished_run(str(tmp_path), dict(params, config_digest="abd")) is None
+    assert finished_run(str(tmp_path), dict(params, seed=1)) is None
