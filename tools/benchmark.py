@@ -6,7 +6,8 @@ Two parts, measured in the same run so every ratio has a baseline measured along
 1. Training step (``tools/benchmark_kd.py``): per-iteration time (median over ``--iters``
    iterations after ``--warmup``) and peak memory of every method -- the student alone, the
    teacher's forward, MSE / SSIM / multi-level / dynamic-weight distillation and online
-   distillation of two peers -- each in its own process, as ratios to the student alone.
+   distillation of two peers -- each in its own process, as ratios to the student alone; then
+   ``--jobs`` student runs side by side (the throughput ``tools/run_study.py --jobs`` gets).
 2. Data (``tools/benchmark_data.py``): images per second of detectron2's ``DatasetMapper`` and of
    ``MixedSampleDatasetMapper`` for every mix type (fresh partners and the partner cache), as
    ratios to the plain mapper.
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--data-size", type=int, default=256, help="side of those images")
     p.add_argument("--data-repeats", type=int, default=3, help="timed passes per mapper")
     p.add_argument("--skip-data", action="store_true", help="only the training-step part")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="also time this many student runs side by side (0: skip)")  # fmt: skip
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the step models")
     return p.parse_args(argv)
 
@@ -81,6 +84,18 @@ def main(argv=None):
     md = [f"Device: {env['device']} ({env['device_name']}); torch {env['torch']}, "
           f"detectron2 {env['detectron2']}.", "", "### Training step", "",
           benchmark_kd.markdown(step, kd_args)]  # fmt: skip
+    side = None
+    if args.jobs > 1 and "student" in step:
+        runs = benchmark_kd.measure_side_by_side(kd_args, jobs=args.jobs)
+        alone = step["student"]["median_s"]
+        medians = [r["median_s"] for r in runs]
+        gain = sum(1.0 / m for m in medians) / (1.0 / alone)
+        side = {"jobs": args.jobs, "median_s": medians, "throughput_vs_alone": gain}
+        md += ["", f"{args.jobs} student runs side by side, "
+               f"{max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each: "
+               + ", ".join(f"{m:.3f}" for m in medians)
+               + f" s / iter, i.e. x{gain:.2f} the iterations per second of one run alone "
+               "(`tools/run_study.py --jobs`)."]  # fmt: skip
     data = None
     if not args.skip_data:
         d_args = benchmark_data.parse_args(
@@ -95,8 +110,9 @@ def main(argv=None):
     md += ["", f"Benchmark wall time {minutes:.1f} min."]
     text = "\n".join(md) + "\n"
     with open(os.path.join(args.output, "benchmark.json"), "w") as f:
-        json.dump({"environment": env, "args": vars(args), "training_step": step, "data": data,
-                   "wall_minutes": minutes}, f, indent=2)  # fmt: skip
+        json.dump({"environment": env, "args": vars(args), "training_step": step,
+                   "side_by_side": side, "data": data, "wall_minutes": minutes},
+                  f, indent=2)  # fmt: skip
     with open(os.path.join(args.output, "benchmark.md"), "w") as f:
         f.write(text)
     print(text)

@@ -26,6 +26,11 @@ def _opts(out, root, max_iter=3, batch=4):
         # Decay 0: after every step the EMA equals the peer, which shows the hook ran.
         "MODEL.ONLINE_KD.EMA_DECAY", "0.0",
         "MODEL.ONLINE_KD.EMA_WARMUP", "1",
+        # Every term on from the start (the CPU config keeps the EMA terms off).
+        "MODEL.ONLINE_KD.MUTUAL_WARMUP", "0",
+        "MODEL.ONLINE_KD.EMA_FEATURE_WEIGHTS", "[1.0]",
+        "MODEL.ONLINE_KD.EMA_LOGIT_WEIGHT", "1.0",
+        "MODEL.ONLINE_KD.EMA_BOX_WEIGHT", "1.0",
     ]  # fmt: skip
 
 

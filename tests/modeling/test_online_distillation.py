@@ -27,6 +27,16 @@ KNOWLEDGE_OFF = [
 ]  # fmt: skip
 
 
+# Every mutual and EMA term at weight 1 from the first iteration (the CPU config ramps the mutual
+# terms in and keeps the EMA terms off; these tests exercise all of them).
+EVERY_TERM_ON = [
+    "MODEL.ONLINE_KD.MUTUAL_WARMUP", "0",
+    "MODEL.ONLINE_KD.EMA_FEATURE_WEIGHTS", "[1.0]",
+    "MODEL.ONLINE_KD.EMA_LOGIT_WEIGHT", "1.0",
+    "MODEL.ONLINE_KD.EMA_BOX_WEIGHT", "1.0",
+]  # fmt: skip
+
+
 def tiny_peer_opts(*extra):
     """The MODEL.* part of ``tiny_overrides`` (peers are built from their own files)."""
     t = tiny_overrides("unused")
@@ -45,6 +55,7 @@ def _cfg(tmp_path, *extra, peers=(LITE0, R18), peer_opts=()):
             "MODEL.ONLINE_KD.PEER_OPTS", str(tiny_peer_opts(*peer_opts)),
             "MODEL.ONLINE_KD.EMA_WARMUP", "0",
         ]  # fmt: skip
+        + EVERY_TERM_ON
         + list(extra)
     )
     return cfg
@@ -327,3 +338,27 @@ def test_checkpoint_restores_peers_and_ema(tmp_path, lite0_pair):
         peer_state = fresh.peers[i].state_dict()
         for k, v in fresh.ema_peers[i].state_dict().items():
             assert torch.equal(v, peer_state[k]), k
+
+
+def test_mutual_warmup_ramps_the_mutual_weights_linearly(tmp_path):
+    cfg = _cfg(tmp_path, "MODEL.ONLINE_KD.MUTUAL_WARMUP", "4", peers=(R18, R18))
+    cfg.merge_from_list(
+        ["MODEL.ONLINE_KD.FEATURE_WEIGHTS", "[2.0]", "MODEL.ONLINE_KD.LOGIT_WEIGHT", "3.0"]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = _batch(2)
+    got = {}
+    for it in (0, 2, 4, 8):
+        torch.manual_seed(1)  # the same proposals are sampled at every iteration
+        with EventStorage(start_iter=it):
+            got[it] = model(batch)
+    assert model.mutual_warmup == 4
+    for name in ("loss_kd_peer0_fpn_p3_from_peer1", "loss_kd_peer1_roi_cls_from_peer0"):
+        full = got[4][name]
+        assert full > 0, name
+        assert got[0][name] == 0, name  # nothing from untrained peers at the start
+        assert torch.allclose(got[2][name], 0.5 * full, rtol=1e-5), name
+        assert torch.allclose(got[8][name], full, rtol=1e-5), name
+    # Detection losses are not ramped.
+    assert torch.allclose(got[0]["loss_peer0_cls"], got[4]["loss_peer0_cls"], rtol=1e-5)

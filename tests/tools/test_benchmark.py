@@ -29,5 +29,8 @@ def test_benchmark_smoke(tmp_path):
     assert "loss_kd_peer1_ema_roi_cls" in step["online"]["losses"]
     mappers = res["data"]["images_per_s"]
     assert "plain DatasetMapper" in mappers and {"mixup", "cutmix", "cutnmix"} <= set(mappers)
+    side = res["side_by_side"]
+    assert side["jobs"] == 2 and len(side["median_s"]) == 2 and side["throughput_vs_alone"] > 0
     md = (tmp_path / "benchmark.md").read_text()
     assert "| online |" in md and "ratio to plain" in md and "Device: " in md
+    assert "side by side" in md
