@@ -176,10 +176,10 @@ def main(argv=None):
         t_opts = data_opts + sched + ["SEED", "42"]
         teacher_job = (t_opts, t_dir, t_params)
 
-    # Seed by seed (an interrupted study has whole seeds to report), and within a seed the runs
-    # without a teacher first: with --jobs > 1 they overlap the teacher's training.
+    # Runs without a teacher first (with --jobs > 1 they overlap the teacher's training), then the
+    # distillation runs; each group seed by seed, so an interrupted study has whole seeds to report.
     tasks = [(m, seed) for seed in args.seeds for m in methods]
-    tasks.sort(key=lambda t: (args.seeds.index(t[1]), METHODS[t[0]][3]))
+    tasks.sort(key=lambda t: (METHODS[t[0]][3], args.seeds.index(t[1])))
     lock = threading.Lock()
     progress = {"done": 0, "total": len(tasks) + (teacher_job is not None)}
     teacher_done = threading.Event()
