@@ -157,7 +157,7 @@ def measure(args):
         speeds = benchmark([b for _, b in runs], dicts, args.repeats, args.cache_size + 2)
         rows = [(name, ips) for (name, _), ips in zip(runs, speeds)]
     desc = (
-        f"{len(dicts)} {args.source} images of {args.image_size} px, "
+        f"{len(dicts)} images ({args.source}) of {args.image_size} px, "
         f"median of {args.repeats} passes, "
         f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}, MAX {cfg.INPUT.MAX_SIZE_TRAIN}, "
         f"mix prob {args.prob}"
