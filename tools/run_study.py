@@ -98,6 +98,11 @@ def parse_args(argv=None):
     for k in FULL:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the runs that finished (e.g. while a study runs)",
+    )
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained side by side, each with cores/jobs threads")  # fmt: skip
     p.add_argument(
@@ -141,7 +146,8 @@ def main(argv=None):
         raise SystemExit(f"Unknown methods {unknown}; choose from {sorted(METHODS)}.")
     t0 = time.time()
     data = os.path.join(args.output, "data")
-    generate_dataset(data, preset["num_train"], preset["num_val"], preset["image_size"], 0)
+    if not args.report_only:
+        generate_dataset(data, preset["num_train"], preset["num_val"], preset["image_size"], 0)
     data_opts = [
         "DATASETS.SYNTHETIC_ROOT", data,
         "DATASETS.TRAIN", "('synthetic_study_train',)",
@@ -197,7 +203,7 @@ def main(argv=None):
         try:
             t_opts, t_dir, t_params = teacher_job
             r = train_and_evaluate("teacher", TEACHER, t_opts, t_dir, t_params, args.force,
-                                   quiet=True, env=env)  # fmt: skip
+                                   quiet=True, env=env, finished_only=args.report_only)  # fmt: skip
             results["teacher"] = r
             report("teacher")
         finally:
@@ -208,6 +214,8 @@ def main(argv=None):
         if needs_teacher:
             teacher_done.wait()
             if not os.path.exists(teacher["weights"]):
+                if args.report_only:
+                    return None
                 raise RuntimeError(f"{m}/seed{seed}: the teacher {teacher['weights']} is missing.")
         opts = data_opts + schedule_opts(preset["iters"], preset["batch"], preset["image_size"])
         opts += ["SEED", str(seed)] + extra + list(args.opts)
@@ -218,7 +226,9 @@ def main(argv=None):
                       teacher=_file_id(teacher["weights"]) if needs_teacher else None)  # fmt: skip
         out = os.path.join(args.output, "runs", m, f"seed{seed}")
         run = train_and_evaluate(f"{m}/seed{seed}", config, opts, out, params, args.force,
-                                 quiet=True, env=env)  # fmt: skip
+                                 quiet=True, env=env, finished_only=args.report_only)  # fmt: skip
+        if run is None:
+            return None
         if m.startswith("online"):
             # Every peer and EMA teacher of the run, labelled (the run's own AP is peer0's).
             run["members"] = evaluate_members(config, opts, out, env=env)
@@ -233,11 +243,13 @@ def main(argv=None):
         for f in futures:
             f.result()
         for m in methods:
-            results["methods"][m] = {
-                "label": METHODS[m][0],
-                "runs": [runs[(m, seed)].result() for seed in args.seeds],
-            }
-    results["wall_minutes"] = (time.time() - t0) / 60
+            done = [runs[(m, seed)].result() for seed in args.seeds]
+            done = [r for r in done if r is not None]  # --report-only: unfinished runs left out
+            if done:
+                results["methods"][m] = {"label": METHODS[m][0], "runs": done}
+    results["expected_runs"] = len(tasks)
+    results["finished_runs"] = sum(len(e["runs"]) for e in results["methods"].values())
+    results["wall_minutes"] = None if args.report_only else (time.time() - t0) / 60
     # Training + evaluation time of every run, reused ones included: what a fresh study costs.
     seconds = [r["seconds"] for e in results["methods"].values() for r in e["runs"]]
     if results.get("teacher") and results["teacher"].get("seconds"):
@@ -292,10 +304,20 @@ def write_reports(results, output, metrics):
     lines.append(
         f"Generated data: {p['num_train']} train / {p['num_val']} val images of "
         f"{p['image_size']} px; students {p['iters']} iterations, teacher "
-        f"{p['teacher_iters']}, batch {p['batch']}; seeds {results['seeds']}; this invocation "
-        f"took {results['wall_minutes']:.0f} min; the runs it reports took "
-        f"{results.get('run_minutes', 0):.0f} min to train and evaluate."
+        f"{p['teacher_iters']}, batch {p['batch']}; seeds {results['seeds']}; the runs it "
+        f"reports took {results.get('run_minutes', 0):.0f} min to train and evaluate"
+        + (f" ({results.get('jobs', 1)} at a time)" if results.get("jobs", 1) > 1 else "")
+        + (
+            f"; this invocation took {results['wall_minutes']:.0f} min."
+            if results.get("wall_minutes") is not None
+            else "."
+        )
     )
+    if results.get("finished_runs", 0) < results.get("expected_runs", 0):
+        lines.append(
+            f"Partial: {results['finished_runs']} of {results['expected_runs']} runs had finished "
+            "when this table was written (`--report-only`)."
+        )
     with open(os.path.join(output, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(output, "results.json"), "w") as f:

@@ -71,7 +71,9 @@ def finished_run(out_dir, params):
     return data if data.get("params") == params else None
 
 
-def train_and_evaluate(name, config, opts, out_dir, params, force=False, quiet=False, env=None):
+def train_and_evaluate(
+    name, config, opts, out_dir, params, force=False, quiet=False, env=None, finished_only=False
+):
     """Train + evaluate one model through tools/train_net.py unless an identical run finished.
 
     Args:
@@ -84,9 +86,10 @@ def train_and_evaluate(name, config, opts, out_dir, params, force=False, quiet=F
         force (bool): retrain even if a finished run exists.
         quiet (bool): send train_net's console output to ``out_dir/stdout.txt``.
         env (dict): environment of the subprocess (e.g. ``OMP_NUM_THREADS`` for parallel runs).
+        finished_only (bool): never train; return None unless an identical run finished.
 
     Returns:
-        dict: ``{"bbox": {...}, "seconds": float, "reused": bool}``.
+        dict: ``{"bbox": {...}, "seconds": float, "reused": bool}`` (None: see ``finished_only``).
     """
     params = dict(params, config_digest=config_digest(config))
     done = None if force else finished_run(out_dir, params)
@@ -95,6 +98,8 @@ def train_and_evaluate(name, config, opts, out_dir, params, force=False, quiet=F
             bbox = json.load(f)["bbox"]
         print(f"[run] {name}: reusing the finished run in {out_dir}", flush=True)
         return {"bbox": bbox, "seconds": done["seconds"], "reused": True}
+    if finished_only:
+        return None
     os.makedirs(out_dir, exist_ok=True)
     resumable = os.path.exists(os.path.join(out_dir, "last_checkpoint"))
     stamp_prev = os.path.join(out_dir, STAMP + ".partial")

@@ -38,6 +38,17 @@ def test_run_study_tiny(tmp_path):
     assert again.stdout.count("reusing the finished run") == 5  # teacher + 2 methods x 2 seeds
 
 
+def test_run_study_report_only_trains_nothing(tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path),
+           "--report-only", "--methods", "student", "ssim", "--seeds", "0", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training;" not in proc.stdout and not (tmp_path / "runs").exists()
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["methods"] == {} and res["finished_runs"] == 0 and res["expected_runs"] == 4
+    assert "Partial: 0 of 4 runs" in (tmp_path / "results.md").read_text()
+
+
 def test_run_study_rejects_unknown_method(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path),
            "--methods", "ssim", "distill_everything"]  # fmt: skip
