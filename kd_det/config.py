@@ -1,8 +1,8 @@
 """kd_det's config keys, added to detectron2's default config by :func:`add_kd_config`.
 
-Every key has a default so that a plain detectron2 YAML still loads after ``add_kd_config``; every key
-a user's YAML names must exist, so a typo fails with detectron2's usual ``KeyError: 'Non-existent
-config key: ...'`` instead of being ignored.
+Every key has a default so that a plain detectron2 YAML still loads after ``add_kd_config``; every
+key a user's YAML names must exist, so a typo fails with detectron2's usual ``KeyError:
+'Non-existent config key: ...'`` instead of being ignored.
 """
 
 from detectron2.config import CfgNode as CN
@@ -221,5 +221,6 @@ def add_kd_config(cfg):
 
 
 def get_kd_cfg():
-    """detectron2's default config with kd_det's keys added: the usual starting point of a script."""
+    """detectron2's default config with kd_det's keys added: the usual starting point of a
+    script."""
     return add_kd_config(get_cfg())

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Cost of distillation: time per training iteration and peak memory, as ratios to the student alone.
+"""Cost of distillation: time per training iteration and peak memory, as ratios to the student
+alone.
 
 Variants (all on the same student, batch and input, in one run):
 
@@ -176,7 +177,8 @@ def _result(proc, v):
 
 
 def measure(args):
-    """Run every variant of ``args.variants`` in its own subprocess; return ``{variant: result}``."""
+    """Run every variant of ``args.variants`` in its own subprocess; return
+    ``{variant: result}``."""
     from tqdm import tqdm
 
     results = {}
@@ -246,8 +248,8 @@ def main(argv=None):
     results = measure(args)
     md = markdown(results, args)
     with open(os.path.join(args.output, "benchmark_kd.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k != "opts"}, "results": results},
-                  f, indent=2)  # fmt: skip
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "opts"},
+                   "results": results}, f, indent=2)  # fmt: skip
     with open(os.path.join(args.output, "benchmark_kd.md"), "w") as f:
         f.write(md + "\n")
     print(md)

@@ -8,19 +8,20 @@ This script is what ``make setup`` runs. It tries, in order:
   (b) ``source``: the official GitHub source at a pinned commit, built with
                   ``pip install --no-build-isolation`` (compiles the C++ ops, and CUDA ops on a
                   machine with a CUDA toolkit). Needs GitHub to be reachable.
-  (c) ``pypi``:   the pure-Python package of the PyPI repackaging ``sal-detectron2==0.7.2``. Its only
-                  wheel is tagged CPython 3.10 and its compiled ``_C`` extension is unusable elsewhere,
-                  so the wheel is unpacked into site-packages with ``--target`` and detectron2's
-                  runtime dependencies are installed explicitly. kd_det never needs ``_C``: ROIAlign
-                  and NMS come from torchvision and COCO evaluation falls back to pycocotools.
+  (c) ``pypi``:   the pure-Python package of the PyPI repackaging ``sal-detectron2==0.7.2``. Its
+                  only wheel is tagged CPython 3.10 and its compiled ``_C`` extension is unusable
+                  elsewhere, so the wheel is unpacked into site-packages with ``--target`` and
+                  detectron2's runtime dependencies are installed explicitly. kd_det never needs
+                  ``_C``: ROIAlign and NMS come from torchvision and COCO evaluation falls back to
+                  pycocotools.
 
 It prints which path it took and records it in ``<sys.prefix>/kd_det-detectron2-install.txt`` so
-``python -m kd_det.collect_env`` can report it. Only the standard library is used, so the script runs
-before anything else is installed. ``--dry-run`` prints the decision and the commands without running them.
+``python -m kd_det.collect_env`` can report it. Only the standard library is used, so the script
+runs before anything else is installed. ``--dry-run`` prints the decision and the commands without
+running them.
 """
 
 import argparse
-import importlib.util
 import os
 import socket
 import subprocess

@@ -91,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join(REPO, "study"))
     p.add_argument("--quick", action="store_true", help="CPU-sized schedule (default: full)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help=f"default: {' '.join(DEFAULT_METHODS)}; any of {sorted(METHODS)}")  # fmt: skip
+                   help=f"default: {' '.join(DEFAULT_METHODS)}; "
+                        f"any of {sorted(METHODS)}")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--teacher-weights", default="", help="reuse a trained teacher checkpoint")
     p.add_argument("--list", action="store_true", help="list the methods and exit")

@@ -10,7 +10,7 @@ Examples:
     python tools/train_net.py --config-file configs/Synthetic/faster_rcnn_R18_FPN.yaml
     python tools/train_net.py --config-file CFG --num-gpus 8
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
-    python tools/train_net.py --config-file CFG --resume     # continue from OUTPUT_DIR/last_checkpoint
+    python tools/train_net.py --config-file CFG --resume  # continue from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file CFG --eval-all-peers MODEL.WEIGHTS out/model_final.pth
 """
 
@@ -34,7 +34,8 @@ logger = logging.getLogger("kd_det")
 
 
 def setup(args):
-    """Build the config (detectron2 defaults + kd_det keys + file + command line) and register data."""
+    """Build the config (detectron2 defaults + kd_det keys + file + command line) and register
+    data."""
     cfg = get_kd_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)

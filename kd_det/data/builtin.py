@@ -12,7 +12,8 @@ def register_datasets_from_config(cfg):
     """Register every generated dataset that ``cfg.DATASETS.TRAIN``/``TEST`` names.
 
     Raises:
-        FileNotFoundError: the generated data is missing; the message gives the command that makes it.
+        FileNotFoundError: the generated data is missing; the message gives the command that
+            makes it.
     """
     from .synthetic import register_synthetic_coco
 

@@ -3,10 +3,10 @@
 fvcore's ``Checkpointer.save`` streams ``torch.save`` straight into the final file and then rewrites
 the ``last_checkpoint`` tag in place. A process killed mid-write (OOM killer, pre-emption, Ctrl-C)
 leaves a truncated ``model_XXXX.pth`` or ``model_final.pth`` -- or a half-written tag -- and
-``--resume`` then fails or, worse, picks up a file that cannot be loaded. Here both the checkpoint and
-the tag are written to a temporary file in the same directory, flushed to disk and renamed over the
-target with ``os.replace``, which is atomic on POSIX and Windows: a reader sees either the old file or
-the complete new one, never a partial one.
+``--resume`` then fails or, worse, picks up a file that cannot be loaded. Here both the checkpoint
+and the tag are written to a temporary file in the same directory, flushed to disk and renamed over
+the target with ``os.replace``, which is atomic on POSIX and Windows: a reader sees either the old
+file or the complete new one, never a partial one.
 """
 
 import contextlib
@@ -59,9 +59,10 @@ def atomic_write_text(text, path):
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` whose saves are atomic.
 
-    Loading, ``detectron2://`` URLs, model-zoo and pickle formats are unchanged; only ``save`` and the
-    ``last_checkpoint`` tag are written differently. Remote save directories (non-local
-    ``PathManager`` handlers) fall back to the parent implementation, since rename is not atomic there.
+    Loading, ``detectron2://`` URLs, model-zoo and pickle formats are unchanged; only ``save`` and
+    the ``last_checkpoint`` tag are written differently. Remote save directories (non-local
+    ``PathManager`` handlers) fall back to the parent implementation, since rename is not atomic
+    there.
     """
 
     def save(self, name, **kwargs):

@@ -3,14 +3,14 @@
 What differs from ``DefaultTrainer`` and why:
 
 * **DDP on CPU.** detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which
-  DistributedDataParallel rejects for CPU modules; multi-process CPU (gloo) training is how kd_det is
-  tested and how users without GPUs scale out. We pass ``device_ids=None`` for CPU models.
+  DistributedDataParallel rejects for CPU modules; multi-process CPU (gloo) training is how kd_det
+  is tested and how users without GPUs scale out. We pass ``device_ids=None`` for CPU models.
 * **find_unused_parameters** comes from ``KD_TRAINER.FIND_UNUSED_PARAMETERS``: distillation parts
   that are switched off for a step would otherwise make DDP fail ("Expected to have finished
   reduction in the prior iteration").
 * **Crash-safe checkpoints** (:class:`AtomicDetectionCheckpointer`) and a bounded number kept.
-* **AMP on CPU**: detectron2's ``AMPTrainer`` requires CUDA; on CPU we autocast to bfloat16 without a
-  grad scaler, so a GPU config with ``SOLVER.AMP.ENABLED`` still runs on a CPU machine.
+* **AMP on CPU**: detectron2's ``AMPTrainer`` requires CUDA; on CPU we autocast to bfloat16 without
+  a grad scaler, so a GPU config with ``SOLVER.AMP.ENABLED`` still runs on a CPU machine.
 * **Input checks before the first step**: every training image must exist, so a wrong dataset path
   fails in seconds with the path named, not after the model and the teacher were built.
 * **Mixed-sample mapper** when ``INPUT.MIX.ENABLED``; a COCO evaluator by default.
@@ -69,9 +69,10 @@ def check_dataset_files(dataset_names):
     """Fail fast, with the path and the fix, if a training image is missing or unreadable.
 
     ``DatasetMapper`` would otherwise raise deep inside a data-loader worker, after the models were
-    built (and a teacher loaded), possibly hours into an epoch. Every file's existence is checked and
-    its header is parsed by PIL (``Image.open`` is lazy: it reads a few bytes, so even COCO's 118k
-    images take seconds). Truncated pixel data past a valid header is still only caught when read.
+    built (and a teacher loaded), possibly hours into an epoch. Every file's existence is checked
+    and its header is parsed by PIL (``Image.open`` is lazy: it reads a few bytes, so even COCO's
+    118k images take seconds). Truncated pixel data past a valid header is still only caught when
+    read.
 
     Args:
         dataset_names (Iterable[str]): registered dataset names.

@@ -144,8 +144,8 @@ def build_teacher(cfg):
     weights = cfg.MODEL.KD.TEACHER.WEIGHTS
     if not weights and not cfg.MODEL.KD.TEACHER.ALLOW_RANDOM:
         raise TeacherLoadError(
-            "MODEL.KD.TEACHER.WEIGHTS is empty: distillation needs a trained teacher. Set it to the "
-            "teacher's checkpoint (local path or detectron2:// URL). For cost benchmarks only, "
+            "MODEL.KD.TEACHER.WEIGHTS is empty: distillation needs a trained teacher. Set it to "
+            "the teacher's checkpoint (local path or detectron2:// URL). For cost benchmarks only, "
             "MODEL.KD.TEACHER.ALLOW_RANDOM True accepts a random teacher."
         )
     model = build_model(tcfg)

@@ -1,4 +1,5 @@
-"""tools/benchmark_kd.py runs end to end at tiny size and reports every variant (no timing asserts)."""
+"""tools/benchmark_kd.py runs end to end at tiny size and reports every variant (no timing
+asserts)."""
 
 import json
 import os
