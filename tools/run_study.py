@@ -191,14 +191,16 @@ def main(argv=None):
     progress = {"done": 0, "total": len(tasks) + (teacher_job is not None)}
     teacher_done = threading.Event()
 
-    def report(name):
+    def report(name, run):
         with lock:
             progress["done"] += 1
-            done, total = progress["done"], progress["total"]
+            progress["trained"] = progress.get("trained", 0) + (not run["reused"])
+            done, total, trained = progress["done"], progress["total"], progress["trained"]
         elapsed = time.time() - t0
-        eta = elapsed / done * (total - done)
+        # The pace of runs trained in this invocation (reused ones take no time).
+        eta = f"{elapsed / trained * (total - done) / 60:.0f} min" if trained else "n/a"
         print(f"[study] {done}/{total} done: {name} (elapsed {elapsed / 60:.0f} min, "
-              f"ETA {eta / 60:.0f} min)", flush=True)  # fmt: skip
+              f"ETA {eta})", flush=True)  # fmt: skip
 
     def run_teacher():
         try:
@@ -206,7 +208,8 @@ def main(argv=None):
             r = train_and_evaluate("teacher", TEACHER, t_opts, t_dir, t_params, args.force,
                                    quiet=True, env=env, finished_only=args.report_only)  # fmt: skip
             results["teacher"] = r
-            report("teacher")
+            if r is not None:
+                report("teacher", r)
         finally:
             teacher_done.set()
 
@@ -233,7 +236,7 @@ def main(argv=None):
         if m.startswith("online"):
             # Every peer and EMA teacher of the run, labelled (the run's own AP is peer0's).
             run["members"] = evaluate_members(config, opts, out, env=env)
-        report(f"{m} seed {seed}")
+        report(f"{m} seed {seed}", run)
         return run
 
     if teacher_job is None:
