@@ -349,17 +349,18 @@ DETECTION_LOSSES = ("loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc")
 def _detection_curve(metrics_json, prefix="loss_"):
     """(iterations, summed detection losses) from a run's metrics.json; KD terms excluded so that
     every method is on the same scale (for online runs, peer0's own losses)."""
-    its, vals = [], []
+    by_iter = {}
     if not os.path.exists(metrics_json):
-        return its, vals
+        return [], []
+    keys = [prefix + k[len("loss_") :] for k in DETECTION_LOSSES]
     with open(metrics_json) as f:
         for line in f:
             d = json.loads(line)
-            keys = [prefix + k[len("loss_") :] for k in DETECTION_LOSSES]
             if "iteration" in d and all(k in d for k in keys):
-                its.append(d["iteration"])
-                vals.append(sum(d[k] for k in keys))
-    return its, vals
+                # A resumed run logs the iterations after its last checkpoint again: keep the last.
+                by_iter[d["iteration"]] = sum(d[k] for k in keys)
+    its = sorted(by_iter)
+    return its, [by_iter[i] for i in its]
 
 
 def plot_curves(output, results):
