@@ -133,6 +133,7 @@ def main(argv=None):
     from kd_det.utils.runs import METRICS, evaluate_members, schedule_opts, train_and_evaluate
 
     args = parse_args(argv)
+    args.output = os.path.abspath(args.output)  # run stamps record absolute paths
     if args.list:
         for k, (label, cfg, opts, t) in METHODS.items():
             print(f"{k:16s} {label}  [{os.path.relpath(cfg, REPO)} {' '.join(opts)}]")
