@@ -14,13 +14,19 @@ ARGS = [
 ]  # fmt: skip
 
 
-def test_run_study_tiny(tmp_path):
+def _study(tmp_path, args):
+    """Run tools/run_study.py into ``tmp_path`` single-threaded; it must succeed."""
     cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        cmd + ARGS, capture_output=True, text=True, cwd=REPO, env=env, timeout=900
+        cmd + list(args), capture_output=True, text=True, cwd=REPO, env=env, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_run_study_tiny(tmp_path):
+    _study(tmp_path, ARGS)
     res = json.load(open(tmp_path / "results.json"))
     assert set(res["methods"]) == {"student", "ssim"}
     assert all(len(m["runs"]) == 2 for m in res["methods"].values())
@@ -31,18 +37,12 @@ def test_run_study_tiny(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0  # teacher + student learning curves
     assert res["run_minutes"] > 0 and "took" in md
     # Finished runs are skipped on the next call.
-    again = subprocess.run(
-        cmd + ARGS, capture_output=True, text=True, cwd=REPO, env=env, timeout=600
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = _study(tmp_path, ARGS)
     assert again.stdout.count("reusing the finished run") == 5  # teacher + 2 methods x 2 seeds
 
 
 def test_run_study_report_only_trains_nothing(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path),
-           "--report-only", "--methods", "student", "ssim", "--seeds", "0", "1"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _study(tmp_path, ["--report-only", "--methods", "student", "ssim", "--seeds", "0", "1"])
     assert "training;" not in proc.stdout and not (tmp_path / "runs").exists()
     res = json.load(open(tmp_path / "results.json"))
     assert res["methods"] == {} and res["finished_runs"] == 0 and res["expected_runs"] == 4
@@ -59,12 +59,7 @@ def test_run_study_rejects_unknown_method(tmp_path):
 def test_run_study_online_reports_every_member(tmp_path):
     args = ["--num-train", "8", "--num-val", "4", "--image-size", "64", "--iters", "2",
             "--batch", "2", "--methods", "online", "--seeds", "0"]  # fmt: skip
-    cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        cmd + args, capture_output=True, text=True, cwd=REPO, env=env, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _study(tmp_path, args)
     res = json.load(open(tmp_path / "results.json"))
     assert res["teacher"] is None  # online peers need no teacher
     members = res["methods"]["online"]["runs"][0]["members"]
