@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 ARGS = [
@@ -65,3 +67,26 @@ def test_run_study_online_reports_every_member(tmp_path):
     members = res["methods"]["online"]["runs"][0]["members"]
     assert set(members) == {"peer0", "peer1", "ema0", "ema1"}
     assert "| online: 2 Lite0 peers (no teacher) | ema1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_detection_curve_keeps_the_last_entry_of_a_resumed_iteration(tmp_path):
+    """A resumed run re-logs the iterations after its last checkpoint; the curve draws each once,
+    with the values of the run that continued, and leaves KD terms out of the sum."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_study", f"{REPO}/tools/run_study.py")
+    run_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_study)
+
+    def entry(it, v):
+        losses = {k: v for k in run_study.DETECTION_LOSSES}
+        return json.dumps(dict(losses, iteration=it, loss_kd_fpn_p2=100.0))
+
+    lines = [entry(0, 1.0), entry(1, 0.9), entry(1, 0.5), entry(2, 0.4), '{"bbox/AP": 3.0}']
+    (tmp_path / "metrics.json").write_text("\n".join(lines) + "\n")
+    its, vals = run_study._detection_curve(str(tmp_path / "metrics.json"))
+    assert its == [0, 1, 2]
+    assert vals == pytest.approx(
+        [4.0, 2.0, 1.6]
+    )  # 4 detection losses each; the re-logged iteration 1 wins
+    assert run_study._detection_curve(str(tmp_path / "missing.json")) == ([], [])
