@@ -52,3 +52,46 @@ def tiny_overrides(output_dir, synthetic_root=None, max_iter=2, batch=2):
             "DATASETS.TEST", "('synthetic_val',)",
         ]  # fmt: skip
     return opts
+
+
+class _Records(list):
+    """Log records captured by :func:`kd_log`; ``text`` joins their messages."""
+
+    @property
+    def text(self):
+        return "\n".join(r.getMessage() for r in self)
+
+
+@pytest.fixture
+def kd_log():
+    """Records of kd_det's loggers at INFO and above.
+
+    pytest's ``caplog`` listens on the root logger, which kd_det's records do not reach once
+    ``setup_logger(name="kd_det")`` (tools/train_net.py, KDTrainer) turned propagation off; this
+    handler sits on the "kd_det" logger itself.
+    """
+    import logging
+
+    records = _Records()
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    log = logging.getLogger("kd_det")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield records
+    log.removeHandler(handler)
+    log.setLevel(old_level)
+
+
+def file_digests(directory):
+    """``{name: sha256}`` of every file in ``directory`` (not recursive): to show nothing changed."""
+    import hashlib
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out

@@ -7,17 +7,32 @@ leaves a truncated ``model_XXXX.pth`` or ``model_final.pth`` -- or a half-writte
 and the tag are written to a temporary file in the same directory, flushed to disk and renamed over
 the target with ``os.replace``, which is atomic on POSIX and Windows: a reader sees either the old
 file or the complete new one, never a partial one.
+
+Resuming is just as careful (:meth:`AtomicDetectionCheckpointer.resume_or_load`): a missing or
+truncated ``last_checkpoint`` tag, or a tag naming a missing or unreadable file, falls back to the
+newest checkpoint that loads, and the log says which. A checkpoint this run did not write is never
+overwritten: it is first renamed aside (``<name>.pth.bak-<time>``).
 """
 
 import contextlib
 import logging
 import os
+import re
 import tempfile
+import time
+import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 logger = logging.getLogger(__name__)
+
+
+def _current_umask():
+    """The process umask (read by setting and restoring it: POSIX offers no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -33,6 +48,9 @@ def atomic_open(path, mode="wb"):
         prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
     )
     try:
+        # mkstemp creates 0600 files; give the result the mode open() would (0644 under umask
+        # 022), so a shared teacher or a deployed export is readable like detectron2's own files.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -56,6 +74,38 @@ def atomic_write_text(text, path):
         f.write(text)
 
 
+#: Periodic checkpoints: ``model_0000004.pth`` (detectron2's PeriodicCheckpointer naming).
+_PERIODIC = re.compile(r"^model_(\d+)\.pth$")
+FINAL = "model_final.pth"
+
+
+class CheckpointResumeError(RuntimeError):
+    """``--resume`` found checkpoints in the output directory, but none of them loads."""
+
+
+def periodic_iteration(path):
+    """The iteration in a periodic checkpoint's name (``model_0000004.pth`` -> 4), else None."""
+    m = _PERIODIC.match(os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(save_dir):
+    """Checkpoint basenames in ``save_dir``, newest first: ``model_final.pth``, then
+    ``model_NNNNNNN.pth`` by decreasing iteration. Temporary and renamed-aside files are ignored."""
+    if not os.path.isdir(save_dir):
+        return []
+    names = [n for n in os.listdir(save_dir) if _PERIODIC.match(n)]
+    names.sort(key=periodic_iteration, reverse=True)
+    if os.path.isfile(os.path.join(save_dir, FINAL)):
+        names.insert(0, FINAL)
+    return names
+
+
+def _short(err):
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` whose saves are atomic.
 
@@ -63,22 +113,142 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     the ``last_checkpoint`` tag are written differently. Remote save directories (non-local
     ``PathManager`` handlers) fall back to the parent implementation, since rename is not atomic
     there.
+
+    Resuming (:meth:`resume_or_load` with ``resume=True``) uses the tagged checkpoint if it loads,
+    else the newest loadable ``model_*.pth`` (``model_final.pth`` first), and raises
+    :class:`CheckpointResumeError` with the way to start over when checkpoints exist but none
+    loads. Saving never replaces a file this checkpointer did not write: such a file (a checkpoint
+    of an earlier run, or an unreadable one skipped on resume) is renamed aside first.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resumed_from = None  # path of the checkpoint --resume continued from
+        self._written = set()  # basenames saved by this object (this run)
+        self._preloaded = None  # (path, dict) read while looking for a loadable checkpoint
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return
         if not os.path.isdir(self.save_dir) and "://" in self.save_dir:
             return super().save(name, **kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        if os.path.exists(save_file) and basename not in self._written:
+            if self.resumed_from and os.path.samefile(save_file, self.resumed_from):
+                # Resumed from this very file with nothing left to train (e.g. model_final):
+                # it already holds this state, so keep its bytes.
+                logger.info(f"{save_file} is the checkpoint this run resumed from; kept as is.")
+                self.tag_last_checkpoint(basename)
+                return
+            self._keep_aside(save_file)
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
         atomic_torch_save(data, save_file)
+        self._written.add(basename)
         self.tag_last_checkpoint(basename)
+
+    @staticmethod
+    def _keep_aside(path):
+        """Rename a file this run did not write, instead of overwriting it; returns the new path."""
+        aside = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while os.path.exists(aside):
+            aside = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+            n += 1
+        os.replace(path, aside)
+        logger.warning(
+            f"{path} was not written by this run; it is kept as {aside} instead of being "
+            "overwritten."
+        )
+        return aside
+
+    def find_resumable(self):
+        """The checkpoint ``--resume`` continues from, or None when ``save_dir`` holds none.
+
+        Tries the file named by ``last_checkpoint``, then every ``model_*.pth`` newest first, and
+        returns the first that loads (it is read once: :meth:`load` reuses it).
+
+        Raises:
+            CheckpointResumeError: checkpoints (or a tag) exist, but none of them loads.
+        """
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        problems, candidates = [], []
+        if os.path.isfile(tag):
+            try:
+                with open(tag) as f:
+                    named = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                named = ""
+                problems.append(f"last_checkpoint cannot be read ({_short(e)})")
+            if named:
+                candidates.append(os.path.join(self.save_dir, named))
+            elif not problems:
+                problems.append("last_checkpoint is empty")
+        else:
+            problems.append("there is no last_checkpoint tag")
+        existing = list_checkpoints(self.save_dir)
+        candidates += [os.path.join(self.save_dir, n) for n in existing]
+        if not candidates and not os.path.isfile(tag):
+            return None
+        tried = set()
+        for path in candidates:
+            if path in tried:
+                continue
+            tried.add(path)
+            if not os.path.isfile(path):
+                problems.append(f"{os.path.basename(path)} (named by last_checkpoint) is missing")
+                continue
+            if not zipfile.is_zipfile(path):
+                # torch.save writes a zip whose directory is at the end: a cut-off file has none.
+                problems.append(
+                    f"{os.path.basename(path)} cannot be loaded (truncated, or not written by "
+                    "torch.save)"
+                )
+                continue
+            try:
+                data = self._torch_load(path)
+            except Exception as e:  # a corrupt member, a pickle error ...
+                problems.append(f"{os.path.basename(path)} cannot be loaded ({_short(e)})")
+                continue
+            if not isinstance(data, dict) or "model" not in data:
+                problems.append(f"{os.path.basename(path)} holds no model state")
+                continue
+            self._preloaded = (path, data)
+            if problems:
+                logger.warning(
+                    f"--resume: {'; '.join(problems)}. Resuming from {path}, the newest "
+                    "checkpoint that loads."
+                )
+            return path
+        raise CheckpointResumeError(
+            f"--resume: no checkpoint in '{self.save_dir}' can be loaded: {'; '.join(problems)}. "
+            "To start over, remove that directory or choose a new OUTPUT_DIR, or run without "
+            "--resume (training then starts from MODEL.WEIGHTS at iteration 0, and existing "
+            "checkpoints are renamed aside, never overwritten)."
+        )
+
+    def resume_or_load(self, path, *, resume=True):
+        """detectron2's ``resume_or_load``, with the fallbacks of :meth:`find_resumable`."""
+        if resume:
+            found = self.find_resumable()
+            if found is not None:
+                self.resumed_from = found
+                return self.load(found)
+        return self.load(path, checkpointables=[])
+
+    def has_checkpoint(self):
+        # DefaultTrainer.resume_or_load asks this to decide whether the iteration was restored.
+        return self.resumed_from is not None or super().has_checkpoint()
+
+    def _torch_load(self, f):
+        if self._preloaded is not None and self._preloaded[0] == f:
+            data, self._preloaded = self._preloaded[1], None
+            return data
+        return super()._torch_load(f)
 
     def tag_last_checkpoint(self, last_filename_basename):
         if "://" in self.save_dir:

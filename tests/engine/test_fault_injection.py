@@ -1,0 +1,164 @@
+"""Fault injection: broken checkpoints, tags, images, boxes and configs.
+
+Every case injects one fault and asserts two things: no complete checkpoint is lost (file bytes
+compared before and after) and the message names the problem. Models are built only where the
+fault needs one; most cases use an ``nn.Linear`` behind the real checkpointer.
+"""
+
+import os
+import stat
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import file_digests
+from kd_det.engine.checkpoint import (
+    AtomicDetectionCheckpointer,
+    CheckpointResumeError,
+    atomic_torch_save,
+    atomic_write_text,
+)
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and the last_checkpoint tag
+# ------------------------------------------------------------------------------------------------
+
+
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def _saved_run(directory):
+    """model_0000001.pth (weight 1), model_0000003.pth (weight 3), tag naming the latter."""
+    model = nn.Linear(3, 2)
+    ckpt = AtomicDetectionCheckpointer(model, save_dir=str(directory))
+    for it in (1, 3):
+        with torch.no_grad():
+            model.weight.fill_(float(it))
+        ckpt.save(f"model_{it:07d}", iteration=it)
+    return directory
+
+
+def _tag(d, text):
+    (d / "last_checkpoint").write_bytes(text)
+
+
+# fault -> (what it does to the directory, iteration expected to be resumed, words of the message)
+RESUME_FAULTS = {
+    "tag_deleted": (lambda d: (d / "last_checkpoint").unlink(), 3, "no last_checkpoint tag"),
+    "tag_empty": (lambda d: _tag(d, b""), 3, "last_checkpoint is empty"),
+    "tag_truncated": (lambda d: _tag(d, b"model_00"), 3, "model_00 (named by last_checkpoint)"),
+    "tag_not_text": (lambda d: _tag(d, b"\xff\xfe\x00"), 3, "last_checkpoint cannot be read"),
+    "tag_names_missing_file": (
+        lambda d: _tag(d, b"model_0000009.pth"),
+        3,
+        "model_0000009.pth (named by last_checkpoint) is missing",
+    ),
+    "newest_truncated": (
+        lambda d: _truncate(d / "model_0000003.pth"),
+        1,
+        "model_0000003.pth cannot be loaded",
+    ),
+    "newest_truncated_to_zero": (
+        lambda d: _truncate(d / "model_0000003.pth", 0),
+        1,
+        "model_0000003.pth cannot be loaded",
+    ),
+    "newest_not_a_checkpoint": (
+        lambda d: (d / "model_0000003.pth").write_text("not a checkpoint"),
+        1,
+        "model_0000003.pth cannot be loaded",
+    ),
+    "newest_truncated_and_tag_deleted": (
+        lambda d: (_truncate(d / "model_0000003.pth"), (d / "last_checkpoint").unlink()),
+        1,
+        "model_0000003.pth cannot be loaded",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(RESUME_FAULTS))
+def test_resume_falls_back_to_newest_loadable_checkpoint(tmp_path, kd_log, fault):
+    inject, expected_iter, words = RESUME_FAULTS[fault]
+    d = _saved_run(tmp_path)
+    inject(d)
+    before = file_digests(d)
+
+    model = nn.Linear(3, 2)
+    ckpt = AtomicDetectionCheckpointer(model, save_dir=str(d))
+    extra = ckpt.resume_or_load("", resume=True)
+    assert extra["iteration"] == expected_iter
+    assert torch.all(model.weight == expected_iter)
+    assert ckpt.has_checkpoint()
+    assert words in kd_log.text
+    assert f"Resuming from {d / f'model_{expected_iter:07d}.pth'}" in kd_log.text
+
+    # The resumed run saves the iterations after the one it loaded; nothing it did not write is
+    # overwritten (an unreadable model_0000003.pth is renamed aside with its bytes intact).
+    ckpt.save("model_0000003", iteration=3)
+    ckpt.save("model_final", iteration=4)
+    after = file_digests(d)
+    for name, digest in before.items():
+        if name == "last_checkpoint":
+            continue
+        kept = [n for n in after if n == name or n.startswith(name + ".bak-")]
+        assert any(after[n] == digest for n in kept), f"{name} lost"
+    assert (d / "last_checkpoint").read_text() == "model_final.pth"
+
+
+@pytest.mark.parametrize(
+    "inject",
+    [
+        lambda d: [_truncate(d / n) for n in ("model_0000001.pth", "model_0000003.pth")],
+        lambda d: [(d / n).unlink() for n in ("model_0000001.pth", "model_0000003.pth")],
+    ],
+    ids=["every_checkpoint_truncated", "tag_left_without_checkpoints"],
+)
+def test_resume_without_a_loadable_checkpoint_says_how_to_start_over(tmp_path, inject):
+    d = _saved_run(tmp_path)
+    inject(d)
+    before = file_digests(d)
+    with pytest.raises(CheckpointResumeError, match="remove that directory or choose a new OUTPUT"):
+        AtomicDetectionCheckpointer(nn.Linear(3, 2), save_dir=str(d)).resume_or_load(
+            "", resume=True
+        )
+    assert file_digests(d) == before
+
+
+def test_resume_in_an_empty_directory_starts_fresh(tmp_path):
+    ckpt = AtomicDetectionCheckpointer(nn.Linear(3, 2), save_dir=str(tmp_path))
+    assert ckpt.resume_or_load("", resume=True) == {}
+    assert not ckpt.has_checkpoint()
+
+
+def test_a_checkpoint_of_another_run_is_renamed_aside_not_overwritten(tmp_path, kd_log):
+    d = _saved_run(tmp_path)
+    before = file_digests(d)
+    ckpt = AtomicDetectionCheckpointer(nn.Linear(3, 2), save_dir=str(d))
+    ckpt.save("model_0000001", iteration=1)  # a fresh run (no --resume) reaching iteration 1
+    ckpt.save("model_0000001", iteration=1)  # its own file: overwritten in place
+    aside = [n for n in os.listdir(d) if n.startswith("model_0000001.pth.bak-")]
+    assert len(aside) == 1 and file_digests(d)[aside[0]] == before["model_0000001.pth"]
+    assert "was not written by this run" in kd_log.text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("writer", ["torch", "text"])
+def test_atomic_files_get_the_umask_mode(tmp_path, umask, writer):
+    path = str(tmp_path / "f")
+    old = os.umask(umask)
+    try:
+        if writer == "torch":
+            atomic_torch_save({"a": 1}, path)
+        else:
+            atomic_write_text("x", path)
+        with open(tmp_path / "reference", "w"):
+            pass  # what a plain open() (detectron2's own writers) gives under this umask
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    assert mode == 0o666 & ~umask
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "reference").st_mode)
