@@ -95,3 +95,51 @@ def file_digests(directory):
             with open(path, "rb") as f:
                 out[name] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def write_coco_dataset(
+    root, num_images=6, size=64, seed=0, categories=((1, "disc"), (2, "bar"), (5, "square"))
+):
+    """A COCO dataset written the way pycocotools-based tools write one, not by kd_det's generator.
+
+    Category ids start at 1 and have a gap (1, 2, 5 by default), ``file_name`` has a subfolder
+    (``sub/img_0001.jpg``), image ids start at 1, annotations carry ``area`` and ``iscrowd``.
+    Each image holds two to three filled shapes drawn with PIL, one colour per category.
+
+    Returns:
+        tuple(str, str): the json file and the image root.
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    colors = [(230, 40, 40), (40, 200, 40), (40, 60, 230), (220, 200, 30)]
+    os.makedirs(os.path.join(root, "images", "sub"), exist_ok=True)
+    images, annotations = [], []
+    for i in range(1, num_images + 1):
+        im = Image.new("RGB", (size, size), (90, 90, 90))
+        draw = ImageDraw.Draw(im)
+        for _ in range(int(rng.integers(2, 4))):
+            k = int(rng.integers(len(categories)))
+            w, h = (int(v) for v in rng.integers(size // 5, size // 2, 2))
+            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+            shape = draw.ellipse if k == 0 else draw.rectangle
+            shape([x, y, x + w - 1, y + h - 1], fill=colors[k % len(colors)])
+            annotations.append({"id": len(annotations) + 1, "image_id": i,
+                                "category_id": categories[k][0], "bbox": [x, y, w, h],
+                                "area": float(w * h), "iscrowd": 0})  # fmt: skip
+        name = f"sub/img_{i:04d}.jpg"
+        im.save(os.path.join(root, "images", name), quality=95)
+        images.append({"id": i, "file_name": name, "width": size, "height": size})
+    data = {
+        "info": {"description": "written by a test, pycocotools conventions"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": n, "supercategory": "shape"} for c, n in categories],
+    }
+    json_file = os.path.join(root, "annotations.json")
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    return json_file, os.path.join(root, "images")
