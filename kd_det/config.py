@@ -50,8 +50,12 @@ def add_kd_config(cfg):
     _C.MODEL.KD.TEACHER.WEIGHTS = ""
     # Extra "KEY VALUE ..." overrides applied to the teacher's config after its file.
     _C.MODEL.KD.TEACHER.OPTS = []
-    # Allow a teacher without weights (random init). Only for tests and benchmarks of cost.
+    # Allow a random teacher (no weights; no teacher check). Only for tests and cost benchmarks.
     _C.MODEL.KD.TEACHER.ALLOW_RANDOM = False
+    # Fresh runs first evaluate the teacher on this many DATASETS.TEST[0] images (0: no check).
+    _C.MODEL.KD.TEACHER.CHECK_IMAGES = 16
+    # The check stops the run if the teacher's box AP (0-100) is below this; 0: only log it.
+    _C.MODEL.KD.TEACHER.MIN_AP = 5.0
     # Linear warm-up of every distillation weight from 0 over this many iterations (0: none).
     _C.MODEL.KD.WARMUP_ITERS = 0
 
@@ -208,6 +212,8 @@ def add_kd_config(cfg):
     # Root of data written by tools/make_synthetic_coco.py. Dataset names "<prefix>_train" and
     # "<prefix>_val" whose prefix starts with "synthetic" are registered from it on first use.
     _C.DATASETS.SYNTHETIC_ROOT = "datasets/synthetic"
+    # Your own COCO-format data to register: [[name, json_file, image_root], ...].
+    _C.DATASETS.COCO = []
 
     # ---------------------------------------------------------------------------------------------
     # Training engine (kd_det/engine/trainer.py)
