@@ -24,6 +24,7 @@ import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import hooks
 
 logger = logging.getLogger(__name__)
 
@@ -254,3 +255,22 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         if "://" in self.save_dir:
             return super().tag_last_checkpoint(last_filename_basename)
         atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
+
+
+class PruningPeriodicCheckpointer(hooks.PeriodicCheckpointer):
+    """detectron2's ``PeriodicCheckpointer`` that prunes down to ``max_to_keep`` after each save.
+
+    fvcore deletes at most one old file per save, which is enough only for files the hook wrote
+    itself. :meth:`kd_det.engine.KDTrainer.resume_or_load` hands it the periodic checkpoints
+    written before a resume (``recent_checkpoints``), possibly more than ``max_to_keep``; all of
+    the surplus goes at the next save -- after the new file is complete, never before.
+    """
+
+    def step(self, iteration, **kwargs):
+        super().step(iteration, **kwargs)
+        if not self.max_to_keep:
+            return
+        while len(self.recent_checkpoints) > self.max_to_keep:
+            old = self.recent_checkpoints.pop(0)
+            if self.path_manager.exists(old) and not old.endswith(f"{self.file_prefix}_final.pth"):
+                self.path_manager.rm(old)

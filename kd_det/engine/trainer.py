@@ -29,7 +29,13 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import AtomicDetectionCheckpointer
+from .checkpoint import (
+    AtomicDetectionCheckpointer,
+    PruningPeriodicCheckpointer,
+    list_checkpoints,
+    periodic_iteration,
+)
+from .teacher_check import TeacherCheckHook
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +147,39 @@ class KDTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def resume_or_load(self, resume=True):
+        """detectron2's ``resume_or_load`` with kd_det's safety nets.
+
+        With ``resume``, the checkpointer falls back to the newest loadable checkpoint (see
+        :meth:`AtomicDetectionCheckpointer.find_resumable`), and the periodic checkpoints written
+        before the resume join the ``KD_TRAINER.MAX_TO_KEEP`` window: detectron2's
+        ``PeriodicCheckpointer`` only remembers the files it wrote itself, so without this every
+        restart would leave its predecessors' checkpoints on disk forever. Without ``resume``, a
+        directory that already holds checkpoints gets a warning: this run starts from iteration 0,
+        and its saves rename those files aside rather than overwrite them.
+        """
+        existing = list_checkpoints(self.cfg.OUTPUT_DIR)
+        super().resume_or_load(resume=resume)
+        resumed = self.checkpointer.resumed_from
+        if resumed is None and existing and comm.is_main_process():
+            logger.warning(
+                f"OUTPUT_DIR '{self.cfg.OUTPUT_DIR}' already holds {len(existing)} checkpoint(s) "
+                f"(newest: {existing[0]}) and training starts from iteration 0 without --resume. "
+                "Checkpoints this run would overwrite are renamed to <name>.pth.bak-<time>. Pass "
+                "--resume to continue that run instead, or choose a new OUTPUT_DIR."
+            )
+        if resumed is not None and periodic_iteration(resumed) is not None:
+            done = periodic_iteration(resumed)
+            periodic = [n for n in existing if periodic_iteration(n) is not None]
+            earlier = sorted(periodic, key=periodic_iteration)
+            for h in self._hooks:
+                if isinstance(h, hooks.PeriodicCheckpointer) and h.max_to_keep:
+                    h.recent_checkpoints = [
+                        os.path.join(self.cfg.OUTPUT_DIR, n)
+                        for n in earlier
+                        if periodic_iteration(n) <= done
+                    ]
+
     def train(self):
         """Run training; returns the last evaluation's results (also without EXPECTED_RESULTS)."""
         super().train()
@@ -164,7 +203,7 @@ class KDTrainer(DefaultTrainer):
         for i, h in enumerate(ret):
             if isinstance(h, hooks.PeriodicCheckpointer):
                 max_to_keep = self.cfg.KD_TRAINER.MAX_TO_KEEP or None
-                ret[i] = hooks.PeriodicCheckpointer(
+                ret[i] = PruningPeriodicCheckpointer(
                     self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=max_to_keep
                 )
         # Models with EMA teachers (OnlineDistillationRCNN) average the weights each optimizer
@@ -173,6 +212,8 @@ class KDTrainer(DefaultTrainer):
         if callable(getattr(core, "update_ema", None)):
             at = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
             ret.insert(at, hooks.CallbackHook(after_step=lambda _: core.update_ema()))
+        # Distillation: the teacher's AP on a few test images before the first step.
+        ret.insert(0, TeacherCheckHook(self.cfg))
         return ret
 
     @classmethod

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import file_digests
+from conftest import CONFIGS, file_digests, tiny_overrides
 from kd_det.engine.checkpoint import (
     AtomicDetectionCheckpointer,
     CheckpointResumeError,
@@ -162,3 +162,64 @@ def test_atomic_files_get_the_umask_mode(tmp_path, umask, writer):
     mode = stat.S_IMODE(os.stat(path).st_mode)
     assert mode == 0o666 & ~umask
     assert mode == stat.S_IMODE(os.stat(tmp_path / "reference").st_mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer: --resume without a tag, MAX_TO_KEEP across a resume, a fresh run in a used directory
+# ------------------------------------------------------------------------------------------------
+
+R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
+
+
+def _trainer_cfg(out, root, *extra, max_iter=2):
+    from kd_det.config import get_kd_cfg
+    from kd_det.data.builtin import register_datasets_from_config
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(R18)
+    cfg.merge_from_list(tiny_overrides(out, root, max_iter=max_iter, batch=1))
+    # One checkpoint per iteration; no evaluation at the end (not what these cases test).
+    cfg.merge_from_list(["SOLVER.CHECKPOINT_PERIOD", "1", "DATASETS.TEST", "()"])
+    cfg.merge_from_list(list(extra))
+    cfg.freeze()
+    register_datasets_from_config(cfg)
+    return cfg
+
+
+def _train(cfg, resume):
+    from kd_det.engine import KDTrainer
+
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    start = trainer.start_iter
+    trainer.train()
+    return start
+
+
+def test_trainer_resume_without_tag_prunes_old_and_never_overwrites(
+    tmp_path, synthetic_root, kd_log
+):
+    out = tmp_path / "run"
+    keep = "KD_TRAINER.MAX_TO_KEEP"
+    _train(_trainer_cfg(out, synthetic_root, keep, "0", max_iter=3), False)
+    assert {"model_0000000.pth", "model_0000001.pth", "model_0000002.pth"} <= set(os.listdir(out))
+    # A run killed after model_0000002 with its tag lost.
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").unlink()
+    before = file_digests(out)
+
+    assert _train(_trainer_cfg(out, synthetic_root, keep, "2", max_iter=5), resume=True) == 3
+    assert f"Resuming from {out / 'model_0000002.pth'}" in kd_log.text
+    # MAX_TO_KEEP counts the checkpoints written before the resume too.
+    periodic = sorted(n for n in os.listdir(out) if n.startswith("model_0"))
+    assert periodic == ["model_0000003.pth", "model_0000004.pth"]
+    assert "model_final.pth" in os.listdir(out)
+
+    # Without --resume in the same directory: a clear warning, and nothing overwritten.
+    before = file_digests(out)
+    assert _train(_trainer_cfg(out, synthetic_root, keep, "0", max_iter=4), resume=False) == 0
+    assert "already holds 3 checkpoint(s)" in kd_log.text
+    after = file_digests(out)
+    for name in ("model_0000003.pth", "model_0000004.pth", "model_final.pth"):
+        kept = [n for n in after if n == name or n.startswith(name + ".bak-")]
+        assert any(after[n] == before[name] for n in kept), f"{name} lost"
