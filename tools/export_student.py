@@ -8,10 +8,11 @@ writes ``export/model_final.pth`` (distillation adapters dropped) and ``export/c
 """
 
 import argparse
+import sys
 
 import kd_det  # noqa: F401  (registers kd_det's components)
 from kd_det.config import get_kd_cfg
-from kd_det.utils.export import export_student
+from kd_det.utils.export import ExportError, export_student
 
 
 def main(argv=None):
@@ -30,7 +31,12 @@ def main(argv=None):
     cfg = get_kd_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    out = export_student(cfg, args.weights, args.output, member=args.member)
+    try:
+        out = export_student(
+            cfg, args.weights, args.output, member=args.member, config_file=args.config_file
+        )
+    except ExportError as e:
+        sys.exit(f"export_student.py: error: {e}")
     print(
         f"Wrote {out['weights']} and {out['config']} ({out['dropped_keys']} adapter keys dropped)"
     )

@@ -1,0 +1,139 @@
+"""Fault injection against the command-line tools: export into a folder holding a good export,
+unwritable output, ``--eval-only`` without weights or without the teacher's checkpoint.
+
+Each case asserts that the good files are byte-identical afterwards and that the message names
+the problem (the config, the checkpoint, the keys, the directory).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from conftest import CONFIGS, REPO, file_digests, tiny_overrides
+from kd_det.config import get_kd_cfg
+from kd_det.utils.export import ExportError, export_student
+
+R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
+LITE0 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_lite0_FPN.yaml")
+TOOLS = os.path.join(REPO, "tools")
+
+
+def _cfg(config, out, *extra):
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(tiny_overrides(out) + list(extra))
+    if "EFFICIENTNET" in cfg.MODEL:
+        cfg.MODEL.EFFICIENTNET.PRETRAINED = False
+    return cfg
+
+
+def _run(tool, args):
+    return subprocess.run(
+        [sys.executable, os.path.join(TOOLS, tool)] + args,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A good export of a tiny R-18 detector, and checkpoints of other architectures."""
+    d = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(_cfg(R18, d)), save_dir=str(d)).save("r18")
+    wide = _cfg(R18, d, "MODEL.FPN.OUT_CHANNELS", "48")
+    DetectionCheckpointer(build_model(wide), save_dir=str(d)).save("r18_fpn48")
+    good = d / "good"
+    export_student(_cfg(R18, d), str(d / "r18.pth"), str(good), config_file=R18)
+    return d
+
+
+def _truncated(d):
+    data = (d / "r18.pth").read_bytes()
+    (d / "r18_truncated.pth").write_bytes(data[: len(data) // 2])
+    return str(d / "r18_truncated.pth")
+
+
+# fault -> (config file, weights in the fixture dir, exception, words of the message)
+EXPORT_FAULTS = {
+    "shape_mismatch": (R18, lambda d: str(d / "r18_fpn48.pth"), ExportError, "shape mismatches"),
+    "other_backbone": (LITE0, lambda d: str(d / "r18.pth"), ExportError, "missing keys"),
+    "truncated_checkpoint": (R18, _truncated, ExportError, "cannot be read"),
+    "missing_checkpoint": (R18, lambda d: str(d / "nope.pth"), FileNotFoundError, "nope.pth"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(EXPORT_FAULTS))
+def test_failed_export_leaves_the_good_export_intact(exported, fault):
+    config, weights_of, exc, words = EXPORT_FAULTS[fault]
+    good = exported / "good"
+    before = file_digests(good)
+    weights = weights_of(exported)
+    with pytest.raises(exc) as info:
+        export_student(_cfg(config, exported), weights, str(good), config_file=config)
+    assert words in str(info.value)
+    assert weights in str(info.value)
+    if exc is ExportError and "match" in str(info.value):
+        assert config in str(info.value)
+    assert file_digests(good) == before
+
+
+def test_export_killed_mid_write_leaves_the_good_export_intact(exported, monkeypatch):
+    good = exported / "good"
+    before = file_digests(good)
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        export_student(_cfg(R18, exported), str(exported / "r18.pth"), str(good), config_file=R18)
+    assert file_digests(good) == before  # no partial file, no temporary file left behind
+
+
+@pytest.mark.parametrize("where", ["output_is_a_file", "output_under_a_file"])
+def test_unwritable_output_is_refused_before_work(exported, where):
+    blocker = exported / "a_file"
+    blocker.write_text("x")
+    output = blocker if where == "output_is_a_file" else blocker / "sub"
+    with pytest.raises(ExportError, match=f"Cannot write to --output '{output}'"):
+        export_student(_cfg(R18, exported), str(exported / "missing.pth"), str(output))
+    assert blocker.read_text() == "x"
+
+
+def test_export_cli_mismatch_message_names_config_checkpoint_and_keys(exported):
+    good = exported / "good"
+    before = file_digests(good)
+    weights = str(exported / "r18_fpn48.pth")
+    proc = _run(
+        "export_student.py",
+        ["--config-file", R18, "--weights", weights, "--output", str(good)]
+        + tiny_overrides(exported),
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    msg = proc.stderr
+    assert f"Checkpoint '{weights}' does not match config '{R18}'" in msg
+    assert "checkpoint (48," in msg and "vs model (32," in msg
+    assert file_digests(good) == before
+
+
+def test_exported_files_are_readable_by_others(exported):
+    old = os.umask(0o022)
+    try:
+        out = export_student(
+            _cfg(R18, exported), str(exported / "r18.pth"), str(exported / "perm"), config_file=R18
+        )
+    finally:
+        os.umask(old)
+    for key in ("weights", "config"):
+        assert os.stat(out[key]).st_mode & 0o777 == 0o644
