@@ -148,6 +148,8 @@ def build_teacher(cfg):
             "the teacher's checkpoint (local path or detectron2:// URL). For cost benchmarks only, "
             "MODEL.KD.TEACHER.ALLOW_RANDOM True accepts a random teacher."
         )
+    if weights:
+        check_teacher_classes(cfg, tcfg)
     model = build_model(tcfg)
     if weights:
         load_teacher_weights(model, weights)
@@ -155,6 +157,73 @@ def build_teacher(cfg):
     else:
         logger.warning("MODEL.KD.TEACHER.ALLOW_RANDOM: the teacher has RANDOM weights.")
     return freeze(model), tcfg
+
+
+def teacher_data_cfg(cfg, tcfg):
+    """The config that tells what data the teacher was trained on.
+
+    A teacher is often trained with ``KEY VALUE`` overrides (``DATASETS.COCO``,
+    ``DATASETS.TRAIN``) that its config file does not contain. detectron2's ``default_setup``
+    writes the merged config as ``config.yaml`` into the run's ``OUTPUT_DIR``, next to
+    ``model_final.pth``: when the teacher's weights are a local file with that record beside them,
+    its ``DATASETS`` section is used; otherwise the teacher config's own.
+    """
+    from detectron2.config import CfgNode
+
+    weights = cfg.MODEL.KD.TEACHER.WEIGHTS
+    run_cfg = os.path.join(os.path.dirname(weights), "config.yaml") if weights else ""
+    if run_cfg and os.path.isfile(weights) and os.path.isfile(run_cfg):
+        import yaml
+
+        with open(run_cfg) as f:
+            data = (yaml.safe_load(f) or {}).get("DATASETS") or {}
+        if data.get("TRAIN"):
+            return CfgNode(
+                {"DATASETS": {"TRAIN": list(data["TRAIN"]), "COCO": data.get("COCO") or []}}
+            )
+    return tcfg
+
+
+def check_teacher_classes(cfg, tcfg):
+    """Refuse a teacher trained on other classes (or another label order) than the student's
+    data when a term reads its class outputs; warn when only label-free terms are used.
+
+    A teacher with the wrong label order loads cleanly and produces confident, wrong class
+    targets: the "distilled" student gets worse and nothing says why. Class names come from
+    :func:`teacher_data_cfg` and the student's ``DATASETS.TRAIN``; when either is unknown (e.g. a
+    dataset registered by user code the teacher config does not name) nothing is checked.
+
+    Returns:
+        bool: False when the classes differ (then the teacher's AP cannot be checked either).
+
+    Raises:
+        ValueError: the classes differ and ``MODEL.KD.ROI.CLS_WEIGHT`` or ``BOX_WEIGHT`` is set.
+    """
+    from kd_det.data.builtin import compare_teacher_classes
+
+    diff = compare_teacher_classes(cfg, teacher_data_cfg(cfg, tcfg))
+    if diff is None:
+        return True
+    where = (
+        "Class names are read from the config.yaml next to MODEL.KD.TEACHER.WEIGHTS (written by "
+        "the teacher's training run) or else from MODEL.KD.TEACHER.CONFIG_FILE's DATASETS.TRAIN; "
+        "if that names other data than the teacher was trained on, fix it with "
+        "MODEL.KD.TEACHER.OPTS."
+    )
+    if cfg.MODEL.KD.ROI.CLS_WEIGHT or cfg.MODEL.KD.ROI.BOX_WEIGHT:
+        raise ValueError(
+            f"The teacher's classes differ from the student's: {diff}. MODEL.KD.ROI.CLS_WEIGHT "
+            "and MODEL.KD.ROI.BOX_WEIGHT read the teacher's outputs by label index, so they would "
+            "teach wrong labels. Fix: distill from a teacher trained on the student's categories "
+            "in the same id order, or keep only label-free terms (MODEL.KD.ROI.CLS_WEIGHT 0 "
+            f"MODEL.KD.ROI.BOX_WEIGHT 0). {where}"
+        )
+    logger.warning(
+        f"The teacher's classes differ from the student's: {diff}. Only label-free terms "
+        f"(feature, RPN) are used, so distillation proceeds; the teacher's AP is not checked. "
+        f"{where}"
+    )
+    return False
 
 
 class TeacherHolder:

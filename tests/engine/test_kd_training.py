@@ -33,6 +33,7 @@ def kd_setup(tmp_path_factory, synthetic_root):
         "MODEL.META_ARCHITECTURE", "DistillationRCNN",
         "MODEL.KD.TEACHER.CONFIG_FILE", R18,
         "MODEL.KD.TEACHER.WEIGHTS", str(d / "teacher.pth"),
+        "MODEL.KD.TEACHER.ALLOW_RANDOM", "True",  # a random teacher: no teacher check
         "MODEL.KD.TEACHER.OPTS", str(t_opts),
         "MODEL.KD.BACKBONE.LEVELS", "['res2']",
         "MODEL.KD.ROI.CLS_WEIGHT", "1.0",

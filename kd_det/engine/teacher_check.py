@@ -1,0 +1,163 @@
+"""The teacher check: evaluate the teacher on a few validation images before the first step.
+
+Strict loading (:mod:`kd_det.modeling.teacher`) catches a teacher whose weights are missing or do
+not fit its config. It cannot catch a teacher that loads cleanly and is useless: the wrong
+checkpoint of the same architecture, the wrong input format (RGB/BGR, pixel mean/std) or another
+label order. Such a teacher makes the "distilled" student equal to the baseline or worse, which
+users notice hours later if at all. Measuring the teacher's box AP on the first
+``MODEL.KD.TEACHER.CHECK_IMAGES`` images of ``DATASETS.TEST[0]`` costs seconds and catches all
+three: its AP is logged (and written to ``OUTPUT_DIR/teacher_check.json`` and ``metrics.json``),
+and an AP below ``MODEL.KD.TEACHER.MIN_AP`` stops the run with the likely causes listed.
+
+The teacher sees exactly what the student's evaluation feeds it (the student's test loader,
+through :class:`~kd_det.modeling.teacher.TeacherInference`, as ``--eval-teacher`` does) and is
+scored by detectron2's ``COCOEvaluator`` restricted to those images.
+
+When it runs: on a fresh start only. A resumed run already passed the check at iteration 0 with
+the same config, and resuming should stay cheap. It is skipped for random teachers
+(``MODEL.KD.TEACHER.ALLOW_RANDOM`` or no weights), for teachers trained on other classes (only
+label-free terms are then allowed, and AP on the student's classes means nothing), and without a
+test dataset.
+"""
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data.dataset_mapper import DatasetMapper
+from detectron2.engine import HookBase
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherCheckError(RuntimeError):
+    """The teacher's AP on the check images is below ``MODEL.KD.TEACHER.MIN_AP``."""
+
+
+class _OnImages(DatasetEvaluator):
+    """A ``COCOEvaluator`` scoring only ``img_ids`` (the rest of the ground truth is ignored)."""
+
+    def __init__(self, evaluator, img_ids):
+        self.evaluator, self.img_ids = evaluator, img_ids
+
+    def reset(self):
+        self.evaluator.reset()
+
+    def process(self, inputs, outputs):
+        self.evaluator.process(inputs, outputs)
+
+    def evaluate(self):
+        return self.evaluator.evaluate(img_ids=self.img_ids)
+
+
+def skip_reason(cfg, model):
+    """Why the check does not apply to this config and model, or None if it does."""
+    from kd_det.data.builtin import compare_teacher_classes
+    from kd_det.modeling.distillation import DistillationRCNN
+    from kd_det.modeling.teacher import build_teacher_cfg, teacher_data_cfg
+
+    t = cfg.MODEL.KD.TEACHER
+    if not isinstance(model, DistillationRCNN) or model.teacher is None:
+        return "no teacher"
+    if t.CHECK_IMAGES <= 0:
+        return "MODEL.KD.TEACHER.CHECK_IMAGES is 0"
+    if t.ALLOW_RANDOM or not t.WEIGHTS:
+        return "the teacher is random (MODEL.KD.TEACHER.ALLOW_RANDOM)"
+    if not cfg.DATASETS.TEST:
+        return "DATASETS.TEST is empty"
+    if compare_teacher_classes(cfg, teacher_data_cfg(cfg, build_teacher_cfg(cfg))):
+        return "the teacher was trained on other classes"
+    return None
+
+
+def evaluate_teacher(cfg, model, num_images):
+    """Box AP of ``model``'s teacher on the first ``num_images`` images of ``DATASETS.TEST[0]``.
+
+    Returns:
+        dict: COCO bbox metrics (``AP``, ``AP50``, ...) on every process, ``images``, ``dataset``.
+    """
+    from kd_det.modeling.teacher import TeacherInference
+
+    name = cfg.DATASETS.TEST[0]
+    dicts = DatasetCatalog.get(name)[:num_images]
+    loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, False), num_workers=0)
+    teacher = TeacherInference(model.teacher, cfg.INPUT.FORMAT, model.teacher_input_format)
+    teacher.eval()  # inference_on_dataset restores this mode afterwards: keep the teacher in eval
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=True, output_dir=tmp)
+        res = inference_on_dataset(
+            teacher, loader, _OnImages(evaluator, [d["image_id"] for d in dicts])
+        )
+    bbox = comm.all_gather(dict(res.get("bbox", {})) if res else {})[0]  # rank 0 evaluated
+    return dict(bbox, images=len(dicts), dataset=name)
+
+
+def check_teacher(cfg, model, output_dir=None):
+    """Run the check (see the module docstring); write ``output_dir/teacher_check.json``.
+
+    Returns:
+        dict or None: the check's result, None when skipped.
+
+    Raises:
+        TeacherCheckError: the AP is below ``MODEL.KD.TEACHER.MIN_AP``.
+    """
+    reason = skip_reason(cfg, model)
+    if reason:
+        logger.info(f"Teacher check skipped: {reason}.")
+        return None
+    start = time.perf_counter()
+    res = evaluate_teacher(cfg, model, cfg.MODEL.KD.TEACHER.CHECK_IMAGES)
+    res["seconds"] = time.perf_counter() - start
+    ap, floor = res.get("AP", float("nan")), cfg.MODEL.KD.TEACHER.MIN_AP
+    where = f"the first {res['images']} images of '{res['dataset']}'"
+    logger.info(
+        f"Teacher check: box AP {ap:.1f} (AP50 {res.get('AP50', float('nan')):.1f}) on {where} "
+        f"in {res['seconds']:.1f} s (floor MODEL.KD.TEACHER.MIN_AP {floor})."
+    )
+    if output_dir and comm.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "teacher_check.json"), "w") as f:
+            json.dump(res, f, indent=2)
+    if not ap >= 0:  # NaN or COCO's -1: no ground-truth box among the check images
+        logger.warning(f"Teacher check: no AP on {where} (no objects?); not judged.")
+    elif floor > 0 and ap < floor:
+        t = cfg.MODEL.KD.TEACHER
+        raise TeacherCheckError(
+            f"Teacher check failed: the teacher's box AP on {where} is {ap:.1f}, below "
+            f"MODEL.KD.TEACHER.MIN_AP {floor}. A teacher that loads but scores this low usually "
+            "has one of these problems:\n"
+            f"  - wrong checkpoint: MODEL.KD.TEACHER.WEIGHTS '{t.WEIGHTS}' is not the trained "
+            "teacher (an early or backbone-only checkpoint, another run's model);\n"
+            "  - wrong input format: the teacher config's INPUT.FORMAT (RGB/BGR) or "
+            "MODEL.PIXEL_MEAN / MODEL.PIXEL_STD differ from those it was trained with "
+            f"(MODEL.KD.TEACHER.CONFIG_FILE '{t.CONFIG_FILE}', MODEL.KD.TEACHER.OPTS);\n"
+            "  - wrong label order: the teacher was trained with other category ids or another "
+            "category order than DATASETS.TEST's json.\n"
+            "Evaluate it on the whole test set with tools/train_net.py --config-file <this config> "
+            "--eval-teacher. If the teacher is simply weak on this data, lower "
+            "MODEL.KD.TEACHER.MIN_AP (0.0 only logs the AP), or skip the check with "
+            "MODEL.KD.TEACHER.CHECK_IMAGES 0."
+        )
+    return res
+
+
+class TeacherCheckHook(HookBase):
+    """Runs :func:`check_teacher` in ``before_train`` of a fresh (not resumed) run."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def before_train(self):
+        if self.trainer.start_iter > 0:
+            logger.info("Teacher check skipped: resumed run (checked when it started).")
+            return
+        model = getattr(self.trainer.model, "module", self.trainer.model)
+        res = check_teacher(self.cfg, model, self.cfg.OUTPUT_DIR)
+        if res is not None and res.get("AP", -1) >= 0:
+            self.trainer.storage.put_scalar("teacher_check/AP", res["AP"], smoothing_hint=False)
+            self.trainer.storage.put_scalar("teacher_check/seconds", res["seconds"])
