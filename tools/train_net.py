@@ -17,16 +17,18 @@ Examples:
 import json
 import logging
 import os
+import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import kd_det  # noqa: F401  (registers kd_det's components)
 from kd_det.config import get_kd_cfg
 from kd_det.data.builtin import register_datasets_from_config
 from kd_det.engine import KDTrainer
+from kd_det.engine.checkpoint import AtomicDetectionCheckpointer, list_checkpoints
 from kd_det.engine.trainer import fall_back_to_cpu
 from kd_det.modeling.teacher import TeacherInference
 
@@ -42,6 +44,9 @@ def setup(args):
     fall_back_to_cpu(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup sets up detectron2's and fvcore's loggers only: kd_det's lines (teacher
+    # loading, resume fallbacks, input checks) go to the console and OUTPUT_DIR/log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="kd_det")
     register_datasets_from_config(cfg)
     return cfg
 
@@ -51,11 +56,12 @@ def main(args):
     if args.eval_all_peers:
         return evaluate_all_peers(cfg, args)
     if args.eval_only or args.eval_teacher:
-        model = KDTrainer.build_model(cfg)
         if args.eval_teacher:
-            model = teacher_for_evaluation(cfg, model)
+            model = teacher_for_evaluation(cfg, KDTrainer.build_model(cfg))
         else:
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            check_eval_weights(cfg, args)
+            model = KDTrainer.build_model(student_only_cfg(cfg))
+            AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
                 cfg.MODEL.WEIGHTS, resume=args.resume
             )
         res = KDTrainer.test(cfg, model)
@@ -74,6 +80,48 @@ def main(args):
     return res
 
 
+def check_eval_weights(cfg, args):
+    """Refuse to evaluate without trained weights (an untrained model scores ~0 AP and exits 0).
+
+    Raises:
+        ValueError: neither ``MODEL.WEIGHTS`` nor, with ``--resume``, a checkpoint in OUTPUT_DIR.
+    """
+    if cfg.MODEL.WEIGHTS:
+        return
+    if args.resume and (
+        list_checkpoints(cfg.OUTPUT_DIR)
+        or os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    ):
+        return
+    flag = "--eval-all-peers" if args.eval_all_peers else "--eval-only"
+    raise ValueError(
+        f"{flag} needs trained weights, but MODEL.WEIGHTS is empty"
+        + (f" and OUTPUT_DIR '{cfg.OUTPUT_DIR}' holds no checkpoint" if args.resume else "")
+        + f". Pass MODEL.WEIGHTS <checkpoint> (e.g. {cfg.OUTPUT_DIR}/model_final.pth), or "
+        "--resume to evaluate the last checkpoint in OUTPUT_DIR."
+    )
+
+
+def student_only_cfg(cfg):
+    """The config evaluated by ``--eval-only``: a distillation student as a plain detector.
+
+    ``DistillationRCNN`` builds (and loads) its teacher whenever a distillation weight is set, but
+    inference is the student's own ``GeneralizedRCNN`` forward: evaluating the student must not
+    need the teacher's checkpoint. The checkpoint's ``kd_adapters.*`` keys are then unused.
+    """
+    if cfg.MODEL.META_ARCHITECTURE != "DistillationRCNN":
+        return cfg
+    logger.info(
+        "--eval-only: evaluating the student as a GeneralizedRCNN (no teacher is built; the "
+        "distillation adapters in the checkpoint are training-only and are not loaded)."
+    )
+    out = cfg.clone()
+    out.defrost()
+    out.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    out.freeze()
+    return out
+
+
 def teacher_for_evaluation(cfg, model):
     """The distillation model's teacher, fed the student's test inputs (same loader, evaluator)."""
     teacher = getattr(model, "teacher", None)
@@ -89,8 +137,9 @@ def evaluate_all_peers(cfg, args):
     """Online distillation: evaluate every peer and EMA teacher of a checkpoint, labelled."""
     from kd_det.modeling.online_distillation import evaluate_all_members
 
+    check_eval_weights(cfg, args)
     model = KDTrainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+    AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
         cfg.MODEL.WEIGHTS, resume=args.resume
     )
     res = evaluate_all_members(cfg, model, KDTrainer.test)
@@ -122,9 +171,23 @@ def build_parser():
     return parser
 
 
+def check_args(args):
+    """Checks that need only the config, run before any process is started (clean exit)."""
+    if not (args.eval_only or args.eval_all_peers) or args.eval_teacher:
+        return
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    try:
+        check_eval_weights(cfg, args)
+    except ValueError as e:
+        sys.exit(f"train_net.py: error: {e}")
+
+
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
+    check_args(args)
     launch(
         main,
         args.num_gpus,

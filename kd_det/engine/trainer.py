@@ -107,6 +107,23 @@ def check_dataset_files(dataset_names):
                 ) from e
 
 
+def setup_kd_logger(output_dir):
+    """Give kd_det's loggers ("kd_det.*") the console and ``output_dir/log.txt``, if nothing did.
+
+    detectron2's ``default_setup`` configures only the "detectron2" and "fvcore" loggers, so
+    without this kd_det's own lines (``Loaded teacher weights from ...``, resume fallbacks, input
+    check counts) go nowhere. ``tools/train_net.py`` calls detectron2's ``setup_logger`` for
+    "kd_det" itself; this covers scripts and notebooks that build a ``KDTrainer`` directly. Only
+    handlers are added: whether records also reach the root logger stays the application's choice.
+    """
+    log = logging.getLogger("kd_det")
+    if log.handlers:
+        return
+    propagate = log.propagate
+    setup_logger(output_dir or None, distributed_rank=comm.get_rank(), name="kd_det")
+    log.propagate = propagate
+
+
 def fall_back_to_cpu(cfg):
     """Switch ``MODEL.DEVICE`` from CUDA to CPU when no GPU exists, with a warning.
 
@@ -127,6 +144,7 @@ class KDTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        setup_kd_logger(cfg.OUTPUT_DIR)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         check_dataset_files(cfg.DATASETS.TRAIN)
 

@@ -137,3 +137,66 @@ def test_exported_files_are_readable_by_others(exported):
         os.umask(old)
     for key in ("weights", "config"):
         assert os.stat(out[key]).st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------------------------------
+# train_net: kd_det's log lines, --eval-only without weights or without the teacher's checkpoint
+# ------------------------------------------------------------------------------------------------
+
+TRAIN_NET_FAULTS = {
+    "eval_only_without_weights": ([], "--eval-only needs trained weights, but MODEL.WEIGHTS is"),
+    "eval_only_resume_in_empty_dir": (
+        ["--resume"],
+        "holds no checkpoint. Pass MODEL.WEIGHTS <checkpoint>",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(TRAIN_NET_FAULTS))
+def test_eval_only_without_weights_refuses(tmp_path, synthetic_root, fault):
+    flags, words = TRAIN_NET_FAULTS[fault]
+    proc = _run(
+        "train_net.py",
+        ["--config-file", R18, "--eval-only"] + flags + tiny_overrides(tmp_path, synthetic_root),
+    )
+    assert proc.returncode != 0
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "eval_results.json").exists()
+
+
+def test_kd_log_lines_reach_log_txt_and_eval_only_needs_no_teacher(tmp_path, synthetic_root):
+    """A tiny distillation run from an EfficientNet-Lite0 teacher (FrozenBN, weights from its
+    checkpoint): kd_det's own lines are in log.txt, the misleading FrozenBN warning is not; then
+    --eval-only evaluates the student after the teacher's checkpoint was deleted."""
+    t_dir = tmp_path / "teacher"
+    t_dir.mkdir()
+    t_opts = tiny_overrides(t_dir) + ["MODEL.EFFICIENTNET.PRETRAINED", "False"]
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(_cfg(LITE0, t_dir)), save_dir=str(t_dir)).save("teacher")
+    kd = [
+        "MODEL.META_ARCHITECTURE", "DistillationRCNN",
+        "MODEL.KD.TEACHER.CONFIG_FILE", LITE0,
+        "MODEL.KD.TEACHER.WEIGHTS", str(t_dir / "teacher.pth"),
+        "MODEL.KD.TEACHER.OPTS", str(t_opts),
+        "MODEL.KD.TEACHER.CHECK_IMAGES", "0",
+        "MODEL.KD.FEATURE.LEVELS", "['p3']",
+    ]  # fmt: skip
+    out = tmp_path / "student"
+    opts = tiny_overrides(out, synthetic_root, max_iter=1) + kd + ["DATASETS.TEST", "()"]
+    proc = _run("train_net.py", ["--config-file", R18] + opts)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert f"Loaded teacher weights from {t_dir / 'teacher.pth'}" in log
+    assert "PRETRAINED is False but NORM is 'FrozenBN'" not in log + proc.stderr
+
+    (t_dir / "teacher.pth").unlink()
+    proc = _run(
+        "train_net.py",
+        ["--config-file", R18, "--eval-only"]
+        + tiny_overrides(out, synthetic_root)
+        + kd
+        + ["MODEL.WEIGHTS", str(out / "model_final.pth")],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "AP" in (out / "eval_results.json").read_text()

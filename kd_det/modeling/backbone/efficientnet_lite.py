@@ -356,7 +356,9 @@ def build_efficientnet_lite_backbone(cfg, input_shape: ShapeSpec):
     if ecfg.PRETRAINED:
         weights_path = get_pretrained_weights_path(ecfg.NAME)
         _warn_about_input_format(cfg)
-    elif ecfg.NORM == "FrozenBN":
+    elif ecfg.NORM == "FrozenBN" and not cfg.MODEL.WEIGHTS:
+        # With MODEL.WEIGHTS (a trained checkpoint, e.g. a teacher's: kd_det turns PRETRAINED off
+        # for teachers) the frozen statistics come from that checkpoint, which is fine.
         logger.warning(
             "MODEL.EFFICIENTNET.PRETRAINED is False but NORM is 'FrozenBN': with random weights "
             "FrozenBN normalizes nothing and training tends to diverge; use NORM 'BN'."
