@@ -60,7 +60,8 @@ def add_kd_config(cfg):
     _C.MODEL.KD.WARMUP_ITERS = 0
 
     _C.MODEL.KD.FEATURE = CN()
-    # Feature-hint loss on FPN outputs: "ssim", "mse" or "l1".
+    # Feature-hint loss on FPN outputs, a name in kd_det.modeling.losses.FEATURE_LOSS_REGISTRY:
+    # "ssim", "mse", "l1", "pkd" (Pearson correlation), "cwd" (channel-wise KL) or your own.
     _C.MODEL.KD.FEATURE.LOSS = "ssim"
     # FPN levels distilled (any of p2..p6); empty disables FPN feature hints.
     _C.MODEL.KD.FEATURE.LEVELS = ["p2", "p3", "p4", "p5", "p6"]
@@ -68,9 +69,15 @@ def add_kd_config(cfg):
     _C.MODEL.KD.FEATURE.WEIGHTS = [1.0]
     # Extra weight of pixels inside ground-truth boxes: w = 1 + FOREGROUND_WEIGHT * inside (0: off).
     _C.MODEL.KD.FEATURE.FOREGROUND_WEIGHT = 0.0
-    # Range policy for unbounded activations ("teacher_absmax", "teacher_minmax", "standardize",
-    # "none"); "" picks the loss's default (teacher_absmax for ssim, none for mse/l1).
+    # Range policy for unbounded activations ("teacher_absmax", "teacher_minmax", "minmax" (each
+    # map by its own per-image min/max over the level, the SSIM-KD paper's), "standardize",
+    # "none"); "" picks the loss's default (teacher_absmax for ssim, none for mse/l1/cwd; pkd
+    # standardizes by itself and ignores it).
     _C.MODEL.KD.FEATURE.RANGE_POLICY = ""
+    # Softmax temperature of the "cwd" loss (tau^2 * KL). 1.0: the public detection configs of
+    # CWD (mmrazor's and the authors' FPN distillation) use tau = 1; tau = 4 is the paper's
+    # semantic-segmentation setting.
+    _C.MODEL.KD.FEATURE.CWD_TAU = 1.0
     # Student-to-teacher channel adapters: "auto" (1x1 conv where channels differ), "always",
     # or "none" (channel mismatch is an error).
     _C.MODEL.KD.FEATURE.ADAPTER = "auto"
@@ -144,8 +151,8 @@ def add_kd_config(cfg):
     # Initialise each peer from its own config's MODEL.WEIGHTS (e.g. ImageNet) when the model is
     # built. The top-level MODEL.WEIGHTS is a whole-model checkpoint (all peers and EMA teachers).
     _C.MODEL.ONLINE_KD.LOAD_PEER_WEIGHTS = True
-    # Mutual feature loss between peers' FPN maps: "ssim", "mse" or "l1" (SSIM settings from
-    # MODEL.KD.SSIM, range policy from MODEL.KD.FEATURE.RANGE_POLICY).
+    # Mutual feature loss between peers' FPN maps: any MODEL.KD.FEATURE.LOSS name ("ssim", "mse",
+    # "l1", "pkd", "cwd", ...; settings from MODEL.KD.SSIM and MODEL.KD.FEATURE).
     _C.MODEL.ONLINE_KD.FEATURE_LOSS = "ssim"
     # FPN levels of the mutual and the EMA feature terms.
     _C.MODEL.ONLINE_KD.FEATURE_LEVELS = ["p2", "p3", "p4", "p5", "p6"]

@@ -29,9 +29,9 @@ try:
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_det.modeling.feature_losses import (  # noqa: E402
+from kd_det.modeling.losses.ssim import (  # noqa: E402
     SSIMFeatureLoss,
-    _gaussian_valid,
+    gaussian_valid,
     gaussian_window,
     ssim_map,
 )
@@ -66,7 +66,7 @@ def _conv_blur(x, win):
 
 def _band_blur(x, win):
     """kd_det's band-matrix filter (autograd differentiates the matrix products)."""
-    return _gaussian_valid(x, win.numel(), 1.5)
+    return gaussian_valid(x, win.numel(), 1.5)
 
 
 def _shift_blur(x, win):

@@ -7,8 +7,9 @@ teacher lives in a :class:`~kd_det.modeling.teacher.TeacherHolder` outside the m
 
 Knowledge terms (each its own ``loss_kd_*`` entry, so detectron2's writers log them):
 
-* ``loss_kd_fpn_<level>``: feature hints on FPN outputs (SSIM, MSE or L1; SSIM-KD paper), optional
-  foreground weighting from the ground-truth boxes.
+* ``loss_kd_fpn_<level>``: feature hints on FPN outputs (a loss of the feature-loss registry,
+  :mod:`kd_det.modeling.losses`: SSIM (SSIM-KD paper), MSE, L1, PKD, CWD), optional foreground
+  weighting from the ground-truth boxes.
 * ``loss_kd_backbone_<level>``: low-level hints on the backbone's outputs before the FPN
   (e.g. ``res2``), which drive localization (MetaMixer's low-level knowledge).
 * ``loss_kd_rpn_objectness`` / ``loss_kd_rpn_deltas``: the teacher's RPN on the same anchors: its
@@ -38,8 +39,8 @@ from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .feature_losses import build_feature_loss
 from .hint_weighting import HINT_WEIGHTINGS, HintWeighting
+from .losses import feature_loss_from_config
 from .teacher import TeacherHolder, build_teacher
 
 logger = logging.getLogger(__name__)
@@ -567,25 +568,6 @@ class DistillationRCNN(GeneralizedRCNN):
             torch.stack(box_vals),
             torch.stack(box_valid),
         )
-
-
-def feature_loss_from_config(cfg, name):
-    """The feature-hint loss ``name`` with ``MODEL.KD.SSIM.*`` and ``MODEL.KD.FEATURE.RANGE_POLICY``
-    (shared by offline and online distillation)."""
-    kd = cfg.MODEL.KD
-    kwargs = {}
-    if kd.FEATURE.RANGE_POLICY:
-        kwargs["range_policy"] = kd.FEATURE.RANGE_POLICY
-    if name.lower() == "ssim":
-        kwargs.update(
-            win_size=kd.SSIM.WINDOW_SIZE,
-            win_sigma=kd.SSIM.SIGMA,
-            K=tuple(kd.SSIM.K),
-            data_range=kd.SSIM.DATA_RANGE or None,
-            loss_form=kd.SSIM.LOSS_FORM,
-            small_map=kd.SSIM.SMALL_MAP,
-        )
-    return build_feature_loss(name, **kwargs)
 
 
 def _masked_mean(values, valid):

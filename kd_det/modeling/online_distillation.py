@@ -14,7 +14,7 @@ runs):
   ``GeneralizedRCNN`` computes them (with every knowledge weight at zero, each peer trains exactly
   as it would alone).
 * ``loss_kd_peer<i>_fpn_<level>_from_peer<j>``: feature-level mutual learning. Peer i's FPN map is
-  compared (SSIM, MSE or L1 from :mod:`kd_det.modeling.feature_losses`) with peer j's DETACHED map
+  compared (a loss of :mod:`kd_det.modeling.losses`, e.g. SSIM) with peer j's DETACHED map
   of the same level. Where the channel counts differ, a trainable 1x1 conv maps peer i's channels
   to peer j's; these adapters live in ``kd_adapters`` under keys ``p<i>_to_p<j>_<level>`` so an
   export can drop them. As in deep mutual learning the target is detached: each direction is its
@@ -105,7 +105,8 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
-from .distillation import _class_specific, _masked_mean, _per_level, feature_loss_from_config
+from .distillation import _class_specific, _masked_mean, _per_level
+from .losses import feature_loss_from_config
 
 logger = logging.getLogger(__name__)
 

@@ -1,62 +1,18 @@
-"""Feature-hint losses between student and teacher FPN maps: SSIM (SSIM-KD) and lp baselines.
+"""SSIM feature loss (SSIM-KD) with a band-matrix Gaussian filter and a hand-written backward.
 
-The maps distilled by kd_det are FPN outputs ``p2``..``p6``: signed, unbounded activations of shape
-``(N, C, H, W)``. SSIM was designed for non-negative images, and on signed maps it has a trap: its
-luminance term ``(2 mu_s mu_t + C1) / (mu_s^2 + mu_t^2 + C1)`` and its contrast-structure term
-``(2 sigma_st + C2) / (sigma_s^2 + sigma_t^2 + C2)`` are *both* negative for a sign-flipped student,
-and their product is positive, so ``-teacher`` looks similar to ``teacher``. This module therefore
-maps both maps into a common range before SSIM, with statistics of the TEACHER only (detached), so
-the student cannot move the yardstick it is measured with. See :func:`normalize_pair`.
-
-Choice of the default range policy (numbers measured with pytorch-msssim 1.0.0, window 11, on
-random ``(2, 8, 32, 32)`` maps; loss = ``1 - ssim``, "unrelated" = spatially permuted teacher):
-
-==================  ========================  =====  =====  =========
-maps                policy                    noisy  flip   unrelated
-==================  ========================  =====  =====  =========
-standardized        standardize (range 6)     0.026  0.494  0.998
-standardized        teacher_minmax            0.005  1.951  0.973
-standardized        teacher_absmax            0.005  1.945  0.970
-ReLU(randn)         standardize (range 6)     0.025  1.038  0.989
-ReLU(randn)         teacher_minmax            0.006  0.041  0.994
-ReLU(randn)         teacher_absmax            0.005  1.847  0.950
-randn + ch. offset  teacher_minmax            0.005  1.142  0.986
-randn + ch. offset  teacher_absmax            0.005  1.590  0.932
-smooth, mean 1      teacher_minmax            0.010  0.815  0.969
-smooth, mean 1      teacher_absmax            0.009  1.624  0.938
-==================  ========================  =====  =====  =========
-
-("noisy" = teacher + 0.1 * per-channel std Gaussian noise, "flip" = ``-teacher``.)
-
-* ``standardize`` with the teacher's mean/std fails on zero-mean maps: the flipped student scores
-  0.49, i.e. *better* than an unrelated student (0.998) - the trap above, since zero-mean maps stay
-  signed after standardization.
-* ``teacher_minmax`` (the teacher's min/max -> [0, 1]) fixes zero-mean maps but fails on maps that
-  are mostly positive: on ReLU maps the flip scores 0.041 (vs 0.994 unrelated), on smooth positive
-  maps 0.815 (< 0.969). The flipped student falls below 0 and both SSIM terms go negative again.
-* ``teacher_absmax`` (default) maps ``[-M, M]`` -> ``[0, 1]`` with ``M = max |teacher|`` per image
-  and channel. Zero maps to 0.5 and ``[-M, M]`` is closed under negation, so a sign-flipped student
-  stays inside ``[0, 1]``: a flip becomes a brightness inversion around mid-grey, which SSIM
-  handles as it does for images. The flip is the worst case everywhere (>= 1.59, above every
-  unrelated student), a noisy copy scores about 0.005, and a channel with a constant non-zero
-  teacher does not need the ``eps`` floor. The price is contrast: on one-signed maps the teacher
-  only uses half of ``[0, 1]`` (more if it has a large offset), which the fixed ``C1``/``C2`` feel
-  slightly (unrelated students score 0.93-0.95 instead of 0.97-0.99).
-
-A policy with the joint (teacher and student) min/max also passes these tests, but it lets a
-student outlier widen the range and so shrink the loss of every other pixel; it is not provided.
-
-SSIM map, windows and skimage: the SSIM map is computed with a separable Gaussian "valid"
-convolution (no padding), like ``pytorch_msssim``; its mean equals ``pytorch_msssim.ssim`` (and
+The SSIM map is computed with a separable Gaussian "valid" convolution (no padding), like
+``pytorch_msssim``; its mean equals ``pytorch_msssim.ssim`` and
 ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
-use_sample_covariance=False)``, whose reflect-padded full map cropped by the window radius 5 is the
-same valid region). Maps smaller than the window are handled explicitly (``small_map``) instead of
-``pytorch_msssim``'s silent "Skipping Gaussian Smoothing".
+use_sample_covariance=False)``, whose reflect-padded full map cropped by the window radius is the
+same valid region (both tested). Maps smaller than the window are handled explicitly
+(``small_map``) instead of ``pytorch_msssim``'s silent "Skipping Gaussian Smoothing". Both maps go
+through a range policy first (:mod:`kd_det.modeling.losses.normalize`), because SSIM on signed
+activations mistakes a sign-flipped student for a similar one.
 """
 
 import functools
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,77 +20,26 @@ from pytorch_msssim.ssim import _fspecial_gauss_1d
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .normalize import DEFAULT_SSIM_POLICY, POLICY_DATA_RANGE, RANGE_POLICIES, normalize_pair
+from .reduce import attached_zero, check_pair, reduce_loss_map
+from .registry import FEATURE_LOSS_REGISTRY
+
 logger = logging.getLogger(__name__)
 
-RANGE_POLICIES = ("teacher_absmax", "teacher_minmax", "standardize", "none")
-DEFAULT_SSIM_POLICY = "teacher_absmax"
-# Data range a policy's output is meant to have; "none" has no natural range.
-_POLICY_DATA_RANGE = {
-    "teacher_absmax": 1.0,
-    "teacher_minmax": 1.0,
-    "standardize": 6.0,
-    "none": None,
-}
+__all__ = [
+    "LOSS_FORMS",
+    "SMALL_MAP_RULES",
+    "SSIMFeatureLoss",
+    "gaussian_valid",
+    "gaussian_window",
+    "ssim_map",
+]
+
 LOSS_FORMS = ("1-ssim", "(1-ssim)/2")
 SMALL_MAP_RULES = ("shrink", "skip")
-FEATURE_LOSSES = ("mse", "l1", "ssim")
-
-
-def normalize_pair(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    policy: str = DEFAULT_SSIM_POLICY,
-    eps: float = 1e-3,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[float]]:
-    """Map a student and a teacher map into a common range using the teacher's statistics.
-
-    All statistics are per image and per channel (over ``H, W``) and come from the detached
-    teacher, so the normalization is a fixed affine map for the student: gradients pass through it
-    unchanged in direction and the student cannot shrink its loss by moving the range.
-
-    Args:
-        student (Tensor): ``(N, C, H, W)`` student map; keeps its graph.
-        teacher (Tensor): teacher map of the same shape; detached here.
-        policy (str): one of
-            ``"teacher_absmax"``: ``(x + M) / 2M`` with ``M = max |teacher|``; the teacher lies in
-            ``[0, 1]`` and so does any student with ``|student| <= M``, sign flips included.
-            ``"teacher_minmax"``: ``(x - min) / (max - min)`` of the teacher; the student may fall
-            outside ``[0, 1]``.
-            ``"standardize"``: ``(x - mean) / std`` of the teacher (population std).
-            ``"none"``: maps returned unchanged (but as float32).
-        eps (float): floor of the teacher scale (``M``, ``max - min`` or ``std``) in activation
-            units. A dead teacher channel would otherwise divide the student by ~0, and the huge
-            normalized values make SSIM's curvature (and gradients) explode.
-
-    Returns:
-        tuple: ``(student_n, teacher_n, data_range)``, float32 maps and the data range the policy
-        is meant to be used with (1 for the min/max policies, 6 ~ +-3 sigma for ``standardize``,
-        ``None`` for ``"none"``).
-    """
-    if policy not in RANGE_POLICIES:
-        raise ValueError(f"Unknown range policy {policy!r}; expected one of {RANGE_POLICIES}.")
-    student = student.float()
-    teacher = teacher.detach().float()
-    if policy == "none":
-        return student, teacher, None
-    with torch.no_grad():
-        if policy == "teacher_absmax":
-            half = teacher.abs().amax(dim=(2, 3), keepdim=True).clamp_min(eps)
-            shift, scale = -half, 2.0 * half
-        elif policy == "teacher_minmax":
-            lo = teacher.amin(dim=(2, 3), keepdim=True)
-            hi = teacher.amax(dim=(2, 3), keepdim=True)
-            shift, scale = lo, (hi - lo).clamp_min(eps)
-        else:  # standardize
-            var, mean = torch.var_mean(teacher, dim=(2, 3), keepdim=True, correction=0)
-            shift, scale = mean, var.sqrt().clamp_min(eps)
-        inv = scale.reciprocal()
-        teacher_n = (teacher - shift) * inv
-    return (student - shift) * inv, teacher_n, _POLICY_DATA_RANGE[policy]
-
 
 # Longest run of filter outputs computed by one dense band matrix; longer runs are split into tiles
-# of about _BAND_TILE outputs (see _filter_dim for the measurements behind both numbers).
+# of about _BAND_TILE outputs (see _filter_dim).
 _BAND_MAX = 256
 _BAND_TILE = 128
 
@@ -159,11 +64,11 @@ def _band_matrix(n_out: int, win_size: int, win_sigma: float, device, dtype) -> 
 def _filter_dim(x: torch.Tensor, dim: int, win_size: int, win_sigma: float, adjoint: bool = False):
     """Valid Gaussian filter along ``dim`` (-1 or -2) of ``x``, or its adjoint (for backward).
 
-    Why matrix products instead of ``F.conv2d(groups=C)``: on this CPU the depthwise convolution
-    ran at ~3 GFLOP/s, and multiplying by a dense band matrix (``length / k`` times more FLOPs but
-    BLAS) was ~1.7x faster for stacked FPN maps up to 336 pixels per side (2x1280x128x160: 563 ms vs
-    1040 ms; 2x256x200x336: 690 vs 1161 ms; one thread). At 672 pixels the dense band lost (943 vs
-    597 ms) while tiles of 64-192 outputs were on par or better (346-460 ms), hence the tiling.
+    Why matrix products instead of ``F.conv2d(groups=C)``: the depthwise convolution is slow on
+    CPU, and a dense band matrix (``length / k`` times more FLOPs, but BLAS) is faster for FPN-sized
+    maps; for very long maps the dense band loses, so runs longer than ``_BAND_MAX`` outputs are
+    split into tiles of about ``_BAND_TILE``. The timings behind both numbers are in the README
+    (``python tools/benchmark_ssim.py``).
     Tiled outputs are concatenated, and the tiled adjoint is written as a valid filter of the
     zero-padded gradient (the Gaussian is symmetric, so no flip is needed).
     """
@@ -187,13 +92,13 @@ def _filter_dim(x: torch.Tensor, dim: int, win_size: int, win_sigma: float, adjo
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=dim)
 
 
-def _gaussian_valid(x: torch.Tensor, win_size: int, win_sigma: float) -> torch.Tensor:
+def gaussian_valid(x: torch.Tensor, win_size: int, win_sigma: float) -> torch.Tensor:
     """Separable Gaussian "valid" filter over ``H`` then ``W`` (pytorch_msssim's order)."""
     return _filter_dim(_filter_dim(x, -2, win_size, win_sigma), -1, win_size, win_sigma)
 
 
 def _gaussian_valid_adjoint(g: torch.Tensor, win_size: int, win_sigma: float) -> torch.Tensor:
-    """Adjoint of :func:`_gaussian_valid`: maps a valid-size gradient back to input size."""
+    """Adjoint of :func:`gaussian_valid`: maps a valid-size gradient back to input size."""
     g = _filter_dim(g, -1, win_size, win_sigma, adjoint=True)
     return _filter_dim(g, -2, win_size, win_sigma, adjoint=True)
 
@@ -226,7 +131,7 @@ class _SSIMMap(torch.autograd.Function):
         torch.mul(x, x, out=stack[:, 2 * c : 3 * c])
         torch.mul(y, y, out=stack[:, 3 * c : 4 * c])
         torch.mul(x, y, out=stack[:, 4 * c :])
-        mu_x, mu_y, e_xx, e_yy, e_xy = _gaussian_valid(stack, win_size, win_sigma).split(c, 1)
+        mu_x, mu_y, e_xx, e_yy, e_xy = gaussian_valid(stack, win_size, win_sigma).split(c, 1)
         del stack
         mu_xy = mu_x * mu_y
         mu_xx = mu_x * mu_x
@@ -277,8 +182,8 @@ def ssim_map(
 
     Why not ``pytorch_msssim.ssim``: it only returns means, and the weighted (foreground) loss needs
     the map. The values equal pytorch_msssim's map (same kernel, same valid filtering, same filter
-    order) to float rounding, at ~0.6x its forward+backward time (P2-P6 of 2x512x640, 256 channels,
-    one CPU thread: 1.27-1.44 s vs 2.12 s; MSE 0.06 s; see tools/benchmark_ssim.py).
+    order) to float rounding, and the hand-written backward of :class:`_SSIMMap` makes it faster
+    (README, ``tools/benchmark_ssim.py``).
 
     Args:
         x (Tensor): ``(N, C, H, W)`` student map (gradients flow to it), float32 or float64.
@@ -300,53 +205,6 @@ def ssim_map(
     c2 = (K[1] * data_range) ** 2
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _SSIMMap.apply(x, y.detach(), int(win_size), float(win_sigma), c1, c2)
-
-
-def _attached_zero(student: torch.Tensor, per_image: bool) -> torch.Tensor:
-    """A zero loss that still depends on ``student``.
-
-    Returning a detached zero for a skipped level would leave the parameters that produce that
-    level without gradients, which breaks DDP (``find_unused_parameters=False``). ``nan_to_num``
-    keeps it zero (not NaN) even if the student holds non-finite values.
-    """
-    zero = torch.nan_to_num(student.float(), nan=0.0, posinf=0.0, neginf=0.0).mul(0.0)
-    zero = zero.flatten(1).sum(dim=1)
-    return zero if per_image else zero.sum()
-
-
-def _reduce(
-    loss_map: torch.Tensor, weight_map: Optional[torch.Tensor], per_image: bool
-) -> torch.Tensor:
-    """Mean of ``loss_map`` (N, C, h, w), optionally weighted by ``weight_map`` (N, 1, h, w).
-
-    Weighted, the batch value is ``sum(w * l) / (C * sum(w))`` over the whole batch, i.e. every
-    weighted pixel counts the same wherever it is; per image the same ratio is taken per image, so
-    the batch value is the per-image values averaged with weights ``sum(w_n)``. A zero total weight
-    gives 0 (not 0/0).
-    """
-    if weight_map is None:
-        per = loss_map.flatten(1).mean(dim=1)
-        return per if per_image else per.mean()
-    w = weight_map.float().detach()
-    num = (loss_map * w).flatten(1).sum(dim=1)
-    den = w.flatten(1).sum(dim=1) * loss_map.shape[1]
-    if per_image:
-        return num / den.clamp_min(torch.finfo(den.dtype).tiny)
-    return num.sum() / den.sum().clamp_min(torch.finfo(den.dtype).tiny)
-
-
-def _check_pair(student: torch.Tensor, teacher: torch.Tensor, weight_map: Optional[torch.Tensor]):
-    if student.dim() != 4 or student.shape != teacher.shape:
-        raise ValueError(
-            f"Expected student and teacher maps of the same (N, C, H, W) shape, got "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}."
-        )
-    if weight_map is not None:
-        n, _, h, w = student.shape
-        if tuple(weight_map.shape) != (n, 1, h, w):
-            raise ValueError(
-                f"weight_map must have shape {(n, 1, h, w)}, got {tuple(weight_map.shape)}."
-            )
 
 
 class SSIMFeatureLoss(nn.Module):
@@ -375,7 +233,8 @@ class SSIMFeatureLoss(nn.Module):
             data_range (float or None): ``None`` takes the policy's range (1 for the min/max
                 policies, 6 for ``standardize``); required for ``range_policy="none"``.
             range_policy (str): see :func:`normalize_pair`; default ``"teacher_absmax"`` is the
-                one policy whose sign-flipped student is the worst case (module docstring).
+                one policy whose sign-flipped student is the worst case on every map type tried
+                (README, "SSIM on feature maps").
             loss_form (str): ``"1-ssim"`` (in ``[0, 2]``) or ``"(1-ssim)/2"`` (in ``[0, 1]``).
             small_map (str): maps with ``min(H, W) < win_size``: ``"shrink"`` uses the largest
                 odd window ``<= min(H, W)`` (levels under 3 pixels are skipped), ``"skip"`` skips
@@ -392,7 +251,7 @@ class SSIMFeatureLoss(nn.Module):
         if small_map not in SMALL_MAP_RULES:
             raise ValueError(f"Unknown small_map {small_map!r}; expected {SMALL_MAP_RULES}.")
         if data_range is None:
-            data_range = _POLICY_DATA_RANGE[range_policy]
+            data_range = POLICY_DATA_RANGE[range_policy]
             if data_range is None:
                 raise ValueError('range_policy="none" needs an explicit data_range.')
         if data_range <= 0:
@@ -406,6 +265,22 @@ class SSIMFeatureLoss(nn.Module):
         self.small_map = small_map
         self.eps = float(eps)
         self._warned = set()
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Constructor arguments from ``MODEL.KD.SSIM.*`` and ``MODEL.KD.FEATURE.RANGE_POLICY``."""
+        kd = cfg.MODEL.KD
+        kwargs = dict(
+            win_size=kd.SSIM.WINDOW_SIZE,
+            win_sigma=kd.SSIM.SIGMA,
+            K=tuple(kd.SSIM.K),
+            data_range=kd.SSIM.DATA_RANGE or None,
+            loss_form=kd.SSIM.LOSS_FORM,
+            small_map=kd.SSIM.SMALL_MAP,
+        )
+        if kd.FEATURE.RANGE_POLICY:
+            kwargs["range_policy"] = kd.FEATURE.RANGE_POLICY
+        return kwargs
 
     def extra_repr(self) -> str:
         return (
@@ -477,73 +352,21 @@ class SSIMFeatureLoss(nn.Module):
 
         Returns:
             Tensor: float32 scalar (or ``(N,)``). Unweighted, the batch value is the mean of the
-            per-image values; weighted, see :func:`_reduce`.
+            per-image values; weighted, see :func:`~kd_det.modeling.losses.reduce.reduce_loss_map`.
         """
-        _check_pair(student, teacher, weight_map)
+        check_pair(student, teacher, weight_map)
         smap = self.ssim_map(student, teacher)
         if smap is None:
-            return _attached_zero(student, per_image)
+            return attached_zero(student, per_image)
         if weight_map is not None:
             r_h = (student.shape[-2] - smap.shape[-2]) // 2
             r_w = (student.shape[-1] - smap.shape[-1]) // 2
             weight_map = weight_map[..., r_h : r_h + smap.shape[-2], r_w : r_w + smap.shape[-1]]
-        loss = _reduce(1.0 - smap, weight_map, per_image)
+        loss = reduce_loss_map(1.0 - smap, weight_map, per_image)
         return loss * 0.5 if self.loss_form == "(1-ssim)/2" else loss
 
 
-class LpFeatureLoss(nn.Module):
-    """Mean squared (``"mse"``) or absolute (``"l1"``) error between feature maps, in float32.
-
-    The lp-norm hint baseline of the SSIM-KD paper compares raw maps, hence ``range_policy="none"``
-    by default; the other policies of :func:`normalize_pair` make lp and SSIM losses comparable.
-    """
-
-    def __init__(self, norm: str = "mse", range_policy: str = "none", eps: float = 1e-3):
-        """
-        Args:
-            norm (str): ``"mse"`` or ``"l1"``.
-            range_policy (str): see :func:`normalize_pair`.
-            eps (float): floor of the teacher scale, see :func:`normalize_pair`.
-        """
-        super().__init__()
-        if norm not in ("mse", "l1"):
-            raise ValueError(f"Unknown norm {norm!r}; expected 'mse' or 'l1'.")
-        if range_policy not in RANGE_POLICIES:
-            raise ValueError(f"Unknown range_policy {range_policy!r}; expected {RANGE_POLICIES}.")
-        self.norm = norm
-        self.range_policy = range_policy
-        self.eps = float(eps)
-
-    def extra_repr(self) -> str:
-        return f"norm={self.norm!r}, range_policy={self.range_policy!r}"
-
-    def forward(
-        self,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        weight_map: Optional[torch.Tensor] = None,
-        per_image: bool = False,
-    ) -> torch.Tensor:
-        """Same arguments and reductions as :meth:`SSIMFeatureLoss.forward` (no border crop)."""
-        _check_pair(student, teacher, weight_map)
-        with torch.autocast(device_type=student.device.type, enabled=False):
-            s, t, _ = normalize_pair(student, teacher, self.range_policy, self.eps)
-            diff = s - t
-            loss_map = diff * diff if self.norm == "mse" else diff.abs()
-            return _reduce(loss_map, weight_map, per_image)
-
-
-def build_feature_loss(name: str, **kwargs) -> nn.Module:
-    """Build a feature-hint loss by name: ``"mse"``, ``"l1"`` or ``"ssim"``.
-
-    Args:
-        name (str): loss name (case-insensitive).
-        **kwargs: passed to :class:`LpFeatureLoss` (``range_policy``, ``eps``) or
-            :class:`SSIMFeatureLoss`.
-    """
-    key = name.lower()
-    if key in ("mse", "l1"):
-        return LpFeatureLoss(norm=key, **kwargs)
-    if key == "ssim":
-        return SSIMFeatureLoss(**kwargs)
-    raise ValueError(f"Unknown feature loss {name!r}; expected one of {FEATURE_LOSSES}.")
+@FEATURE_LOSS_REGISTRY.register()
+def ssim(cfg) -> SSIMFeatureLoss:
+    """``MODEL.KD.FEATURE.LOSS: ssim``: :class:`SSIMFeatureLoss` from the config."""
+    return SSIMFeatureLoss(**SSIMFeatureLoss.from_config(cfg))

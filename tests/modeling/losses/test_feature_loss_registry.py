@@ -1,0 +1,161 @@
+"""The feature-loss registry: built-in names, errors, and a loss registered from user code (this
+file) and named in the config of a DistillationRCNN and of an OnlineDistillationRCNN."""
+
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from conftest import CONFIGS, tiny_overrides
+from kd_det.config import get_kd_cfg
+from kd_det.modeling.losses import (
+    FEATURE_LOSS_REGISTRY,
+    CWDFeatureLoss,
+    LpFeatureLoss,
+    PKDFeatureLoss,
+    SSIMFeatureLoss,
+    feature_loss_from_config,
+)
+
+R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
+LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+
+
+@FEATURE_LOSS_REGISTRY.register()
+class ConstantTestLoss(nn.Module):
+    """A user loss: returns ``VALUE`` per image (attached to the student) and records its calls."""
+
+    VALUE = 0.25
+    calls = []
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.tau = cfg.MODEL.KD.FEATURE.CWD_TAU  # reads the config it is built from
+
+    def forward(self, student, teacher, weight_map=None, per_image=False):
+        type(self).calls.append((tuple(student.shape), tuple(teacher.shape), student.requires_grad))
+        per = student.float().flatten(1).sum(1) * 0.0 + self.VALUE
+        return per if per_image else per.mean()
+
+
+def _cfg(tmp_path, *extra):
+    """A tiny R18 student (FPN 32 channels) and a RANDOM tiny R18 teacher with FPN 48 channels,
+    so every level goes through a 1x1 adapter before the loss."""
+    teacher_opts = tiny_overrides(tmp_path) + ["MODEL.FPN.OUT_CHANNELS", "48"]
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(R18)
+    cfg.merge_from_list(tiny_overrides(tmp_path))
+    cfg.merge_from_list(
+        [
+            "MODEL.META_ARCHITECTURE", "DistillationRCNN",
+            "MODEL.KD.TEACHER.CONFIG_FILE", R18,
+            "MODEL.KD.TEACHER.WEIGHTS", "",
+            "MODEL.KD.TEACHER.ALLOW_RANDOM", "True",
+            "MODEL.KD.TEACHER.OPTS", str(teacher_opts),
+            "MODEL.KD.BACKBONE.LEVELS", "[]",
+        ]  # fmt: skip
+        + list(extra)
+    )
+    return cfg
+
+
+def _batch(n=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        xy = torch.rand(3, 2, generator=g) * (size - 24)
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(3, 2, generator=g) * 16], 1))
+        inst.gt_classes = torch.randint(0, 12, (3,), generator=g)
+        img = torch.randint(0, 256, (3, size, size), generator=g).float()
+        out.append({"image": img, "instances": inst, "height": size, "width": size})
+    return out
+
+
+def _train_losses(model):
+    model.train()
+    torch.manual_seed(0)
+    with EventStorage():
+        losses = model(_batch())
+        sum(losses.values()).backward()
+    return losses
+
+
+def test_builtin_names_and_their_config_keys():
+    cfg = get_kd_cfg()
+    cfg.merge_from_list(
+        [
+            "MODEL.KD.SSIM.WINDOW_SIZE", "7",
+            "MODEL.KD.SSIM.LOSS_FORM", "(1-ssim)/2",
+            "MODEL.KD.FEATURE.CWD_TAU", "4.0",
+        ]  # fmt: skip
+    )
+    assert {"ssim", "mse", "l1", "pkd", "cwd"} <= {name for name, _ in FEATURE_LOSS_REGISTRY}
+    ssim = feature_loss_from_config(cfg, "ssim")
+    assert isinstance(ssim, SSIMFeatureLoss) and ssim.win_size == 7
+    assert ssim.loss_form == "(1-ssim)/2" and ssim.range_policy == "teacher_absmax"
+    assert feature_loss_from_config(cfg, "SSIM").win_size == 7  # YAML written in capitals
+    mse, l1 = feature_loss_from_config(cfg, "mse"), feature_loss_from_config(cfg, "l1")
+    assert isinstance(mse, LpFeatureLoss) and (mse.norm, l1.norm) == ("mse", "l1")
+    assert mse.range_policy == "none"
+    assert isinstance(feature_loss_from_config(cfg, "pkd"), PKDFeatureLoss)
+    cwd = feature_loss_from_config(cfg, "cwd")
+    assert isinstance(cwd, CWDFeatureLoss) and cwd.tau == 4.0 and cwd.range_policy == "none"
+    cfg.merge_from_list(["MODEL.KD.FEATURE.RANGE_POLICY", "teacher_absmax"])
+    assert feature_loss_from_config(cfg, "l1").range_policy == "teacher_absmax"
+    assert feature_loss_from_config(cfg, "cwd").range_policy == "teacher_absmax"
+
+
+def test_unknown_name_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"'ConstantTestLoss', 'cwd', 'l1', 'mse', 'pkd', 'ssim'"):
+        feature_loss_from_config(get_kd_cfg(), "kl")
+
+
+def test_unknown_name_in_yaml_stops_the_model_build(tmp_path):
+    with pytest.raises(ValueError, match="registered feature losses"):
+        build_model(_cfg(tmp_path, "MODEL.KD.FEATURE.LOSS", "sim"))
+
+
+def test_user_registered_loss_named_in_yaml_is_used(tmp_path):
+    """loss_kd_fpn_<level> = weight * mean over images of the loss's per-image values, and the
+    loss sees the ADAPTED student (48 channels, like the teacher) for every level."""
+    ConstantTestLoss.calls.clear()
+    cfg = _cfg(
+        tmp_path,
+        "MODEL.KD.FEATURE.LOSS", "ConstantTestLoss",
+        "MODEL.KD.FEATURE.WEIGHTS", "[2.0]",
+        "MODEL.KD.FEATURE.CWD_TAU", "3.0",
+    )  # fmt: skip
+    model = build_model(cfg)
+    assert isinstance(model.feature_loss, ConstantTestLoss) and model.feature_loss.tau == 3.0
+    losses = _train_losses(model)
+    for lvl in LEVELS:
+        assert losses[f"loss_kd_fpn_{lvl}"].item() == pytest.approx(2.0 * ConstantTestLoss.VALUE)
+    assert len(ConstantTestLoss.calls) == len(LEVELS)
+    for s_shape, t_shape, grad in ConstantTestLoss.calls:
+        assert s_shape == t_shape and s_shape[:2] == (2, 48) and grad
+
+
+@pytest.mark.parametrize("name", ["pkd", "cwd"])
+def test_new_losses_train_through_adapters(tmp_path, name):
+    """32-channel student, 48-channel teacher: the loss is finite and positive on every level with
+    more than one pixel (P6 of a 64-px image is 1x1: a single position has no spatial pattern, so
+    both losses are exactly 0 there), and its gradient reaches the adapters and the student's FPN.
+    """
+    model = build_model(_cfg(tmp_path, "MODEL.KD.FEATURE.LOSS", name))
+    assert set(model.kd_adapters.keys()) == {f"fpn_{lvl}" for lvl in LEVELS}
+    losses = _train_losses(model)
+    for lvl in LEVELS[:-1]:
+        value = losses[f"loss_kd_fpn_{lvl}"]
+        assert torch.isfinite(value) and value.item() > 0, (lvl, value)
+    assert losses["loss_kd_fpn_p6"].item() == 0.0
+    for lvl in LEVELS[:-1]:
+        # only the weights: both losses ignore a per-channel offset, so the bias gets no gradient
+        grad = model.kd_adapters[f"fpn_{lvl}"].weight.grad
+        assert grad is not None and grad.abs().sum() > 0, lvl
+    fpn_out = model.backbone.fpn_output2.weight
+    assert fpn_out.grad is not None and fpn_out.grad.abs().sum() > 0
