@@ -159,3 +159,63 @@ def test_new_losses_train_through_adapters(tmp_path, name):
         assert grad is not None and grad.abs().sum() > 0, lvl
     fpn_out = model.backbone.fpn_output2.weight
     assert fpn_out.grad is not None and fpn_out.grad.abs().sum() > 0
+
+
+ONLINE = os.path.join(CONFIGS, "Synthetic", "online_lite0_R18.yaml")
+LITE0 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_lite0_FPN.yaml")
+
+
+def _online_cfg(tmp_path, name):
+    """Two tiny Lite0 peers with FPN widths 32 and 48 (adapters both ways), only the mutual
+    feature term on, at weight 3."""
+    tiny = tiny_overrides(tmp_path)
+    peer_opts = [
+        x for k, v in zip(tiny[0::2], tiny[1::2]) if k.startswith("MODEL.") for x in (k, v)
+    ]
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(ONLINE)
+    cfg.merge_from_list(tiny)
+    cfg.merge_from_list(
+        [
+            "MODEL.ONLINE_KD.PEERS", str([LITE0, LITE0]),
+            "MODEL.ONLINE_KD.PEER_OPTS", str(peer_opts + ["peer1:MODEL.FPN.OUT_CHANNELS", "48"]),
+            "MODEL.ONLINE_KD.FEATURE_LOSS", name,
+            "MODEL.ONLINE_KD.FEATURE_WEIGHTS", "[3.0]",
+            "MODEL.ONLINE_KD.MUTUAL_WARMUP", "0",
+            "MODEL.ONLINE_KD.LOGIT_WEIGHT", "0.0",
+            "MODEL.ONLINE_KD.EMA_FEATURE_WEIGHTS", "[0.0]",
+            "MODEL.ONLINE_KD.EMA_LOGIT_WEIGHT", "0.0",
+            "MODEL.ONLINE_KD.EMA_BOX_WEIGHT", "0.0",
+        ]  # fmt: skip
+    )
+    return cfg
+
+
+def test_online_mutual_term_uses_the_registry(tmp_path):
+    """MODEL.ONLINE_KD.FEATURE_LOSS names a user loss: every mutual level term is 3 * VALUE and the
+    loss sees the adapted map of each direction (48 channels toward peer1, 32 toward peer0)."""
+    ConstantTestLoss.calls.clear()
+    model = build_model(_online_cfg(tmp_path, "ConstantTestLoss"))
+    assert isinstance(model.feature_loss, ConstantTestLoss)
+    losses = _train_losses(model)
+    for i, j in ((0, 1), (1, 0)):
+        for lvl in LEVELS:
+            value = losses[f"loss_kd_peer{i}_fpn_{lvl}_from_peer{j}"].item()
+            assert value == pytest.approx(3.0 * ConstantTestLoss.VALUE)
+    assert sorted({s[1] for s, _, _ in ConstantTestLoss.calls}) == [32, 48]
+    assert len(ConstantTestLoss.calls) == 2 * len(LEVELS)
+
+
+@pytest.mark.parametrize("name", ["pkd", "cwd"])
+def test_online_mutual_term_with_new_losses(tmp_path, name):
+    model = build_model(_online_cfg(tmp_path, name))
+    assert (
+        type(model.feature_loss).__name__
+        == {"pkd": "PKDFeatureLoss", "cwd": "CWDFeatureLoss"}[name]
+    )
+    losses = _train_losses(model)
+    for i, j in ((0, 1), (1, 0)):
+        for lvl in LEVELS[:-1]:
+            value = losses[f"loss_kd_peer{i}_fpn_{lvl}_from_peer{j}"]
+            assert torch.isfinite(value) and value.item() > 0, (i, lvl, value)
+    assert model.kd_adapters["p0_to_p1_p2"].weight.grad.abs().sum() > 0
