@@ -17,6 +17,7 @@ What differs from ``DefaultTrainer`` and why:
 """
 
 import logging
+import math
 import os
 import time
 import weakref
@@ -29,6 +30,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from kd_det.config_validation import validate_kd_config
+
 from .checkpoint import (
     AtomicDetectionCheckpointer,
     PruningPeriodicCheckpointer,
@@ -40,7 +43,31 @@ from .teacher_check import TeacherCheckHook
 logger = logging.getLogger(__name__)
 
 
-class CPUAMPTrainer(AMPTrainer):
+class LossReportMixin:
+    """Makes detectron2's divergence error name the non-finite terms of that iteration.
+
+    ``SimpleTrainer.write_metrics`` raises ``FloatingPointError("Loss became infinite or NaN at
+    iteration=...")`` with the loss dict averaged over processes. With a dozen ``loss_kd_*``
+    terms the culprit is easier to see listed by name, with this process's own values.
+    """
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        try:
+            super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+        except FloatingPointError as e:
+            values = {k: float(v.detach().float().cpu()) for k, v in loss_dict.items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            raise FloatingPointError(
+                f"{e}\nNon-finite terms on this process: {', '.join(bad) or 'none'}; its loss "
+                f"dict: {values}. See docs/troubleshooting.md (NaN or infinite losses)."
+            ) from e
+
+
+class KDSimpleTrainer(LossReportMixin, SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` whose divergence error names the non-finite terms."""
+
+
+class CPUAMPTrainer(LossReportMixin, AMPTrainer):
     """``AMPTrainer`` that also runs without CUDA: bfloat16 autocast on CPU, no grad scaler.
 
     bfloat16 has float32's exponent range, so the loss scaling that float16 needs is unnecessary.
@@ -145,6 +172,7 @@ class KDTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         setup_kd_logger(cfg.OUTPUT_DIR)
+        validate_kd_config(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         check_dataset_files(cfg.DATASETS.TRAIN)
 
@@ -153,7 +181,7 @@ class KDTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
 
         model = self.wrap_ddp(cfg, model)
-        trainer_cls = CPUAMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        trainer_cls = CPUAMPTrainer if cfg.SOLVER.AMP.ENABLED else KDSimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)

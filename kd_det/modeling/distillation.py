@@ -39,6 +39,8 @@ from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from kd_det.config_validation import validate_kd_config
+
 from .hint_weighting import HINT_WEIGHTINGS, HintWeighting
 from .losses import feature_loss_from_config
 from .teacher import TeacherHolder, build_teacher
@@ -189,6 +191,7 @@ class DistillationRCNN(GeneralizedRCNN):
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, cfg):
+        validate_kd_config(cfg)  # ranges first: before a teacher or peer is built
         ret = super().from_config(cfg)
         kd = cfg.MODEL.KD
         fpn_levels = _per_level(kd.FEATURE.WEIGHTS, kd.FEATURE.LEVELS, "MODEL.KD.FEATURE.WEIGHTS")

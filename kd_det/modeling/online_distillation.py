@@ -105,6 +105,8 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
+from kd_det.config_validation import validate_kd_config
+
 from .distillation import _class_specific, _masked_mean, _per_level
 from .losses import feature_loss_from_config
 
@@ -365,6 +367,7 @@ class OnlineDistillationRCNN(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        validate_kd_config(cfg)  # ranges first: before a teacher or peer is built
         okd = cfg.MODEL.ONLINE_KD
         if len(okd.PEERS) < 2:
             raise ValueError(

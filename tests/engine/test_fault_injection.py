@@ -223,3 +223,104 @@ def test_trainer_resume_without_tag_prunes_old_and_never_overwrites(
     for name in ("model_0000003.pth", "model_0000004.pth", "model_final.pth"):
         kept = [n for n in after if n == name or n.startswith(name + ".bak-")]
         assert any(after[n] == before[name] for n in kept), f"{name} lost"
+
+
+# ------------------------------------------------------------------------------------------------
+# bad config values: refused at build time, each named
+# ------------------------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    ("MODEL.KD.ROI.TEMPERATURE", "0.0", "must be > 0"),
+    ("MODEL.KD.ROI.TEMPERATURE", "-2.0", "must be > 0"),
+    ("MODEL.ONLINE_KD.TEMPERATURE", "0.0", "must be > 0"),
+    ("MODEL.KD.FEATURE.WEIGHTS", "[1.0, -0.5]", ">= 0"),
+    ("MODEL.KD.FEATURE.FOREGROUND_WEIGHT", "-1.0", ">= 0"),
+    ("MODEL.KD.BACKBONE.WEIGHTS", "[-1.0]", ">= 0"),
+    ("MODEL.KD.RPN.OBJECTNESS_WEIGHT", "-1.0", ">= 0"),
+    ("MODEL.KD.RPN.DELTAS_WEIGHT", "-1.0", ">= 0"),
+    ("MODEL.KD.ROI.CLS_WEIGHT", "-1.0", ">= 0"),
+    ("MODEL.KD.ROI.BOX_WEIGHT", "-0.1", ">= 0"),
+    ("MODEL.KD.HINT.META_LOSS_WEIGHT", "-1.0", ">= 0"),
+    ("MODEL.ONLINE_KD.FEATURE_WEIGHTS", "[-1.0]", ">= 0"),
+    ("MODEL.ONLINE_KD.LOGIT_WEIGHT", "-1.0", ">= 0"),
+    ("MODEL.ONLINE_KD.EMA_FEATURE_WEIGHTS", "[1.0, -1.0]", ">= 0"),
+    ("MODEL.ONLINE_KD.EMA_LOGIT_WEIGHT", "-1.0", ">= 0"),
+    ("MODEL.ONLINE_KD.EMA_BOX_WEIGHT", "-1.0", ">= 0"),
+    ("MODEL.ONLINE_KD.EMA_DECAY", "1.5", "[0, 1]"),
+    ("MODEL.KD.WARMUP_ITERS", "-1", ">= 0"),
+    ("INPUT.MIX.PROB", "-0.1", "[0, 1]"),
+    ("INPUT.MIX.PROB", "1.5", "[0, 1]"),
+    ("INPUT.MIX.ALPHA", "0.0", "must be > 0"),
+    ("INPUT.MIX.NUM_PATCHES", "0", "integer >= 1"),
+    ("INPUT.MIX.MIN_VISIBLE", "1.5", "[0, 1]"),
+    ("INPUT.MIX.MIN_BOX_SIZE", "-1.0", ">= 0"),
+    ("INPUT.MIX.PARTNER_CACHE_SIZE", "-1", ">= 0"),
+    ("INPUT.MIX.TYPE", "blend", "one of mixup, cutmix"),
+    ("INPUT.MIX.BOX_RULE", "grow", "one of keep, shrink"),
+]
+
+
+@pytest.mark.parametrize("key,value,rule", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
+def test_bad_config_value_is_named(key, value, rule):
+    from kd_det.config import get_kd_cfg
+    from kd_det.config_validation import validate_kd_config
+
+    cfg = get_kd_cfg()
+    validate_kd_config(cfg)  # the defaults are valid
+    cfg.merge_from_list([key, value])  # INPUT.MIX.ENABLED stays False: checked anyway
+    with pytest.raises(ValueError) as info:
+        validate_kd_config(cfg)
+    lines = [x for x in str(info.value).splitlines() if x.startswith("  - ")]
+    assert len(lines) == 1 and lines[0].startswith(f"  - {key} = ") and rule in lines[0]
+
+
+def test_bad_value_stops_before_teacher_data_or_model(tmp_path):
+    """A zero temperature used to give NaN at iteration 0; now KDTrainer and the model builder
+    refuse it first -- before the (here missing) data and teacher checkpoint are even looked at."""
+    from detectron2.modeling import build_model
+
+    from kd_det.engine import KDTrainer
+
+    from kd_det.config import get_kd_cfg
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(R18)
+    cfg.merge_from_list(tiny_overrides(tmp_path / "out"))
+    cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "DistillationRCNN"])
+    cfg.merge_from_list(["MODEL.KD.TEACHER.CONFIG_FILE", R18])
+    cfg.merge_from_list(["MODEL.KD.TEACHER.WEIGHTS", str(tmp_path / "missing.pth")])
+    cfg.merge_from_list(["MODEL.KD.ROI.TEMPERATURE", "0.0", "MODEL.KD.ROI.CLS_WEIGHT", "1.0"])
+    cfg.DATASETS.TRAIN = ("no_such_dataset",)
+    for build in (KDTrainer, build_model):
+        with pytest.raises(ValueError, match=r"MODEL.KD.ROI.TEMPERATURE = 0.0: must be > 0"):
+            build(cfg)
+    out = tmp_path / "out"
+    assert not out.exists() or not [n for n in os.listdir(out) if n != "log.txt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# divergence: the error names the non-finite term
+# ------------------------------------------------------------------------------------------------
+
+
+def test_divergence_names_the_non_finite_term(tmp_path, synthetic_root):
+    from kd_det.engine import KDTrainer
+
+    cfg = _trainer_cfg(tmp_path, synthetic_root, max_iter=3)
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model, forward = trainer.model, trainer.model.forward
+
+    def diverging(data):
+        losses = forward(data)
+        losses["loss_kd_fake"] = torch.tensor(float("nan"))
+        return losses
+
+    model.forward = diverging
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train()
+    msg = str(info.value)
+    assert "Loss became infinite or NaN at iteration=0" in msg
+    assert "Non-finite terms on this process: loss_kd_fake;" in msg
+    assert "'loss_cls':" in msg
+    assert not any(n.startswith("model_") for n in os.listdir(tmp_path))
