@@ -209,10 +209,7 @@ def test_online_mutual_term_uses_the_registry(tmp_path):
 @pytest.mark.parametrize("name", ["pkd", "cwd"])
 def test_online_mutual_term_with_new_losses(tmp_path, name):
     model = build_model(_online_cfg(tmp_path, name))
-    assert (
-        type(model.feature_loss).__name__
-        == {"pkd": "PKDFeatureLoss", "cwd": "CWDFeatureLoss"}[name]
-    )
+    assert isinstance(model.feature_loss, {"pkd": PKDFeatureLoss, "cwd": CWDFeatureLoss}[name])
     losses = _train_losses(model)
     for i, j in ((0, 1), (1, 0)):
         for lvl in LEVELS[:-1]:
