@@ -31,7 +31,8 @@ class PKDFeatureLoss(nn.Module):
     positive per-channel scale or offset of the student) costs nothing. With population statistics
     ``mean(z^2) = 1``, so per channel ``0.5 * mean_hw((z_s - z_t)^2) = 1 - r``, where ``r`` is the
     Pearson correlation of the two channels over ``H x W``: an image's value is
-    ``mean_c(1 - r_c)``, in ``[0, 2]``, 0 for identical maps (up to ``eps``).
+    ``mean_c(1 - r_c)``, in ``[0, 2]``, 0 for identical maps (up to ``eps``). A 1x1 map (P6 of a
+    small image) has no spatial pattern: both sides standardize to 0 and the value is 0.
 
     Statistics are per image over ``(H, W)``, not over the batch ``(N, H, W)`` as in mmrazor's
     ``PKDLoss`` (which also uses the unbiased std plus ``1e-6``): per-image statistics keep the
