@@ -7,8 +7,9 @@
 3. Train the student (EfficientNet-Lite0 + FPN) alone.
 4. Train the same student, same schedule and seed, with SSIM distillation from the teacher.
 5. Evaluate all three with COCO AP (pycocotools) and print a table; write ``results.json`` and
-   ``results.md`` under ``--output``. Each run keeps detectron2's ``metrics.json``, TensorBoard
-   events and log in its own directory.
+   ``results.md`` under ``--output``, and ``compare.png`` (``tools/compare_predictions.py``: four
+   validation images with the ground truth and each model's detections). Each run keeps
+   detectron2's ``metrics.json``, TensorBoard events and log in its own directory.
 
 Every stage is a ``tools/train_net.py`` run, so what the demo does is what a user would type. A
 finished stage is skipped on the next ``make demo`` (``--force`` retrains everything).
@@ -36,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="training seed (same for every run)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain every stage")
+    p.add_argument("--teacher-min-ap", type=float, default=None,
+                   help="MODEL.KD.TEACHER.MIN_AP of the distillation run (0 only logs the "
+                        "teacher check's AP; default: the config's)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -87,6 +91,8 @@ def main(argv=None):
     kd_opts = s_opts + [
         "MODEL.KD.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
     ]  # fmt: skip
+    if args.teacher_min_ap is not None:
+        kd_opts += ["MODEL.KD.TEACHER.MIN_AP", str(args.teacher_min_ap)]
     k_res, k_sec = run_stage(
         "distilled student", os.path.join(args.output, "student_lite0_ssim_kd"),
         os.path.join(CFG, "distill_lite2_to_lite0_ssim.yaml"), kd_opts,
@@ -118,9 +124,29 @@ def main(argv=None):
             f, indent=2,
         )  # fmt: skip
     print("\n" + md + "\n\n" + summary)
+    draw_comparison(args, data_opts, teacher_dir)
     print(
         f"\n[demo] done in {(time.time() - t0) / 60:.1f} min; results in {args.output}/results.md"
     )
+
+
+def draw_comparison(args, data_opts, teacher_dir):
+    """``compare.png``: 4 validation images, ground truth and the three models' detections."""
+    import subprocess
+
+    out = args.output
+    cmd = [sys.executable, os.path.join(REPO, "tools", "compare_predictions.py"),
+           "--teacher-config", os.path.join(CFG, "faster_rcnn_lite2_FPN.yaml"),
+           "--teacher-weights", os.path.join(teacher_dir, "model_final.pth"),
+           "--student-config", os.path.join(CFG, "faster_rcnn_lite0_FPN.yaml"),
+           "--student-weights", os.path.join(out, "student_lite0", "model_final.pth"),
+           "--distilled-config", os.path.join(CFG, "distill_lite2_to_lite0_ssim.yaml"),
+           "--distilled-weights", os.path.join(out, "student_lite0_ssim_kd", "model_final.pth"),
+           "--num-images", "4", "--score-threshold", "0.5",
+           "--output", os.path.join(out, "compare.png"),
+           *data_opts, "INPUT.MIN_SIZE_TEST", str(args.image_size)]  # fmt: skip
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise SystemExit("[demo] tools/compare_predictions.py failed")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import sys
 
 from conftest import REPO
 
+# A 2-iteration teacher is useless: --teacher-min-ap 0 makes the teacher check only log its AP.
 ARGS = ["--num-train", "8", "--num-val", "4", "--image-size", "64", "--teacher-iters", "2",
-        "--student-iters", "2", "--batch", "2"]  # fmt: skip
+        "--student-iters", "2", "--batch", "2", "--teacher-min-ap", "0"]  # fmt: skip
 
 
 def test_demo_tiny(tmp_path):
@@ -29,6 +30,8 @@ def test_demo_tiny(tmp_path):
         assert (tmp_path / run / "model_final.pth").exists()
     kd_metrics = (tmp_path / "student_lite0_ssim_kd" / "metrics.json").read_text()
     assert "loss_kd_fpn_p2" in kd_metrics
+    assert (tmp_path / "student_lite0_ssim_kd" / "teacher_check.json").exists()
+    assert (tmp_path / "compare.png").stat().st_size > 0  # ground truth + 3 models side by side
 
     again = subprocess.run(
         cmd + ARGS, capture_output=True, text=True, cwd=REPO, env=env, timeout=600
