@@ -230,6 +230,14 @@ def add_kd_config(cfg):
     _C.KD_TRAINER.FIND_UNUSED_PARAMETERS = False
     # Keep at most this many periodic checkpoints on disk (0 keeps all); the final one is kept.
     _C.KD_TRAINER.MAX_TO_KEEP = 3
+
+    # ---------------------------------------------------------------------------------------------
+    # Input checks at start (kd_det/data/checks.py)
+    # ---------------------------------------------------------------------------------------------
+    # Image check at start: "decode" (catches truncated files), "header" (fast, for COCO) or "off".
+    _C.KD_TRAINER.CHECK_IMAGES = "decode"
+    # Drop missing or unreadable images from the datasets (count logged) instead of stopping.
+    _C.KD_TRAINER.SKIP_UNREADABLE_IMAGES = False
     return cfg
 
 

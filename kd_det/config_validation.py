@@ -77,6 +77,9 @@ def validate_kd_config(cfg):
         _range(errors, cfg, key, lambda v: v >= 0, "must be >= 0 (iterations; 0: no warm-up)")
     _range(errors, cfg, "MODEL.KD.HINT.META_PERIOD", lambda v: v >= 1, "must be >= 1")
     _range(errors, cfg, "MODEL.ONLINE_KD.EMA_DECAY", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    mode = _get(cfg, "KD_TRAINER.CHECK_IMAGES")
+    if mode is not None and mode not in ("decode", "header", "off"):
+        errors.append(f"KD_TRAINER.CHECK_IMAGES = {mode!r}: must be one of decode, header, off")
     _check_mix(errors, cfg)
     if errors:
         raise ValueError(
@@ -110,3 +113,4 @@ def _check_mix(errors, cfg):
     _range(errors, cfg, "INPUT.MIX.MIN_VISIBLE", lambda v: 0 <= v <= 1, f"{unit} (a fraction)")
     _range(errors, cfg, "INPUT.MIX.MIN_BOX_SIZE", lambda v: v >= 0, "must be >= 0 (pixels)")
     _range(errors, cfg, "INPUT.MIX.PARTNER_CACHE_SIZE", lambda v: v >= 0, "must be >= 0")
+    _range(errors, cfg, "INPUT.MIX.CLEAN_TAIL", lambda v: 0 <= v < 1, "must be in [0, 1)")

@@ -11,8 +11,10 @@ What differs from ``DefaultTrainer`` and why:
 * **Crash-safe checkpoints** (:class:`AtomicDetectionCheckpointer`) and a bounded number kept.
 * **AMP on CPU**: detectron2's ``AMPTrainer`` requires CUDA; on CPU we autocast to bfloat16 without
   a grad scaler, so a GPU config with ``SOLVER.AMP.ENABLED`` still runs on a CPU machine.
-* **Input checks before the first step**: every training image must exist, so a wrong dataset path
-  fails in seconds with the path named, not after the model and the teacher were built.
+* **Input checks before the first step** (:mod:`kd_det.data.checks`): every training and test
+  image must exist and decode, and training boxes must lie in their image, so a wrong dataset path
+  or a truncated JPEG fails in seconds with the file named, not after the model and the teacher
+  were built (or after training, for a test image).
 * **Mixed-sample mapper** when ``INPUT.MIX.ENABLED``; a COCO evaluator by default.
 """
 
@@ -23,7 +25,7 @@ import time
 import weakref
 
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
@@ -31,6 +33,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from kd_det.config_validation import validate_kd_config
+from kd_det.data.checks import check_dataset_files
 
 from .checkpoint import (
     AtomicDetectionCheckpointer,
@@ -98,40 +101,21 @@ class CPUAMPTrainer(LossReportMixin, AMPTrainer):
         self.optimizer.step()
 
 
-def check_dataset_files(dataset_names):
-    """Fail fast, with the path and the fix, if a training image is missing or unreadable.
+def check_inputs(cfg):
+    """Check the training and test images (and training boxes) before the model is built.
 
-    ``DatasetMapper`` would otherwise raise deep inside a data-loader worker, after the models were
-    built (and a teacher loaded), possibly hours into an epoch. Every file's existence is checked
-    and its header is parsed by PIL (``Image.open`` is lazy: it reads a few bytes, so even COCO's
-    118k images take seconds). Truncated pixel data past a valid header is still only caught when
-    read.
-
-    Args:
-        dataset_names (Iterable[str]): registered dataset names.
+    See :mod:`kd_det.data.checks`: a missing, truncated or corrupt image, or an invalid box,
+    stops the run here with the file named, not hours in inside a data-loader worker -- or after
+    training, for a test image. ``KD_TRAINER.CHECK_IMAGES`` picks full decode or headers only;
+    ``KD_TRAINER.SKIP_UNREADABLE_IMAGES`` drops unreadable images instead (with a count logged).
     """
-    from PIL import Image
-
-    for name in dataset_names:
-        dicts = DatasetCatalog.get(name)
-        if len(dicts) == 0:
-            raise ValueError(f"Dataset '{name}' is empty. Check its annotation file.")
-        missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
-        if missing:
-            raise FileNotFoundError(
-                f"Dataset '{name}': {len(missing)} of {len(dicts)} images do not exist, e.g. "
-                f"'{missing[0]}'. Fix the image root given when the dataset was registered "
-                "(for generated data: rerun tools/make_synthetic_coco.py --output <root>)."
-            )
-        for d in dicts:
-            try:
-                with Image.open(d["file_name"]) as im:
-                    im.size
-            except Exception as e:
-                raise ValueError(
-                    f"Dataset '{name}': image '{d['file_name']}' cannot be read ({e}). Replace the "
-                    "file or remove its entry from the annotation file."
-                ) from e
+    opts = dict(
+        mode=cfg.KD_TRAINER.CHECK_IMAGES,
+        skip_unreadable=cfg.KD_TRAINER.SKIP_UNREADABLE_IMAGES,
+    )
+    check_dataset_files(cfg.DATASETS.TRAIN, check_boxes=True, **opts)
+    test_only = [n for n in cfg.DATASETS.TEST if n not in cfg.DATASETS.TRAIN]
+    check_dataset_files(test_only, check_boxes=False, **opts)
 
 
 def setup_kd_logger(output_dir):
@@ -174,7 +158,7 @@ class KDTrainer(DefaultTrainer):
         setup_kd_logger(cfg.OUTPUT_DIR)
         validate_kd_config(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        check_dataset_files(cfg.DATASETS.TRAIN)
+        check_inputs(cfg)
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)

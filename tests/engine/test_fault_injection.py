@@ -257,6 +257,7 @@ BAD_VALUES = [
     ("INPUT.MIX.PARTNER_CACHE_SIZE", "-1", ">= 0"),
     ("INPUT.MIX.TYPE", "blend", "one of mixup, cutmix"),
     ("INPUT.MIX.BOX_RULE", "grow", "one of keep, shrink"),
+    ("KD_TRAINER.CHECK_IMAGES", "sometimes", "one of decode, header, off"),
 ]
 
 
@@ -324,3 +325,132 @@ def test_divergence_names_the_non_finite_term(tmp_path, synthetic_root):
     assert "Non-finite terms on this process: loss_kd_fake;" in msg
     assert "'loss_cls':" in msg
     assert not any(n.startswith("model_") for n in os.listdir(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# images and boxes: checked at start, train and test, with the file named
+# ------------------------------------------------------------------------------------------------
+
+
+def _data_copy(tmp_path, synthetic_root, case):
+    """A private copy of the generated data under a dataset prefix of its own."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    prefix = "synthetic_fi_" + case
+    return root, ["DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST", f"('{prefix}_val',)"]
+
+
+def _edit_json(path, edit):
+    import json
+
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _with_good_checkpoint(out):
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"model": {"w": torch.ones(2)}, "iteration": 9}, str(out / "model_final.pth"))
+    atomic_write_text("model_final.pth", str(out / "last_checkpoint"))
+    return file_digests(out)
+
+
+def _first(root, split):
+    return sorted((root / split).iterdir())[0]
+
+
+# fault -> (what it does to the data root, words of the message besides the file, exception)
+IMAGE_FAULTS = {
+    "train_jpeg_truncated": (lambda r: _truncate(_first(r, "train"), 0.6), "truncated", ValueError),
+    "val_jpeg_truncated": (lambda r: _truncate(_first(r, "val"), 0.6), "truncated", ValueError),
+    "train_jpeg_garbage": (
+        lambda r: _first(r, "train").write_bytes(b"not a jpeg"),
+        "cannot be read",
+        ValueError,
+    ),
+    "train_jpeg_empty": (lambda r: _truncate(_first(r, "train"), 0), "cannot be read", ValueError),
+    "val_image_missing": (lambda r: _first(r, "val").unlink(), "do not exist", FileNotFoundError),
+    "train_size_mismatch": (
+        lambda r: _edit_json(r / "train.json", lambda d: d["images"][0].update(width=99)),
+        "but the annotation file says 99x64",
+        ValueError,
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(IMAGE_FAULTS))
+def test_bad_image_stops_before_the_model_is_built(tmp_path, synthetic_root, fault):
+    from kd_det.engine import KDTrainer
+
+    inject, words, exc = IMAGE_FAULTS[fault]
+    root, names = _data_copy(tmp_path, synthetic_root, fault)
+    split = "val" if fault.startswith("val") else "train"
+    victim = _first(root, split).name
+    inject(root)
+    out = tmp_path / "out"
+    before = _with_good_checkpoint(out)
+    cfg = _trainer_cfg(out, root, *names)
+    cfg.defrost()
+    cfg.DATASETS.TEST = (names[3].strip("(),'"),)  # _trainer_cfg turns evaluation off
+    with pytest.raises(exc) as info:
+        KDTrainer(cfg)
+    assert victim in str(info.value) and words in str(info.value)
+    assert {k: v for k, v in file_digests(out).items() if k != "log.txt"} == before
+
+
+def test_unreadable_images_skipped_on_request_with_a_count(tmp_path, synthetic_root, kd_log):
+    from detectron2.data import DatasetCatalog
+
+    from kd_det.engine.trainer import check_inputs
+
+    root, names = _data_copy(tmp_path, synthetic_root, "skip")
+    _truncate(_first(root, "train"), 0.6)
+    cfg = _trainer_cfg(tmp_path / "out", root, *names, "KD_TRAINER.SKIP_UNREADABLE_IMAGES", "True")
+    check_inputs(cfg)
+    assert "skipping 1 of 16 images that cannot be read" in kd_log.text
+    kept = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    assert len(kept) == 15 and not any(d["file_name"].endswith("/000000.jpg") for d in kept)
+
+
+# fault -> (the bbox of the first annotation of image 000000.jpg, words of the message)
+BOX_FAULTS = {
+    "negative_width": ([10.0, 10.0, -5.0, 8.0], "has a negative width or height"),
+    "negative_height": ([10.0, 10.0, 5.0, -8.0], "has a negative width or height"),
+    "wholly_right_of_image": ([70.0, 10.0, 5.0, 5.0], "lies wholly outside the 64x64 image"),
+    "wholly_above_image": ([10.0, -30.0, 5.0, 20.0], "lies wholly outside the 64x64 image"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BOX_FAULTS))
+def test_invalid_box_is_named_with_image_and_annotation(tmp_path, synthetic_root, fault):
+    from kd_det.engine import KDTrainer
+
+    bbox, words = BOX_FAULTS[fault]
+    root, names = _data_copy(tmp_path, synthetic_root, fault)
+    _edit_json(root / "train.json", _first_annotation_of_image_1(bbox))
+    out = tmp_path / "out"
+    before = _with_good_checkpoint(out)
+    with pytest.raises(ValueError) as info:
+        KDTrainer(_trainer_cfg(out, root, *names))
+    msg = str(info.value)
+    assert "000000.jpg' (image_id 1), annotation index 0" in msg and words in msg
+    assert {k: v for k, v in file_digests(out).items() if k != "log.txt"} == before
+
+
+def _first_annotation_of_image_1(bbox):
+    def edit(data):
+        first = next(a for a in data["annotations"] if a["image_id"] == 1)
+        first["bbox"] = bbox
+
+    return edit
+
+
+def test_boxes_partly_outside_are_counted(tmp_path, synthetic_root, kd_log):
+    from kd_det.engine.trainer import check_inputs
+
+    root, names = _data_copy(tmp_path, synthetic_root, "clip")
+    _edit_json(root / "train.json", _first_annotation_of_image_1([-4.0, 10.0, 20.0, 20.0]))
+    check_inputs(_trainer_cfg(tmp_path / "out", root, *names))
+    assert "1 boxes lie partly outside their image and will be clipped" in kd_log.text

@@ -1,0 +1,190 @@
+"""Input checks before the first training step: images that exist and decode, boxes that make sense.
+
+detectron2 reads an image only when its data-loader worker maps it, possibly hours into an epoch,
+and then fails with ``OSError: image file is truncated`` and no file name; a box with a negative
+width is silently dropped by the mapper, and a box lying wholly outside its image becomes an empty
+box. Here every image of the training and test sets is opened and fully decoded at start (PIL's
+``Image.open`` is lazy: only ``load()`` reads the pixel data, which is where truncation shows), and
+every training box is checked against its image, so such problems stop the run in seconds with the
+file named -- or, with ``KD_TRAINER.SKIP_UNREADABLE_IMAGES``, drop the bad images with a count.
+
+Cost (measured here, one process, 2 shared CPU cores under load): a full decode takes 1.0 ms per
+generated 192 px JPEG (the demo's 2300 images: about 2.5 s) and 5.4 ms per 640 px JPEG, so COCO's
+118k training images would take about 10 minutes; headers only take 0.15-0.2 ms per image. Hence
+``KD_TRAINER.CHECK_IMAGES``: "decode" by default, "header" for COCO-sized sets. Under DDP each
+process decodes only its share of the files.
+"""
+
+import logging
+import os
+import time
+
+from detectron2.data import DatasetCatalog
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+#: Values of ``KD_TRAINER.CHECK_IMAGES``.
+CHECK_MODES = ("decode", "header", "off")
+_SHOWN = 5  # examples named in a message
+
+
+def _image_problem(d, decode):
+    """None if the image is fine, else a short reason."""
+    from PIL import Image
+
+    path = d["file_name"]
+    if not os.path.isfile(path):
+        return "does not exist"
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if decode:
+                im.load()  # the pixel data: a truncated or corrupt file fails only here
+    except Exception as e:
+        return f"cannot be read ({type(e).__name__}: {e})"
+    w, h = d.get("width"), d.get("height")
+    if decode and w and h and size != (w, h):
+        # detectron2 would stop later with "Mismatched image shape"; PIL's size is before EXIF
+        # rotation, so accept the transposed size too.
+        if size != (h, w):
+            return f"is {size[0]}x{size[1]} but the annotation file says {w}x{h}"
+    return None
+
+
+def find_bad_images(dicts, mode="decode"):
+    """``[(file_name, reason)]`` of the images that are missing or do not read.
+
+    Under DDP each process checks every ``world_size``-th image and the lists are gathered, so the
+    check costs each process only its share.
+    """
+    if mode == "off":
+        return []
+    if mode not in CHECK_MODES:
+        raise ValueError(f"KD_TRAINER.CHECK_IMAGES must be one of {CHECK_MODES}, got {mode!r}")
+    rank, world = comm.get_rank(), comm.get_world_size()
+    mine = []
+    for d in dicts[rank::world]:
+        reason = _image_problem(d, decode=mode == "decode")
+        if reason is not None:
+            mine.append((d["file_name"], reason))
+    if world == 1:
+        return mine
+    return sorted(x for part in comm.all_gather(mine) for x in part)
+
+
+def box_problems(dicts):
+    """Check every non-crowd box against its image.
+
+    Returns:
+        tuple(list[str], int, int): descriptions of invalid boxes (negative width or height, or
+        wholly outside the image) naming the image file, its ``image_id`` and the annotation (its
+        ``id`` when the loader kept it, else its index in the image); the number of boxes partly
+        outside their image (detectron2's mapper clips them); the number of zero-size boxes (the
+        mapper drops them).
+    """
+    invalid, clipped, empty = [], 0, 0
+    for d in dicts:
+        width, height = d.get("width"), d.get("height")
+        for i, ann in enumerate(d.get("annotations", [])):
+            if ann.get("iscrowd", 0) or "bbox" not in ann:
+                continue
+            mode = ann.get("bbox_mode", BoxMode.XYWH_ABS)
+            box = [float(v) for v in ann["bbox"]]
+            if mode == BoxMode.XYWH_ABS:
+                w, h = box[2], box[3]
+            elif mode == BoxMode.XYXY_ABS:
+                w, h = box[2] - box[0], box[3] - box[1]
+            else:
+                continue  # relative or rotated boxes: not kd_det's detectors
+            x0, y0, x1, y1 = BoxMode.convert(box, mode, BoxMode.XYXY_ABS)
+            where = (
+                f"image '{d['file_name']}' (image_id {d.get('image_id')}), annotation "
+                + (f"id {ann['id']}" if "id" in ann else f"index {i}")
+                + f": bbox {ann['bbox']}"
+            )
+            if w < 0 or h < 0:
+                invalid.append(f"{where} has a negative width or height")
+            elif width and height and (x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height):
+                invalid.append(f"{where} lies wholly outside the {width}x{height} image")
+            elif w == 0 or h == 0:
+                empty += 1
+            elif width and height and (x0 < 0 or y0 < 0 or x1 > width or y1 > height):
+                clipped += 1
+    return invalid, clipped, empty
+
+
+def _drop_images(name, bad_files):
+    """Re-register dataset ``name`` without ``bad_files`` (its metadata is unchanged)."""
+    load = DatasetCatalog[name]
+    bad_files = frozenset(bad_files)
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: [d for d in load() if d["file_name"] not in bad_files])
+
+
+def check_dataset_files(dataset_names, mode="decode", skip_unreadable=False, check_boxes=True):
+    """Stop, with the file named, when an image is missing, does not decode or has invalid boxes.
+
+    Args:
+        dataset_names (Iterable[str]): registered dataset names.
+        mode (str): "decode" (full decode), "header" (PIL's lazy open only) or "off".
+        skip_unreadable (bool): drop missing and unreadable images from the dataset (it is
+            re-registered without them) and log how many, instead of stopping.
+        check_boxes (bool): check the boxes too (training sets; test boxes are only scored).
+
+    Raises:
+        FileNotFoundError: images do not exist (and ``skip_unreadable`` is off).
+        ValueError: an empty dataset, unreadable images, or invalid boxes.
+    """
+    for name in dataset_names:
+        dicts = DatasetCatalog.get(name)
+        if len(dicts) == 0:
+            raise ValueError(f"Dataset '{name}' is empty. Check its annotation file.")
+        start = time.perf_counter()
+        bad = find_bad_images(dicts, mode)
+        if mode != "off":
+            logger.info(
+                f"Dataset '{name}': checked {len(dicts)} images ({mode}) in "
+                f"{time.perf_counter() - start:.1f} s"
+            )
+        if bad and skip_unreadable:
+            if len(bad) == len(dicts):
+                raise ValueError(f"Dataset '{name}': none of its {len(dicts)} images can be read.")
+            logger.warning(
+                f"Dataset '{name}': skipping {len(bad)} of {len(dicts)} images that cannot be read "
+                f"(KD_TRAINER.SKIP_UNREADABLE_IMAGES), e.g. '{bad[0][0]}' {bad[0][1]}."
+            )
+            _drop_images(name, [f for f, _ in bad])
+            bad_set = {f for f, _ in bad}
+            dicts = [d for d in dicts if d["file_name"] not in bad_set]
+        elif bad:
+            missing = [f for f, reason in bad if reason == "does not exist"]
+            if missing:
+                raise FileNotFoundError(
+                    f"Dataset '{name}': {len(missing)} of {len(dicts)} images do not exist, e.g. "
+                    f"'{missing[0]}'. Fix the image root given when the dataset was registered "
+                    "(for generated data: rerun tools/make_synthetic_coco.py --output <root>)."
+                )
+            shown = "; ".join(f"'{f}' {reason}" for f, reason in bad[:_SHOWN])
+            raise ValueError(
+                f"Dataset '{name}': {len(bad)} of {len(dicts)} images cannot be used: {shown}. "
+                "Replace the file or remove its entry from the annotation file, or set "
+                "KD_TRAINER.SKIP_UNREADABLE_IMAGES True to train without them."
+            )
+        if not check_boxes:
+            continue
+        invalid, clipped, empty = box_problems(dicts)
+        if invalid:
+            raise ValueError(
+                f"Dataset '{name}': {len(invalid)} invalid boxes: "
+                + "; ".join(invalid[:_SHOWN])
+                + (" ..." if len(invalid) > _SHOWN else "")
+                + ". Fix or remove these annotations (COCO boxes are [x, y, width, height] in "
+                "pixels)."
+            )
+        if clipped or empty:
+            logger.info(
+                f"Dataset '{name}': {clipped} boxes lie partly outside their image and will be "
+                f"clipped to it; {empty} zero-size boxes will be dropped (detectron2's mapper)."
+            )
