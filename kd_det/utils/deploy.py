@@ -1,0 +1,206 @@
+"""Trace an exported student to TorchScript with detectron2's deployment path.
+
+``tools/export_student.py`` leaves a plain ``GeneralizedRCNN`` (``config.yaml`` +
+``model_final.pth``). This module does what detectron2's ``tools/deploy/export_model.py
+--export-method tracing --format torchscript`` does, for that export: build the model, wrap it in
+``detectron2.export.TracingAdapter`` (which flattens detectron2's list-of-dicts inputs and
+``Instances`` outputs into tuples of tensors), ``torch.jit.trace`` it on one image, save
+``model.ts``, and then check that the traced model reproduces the eager model's boxes, scores and
+classes on that image.
+
+What the traced model takes and returns (the ``TracingAdapter`` contract):
+
+* input: one image tensor, ``(3, H, W)``, in the model's ``INPUT.FORMAT`` (RGB/BGR), already
+  resized the way ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST`` resize it (``DefaultPredictor`` does
+  this step in Python); normalization, padding and everything after happen inside;
+* output: a tuple of tensors, ``(pred_boxes, pred_classes, scores)`` (plus ``image_size``
+  depending on the detectron2 version) at the input's resolution, i.e. ``model.inference(...,
+  do_postprocess=False)``. ``adapter.outputs_schema`` turns the tuple back into ``Instances``;
+  ``detectron2.modeling.postprocessing.detector_postprocess`` rescales to the original image.
+
+Tracing records one execution: Python control flow that depends on values is frozen. detectron2
+makes Faster R-CNN trace-friendly (shapes are traced as tensors). The EfficientNet-Lite backbone's
+"SAME" padding was not (a trace padded every input to the traced size): :func:`make_traceable`
+patches it before tracing. :func:`export_torchscript` checks the trace on a second, differently
+sized image too, and fails loudly if the traced graph does not generalize.
+"""
+
+import logging
+import os
+import types
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+def load_student(config_file, weights=None, device="cpu"):
+    """Build the exported (plain ``GeneralizedRCNN``) student in eval mode.
+
+    kd_det's config (``get_kd_cfg``) is used so that a student on a kd_det backbone
+    (EfficientNet-Lite, whose exported config keeps ``MODEL.EFFICIENTNET``) loads too.
+
+    Returns:
+        tuple(CfgNode, nn.Module)
+    """
+    import kd_det  # noqa: F401  (registers kd_det's backbones)
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from kd_det.config import get_kd_cfg
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(config_file)
+    if weights:
+        cfg.MODEL.WEIGHTS = weights
+    cfg.MODEL.DEVICE = device
+    if "EFFICIENTNET" in cfg.MODEL:
+        cfg.MODEL.EFFICIENTNET.PRETRAINED = False  # the checkpoint replaces ImageNet weights
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+        raise ValueError(
+            f"{config_file} is a {cfg.MODEL.META_ARCHITECTURE} config; trace the plain detector "
+            "that tools/export_student.py writes (its config.yaml and model_final.pth)."
+        )
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return cfg, model.eval()
+
+
+def preprocess(cfg, image_bgr):
+    """A ``(3, H, W)`` float tensor as the traced model wants it: resized with
+    ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST`` and in ``INPUT.FORMAT`` (as ``DefaultPredictor``
+    prepares images)."""
+    import detectron2.data.transforms as T
+
+    aug = T.ResizeShortestEdge(
+        [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+    )
+    image = image_bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image_bgr
+    image = aug.get_transform(image).apply_image(np.ascontiguousarray(image))
+    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+
+
+def _same_padding_forward(self, x):
+    """``Conv2dDynamicSamePadding.forward`` of efficientnet-lite-pytorch, in a traceable form.
+
+    The package computes the output size with ``math.ceil`` (a Python constant under tracing) and
+    subtracts the traced input size from it, so a trace pads every later input to the traced
+    size. ``ceil(i / s) * s - i == (-i) % s`` gives the same padding from traced sizes only.
+    """
+    ih, iw = x.shape[-2:]
+    kh, kw = self.weight.shape[-2:]
+    (sh, sw), (dh, dw) = self.stride, self.dilation
+    pad_h = max((-ih) % sh + (kh - 1) * dh + 1 - sh, 0)
+    pad_w = max((-iw) % sw + (kw - 1) * dw + 1 - sw, 0)
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+    return F.conv2d(
+        x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+    )
+
+
+def make_traceable(model):
+    """Patch, in place, the layers of ``model`` whose forward does not trace across input sizes
+    (EfficientNet-Lite's "SAME" padding; numerics unchanged). Returns the number patched."""
+    try:
+        from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Conv2dDynamicSamePadding):
+            m.forward = types.MethodType(_same_padding_forward, m)
+            n += 1
+    return n
+
+
+def _inference(model, inputs):
+    # As detectron2's export_model.py: no postprocess, so outputs stay at the input's resolution.
+    return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+
+
+def trace_student(model, image):
+    """``TracingAdapter`` + ``torch.jit.trace`` on ``image`` (a preprocessed ``(3, H, W)``).
+
+    Returns:
+        tuple(torch.jit.ScriptModule, TracingAdapter): the traced model and the adapter whose
+        ``outputs_schema`` rebuilds ``Instances`` from its outputs.
+    """
+    from detectron2.export import TracingAdapter
+
+    make_traceable(model)
+    adapter = TracingAdapter(model, [{"image": image}], _inference)
+    adapter.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # detectron2's asserts and shape checks each warn that they are frozen into the trace;
+        # the checks of export_torchscript catch what matters: a trace that does not generalize.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(adapter, (image,))
+    return traced, adapter
+
+
+def compare(model, traced, adapter, image):
+    """Eager vs traced on ``image``: number of detections and the largest box/score difference.
+
+    Returns:
+        dict: ``detections`` (eager), ``traced_detections``, ``max_box_diff``,
+        ``max_score_diff``, ``classes_equal``.
+    """
+    with torch.no_grad():
+        ref = _inference(model, [{"image": image}])[0]["instances"]
+        got = adapter.outputs_schema(traced(image))[0]["instances"]
+    out = {"detections": len(ref), "traced_detections": len(got)}
+    if len(ref) != len(got):
+        return dict(out, max_box_diff=float("inf"), max_score_diff=float("inf"))
+    if len(ref) == 0:
+        return dict(out, max_box_diff=0.0, max_score_diff=0.0, classes_equal=True)
+    return dict(
+        out,
+        max_box_diff=(ref.pred_boxes.tensor - got.pred_boxes.tensor).abs().max().item(),
+        max_score_diff=(ref.scores - got.scores).abs().max().item(),
+        classes_equal=bool(torch.equal(ref.pred_classes, got.pred_classes)),
+    )
+
+
+def export_torchscript(config_file, weights, output_dir, image_bgr, atol=1e-3):
+    """Trace the exported student, save ``output_dir/model.ts`` and check it (module docstring).
+
+    Args:
+        config_file, weights (str): what ``tools/export_student.py`` wrote.
+        output_dir (str): where ``model.ts`` goes.
+        image_bgr (np.ndarray): ``(H, W, 3)`` uint8 BGR image to trace and check on; a second
+            check runs on the same image resized to 3/4 (another input size).
+        atol (float): tolerance on boxes (pixels) and scores.
+
+    Returns:
+        dict: the path and the checks' results.
+
+    Raises:
+        RuntimeError: the traced model does not reproduce the eager model.
+    """
+    cfg, model = load_student(config_file, weights)
+    image = preprocess(cfg, image_bgr)
+    traced, adapter = trace_student(model, image)
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "model.ts")
+    traced.save(path)
+    reloaded = torch.jit.load(path)
+    h, w = image.shape[1:]
+    other = torch.nn.functional.interpolate(
+        image[None], size=(h * 3 // 4 // 2 * 2, w * 3 // 4 // 2 * 2), mode="bilinear"
+    )[0]
+    checks = {"traced_size": compare(model, reloaded, adapter, image)}
+    checks["other_size"] = compare(model, reloaded, adapter, other)
+    for name, c in checks.items():
+        ok = c["detections"] == c["traced_detections"] and c.get("classes_equal", False)
+        ok = ok and c["max_box_diff"] <= atol and c["max_score_diff"] <= atol
+        if not ok:
+            raise RuntimeError(
+                f"The traced model differs from the eager model on the {name.replace('_', ' ')} "
+                f"input: {c}. Do not deploy {path}; report the model's config."
+            )
+    logger.info(f"Traced {config_file} to {path}; checks: {checks}")
+    return {"path": path, "input_size": (h, w), "checks": checks}

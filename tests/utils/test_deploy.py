@@ -1,0 +1,88 @@
+"""The exported student traces to TorchScript (detectron2's TracingAdapter) and gives the eager
+model's boxes, scores and classes, at the traced input size and at another one."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.export import TracingAdapter
+from detectron2.modeling import build_model
+from PIL import Image
+
+from conftest import CONFIGS, REPO, tiny_overrides
+from kd_det.config import get_kd_cfg
+
+
+def _trace_tool():
+    spec = importlib.util.spec_from_file_location(
+        "trace_student", os.path.join(REPO, "tools", "trace_student.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exported(tmp_path, config, synthetic_root):
+    """A random-weight student of ``config``, exported by kd_det's export to plain detectron2."""
+    from kd_det.utils.export import export_student
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(os.path.join(CONFIGS, "Synthetic", config))
+    cfg.merge_from_list(tiny_overrides(tmp_path, synthetic_root) + ["MODEL.WEIGHTS", ""])
+    if "EFFICIENTNET" in cfg.MODEL:
+        cfg.MODEL.EFFICIENTNET.PRETRAINED = False
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("student")
+    return export_student(cfg, str(tmp_path / "student.pth"), str(tmp_path / "export"))
+
+
+def _image(tmp_path, h=72, w=96):
+    path = tmp_path / "input.png"
+    rgb = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("config", ["faster_rcnn_R18_FPN.yaml", "faster_rcnn_lite0_FPN.yaml"])
+def test_traced_student_matches_eager(tmp_path, synthetic_root, config):
+    from detectron2.data.detection_utils import read_image
+
+    from kd_det.utils.deploy import _inference, load_student, preprocess
+
+    out = _exported(tmp_path, config, synthetic_root)
+    image_file = _image(tmp_path)
+    res = _trace_tool().main(["--config-file", out["config"], "--image", image_file,
+                              "--output", str(tmp_path / "ts")])  # fmt: skip
+    assert res["path"] == str(tmp_path / "ts" / "model.ts")
+    assert res["input_size"] == (64, 85)  # MIN_SIZE_TEST 64 of a 72x96 image
+
+    # Independently of the tool's own checks: reload the file, compare with a fresh eager model.
+    traced = torch.jit.load(res["path"])
+    cfg, model = load_student(out["config"])
+    image = preprocess(cfg, read_image(image_file, format="BGR"))
+    adapter = TracingAdapter(model, [{"image": image}], _inference)
+    for size in [(64, 85), (80, 64)]:
+        x = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear")[0]
+        with torch.no_grad():
+            adapter(x)  # eager, through the adapter: defines outputs_schema
+            ref = _inference(model, [{"image": x}])[0]["instances"]
+            got = adapter.outputs_schema(traced(x))[0]["instances"]
+        assert len(ref) > 0 and len(got) == len(ref)
+        torch.testing.assert_close(got.pred_boxes.tensor, ref.pred_boxes.tensor, atol=1e-3, rtol=0)
+        torch.testing.assert_close(got.scores, ref.scores, atol=1e-4, rtol=0)
+        assert torch.equal(got.pred_classes, ref.pred_classes)
+
+
+def test_a_trace_that_does_not_generalize_is_refused(tmp_path, synthetic_root, monkeypatch):
+    """Without kd_det's padding patch, EfficientNet-Lite's trace pads every input to the traced
+    size: the check on a second input size must catch it."""
+    import kd_det.utils.deploy as deploy
+
+    out = _exported(tmp_path, "faster_rcnn_lite0_FPN.yaml", synthetic_root)
+    monkeypatch.setattr(deploy, "make_traceable", lambda model: 0)
+    with pytest.raises(SystemExit, match="differs from the eager model on the other size input"):
+        _trace_tool().main(["--config-file", out["config"], "--image", _image(tmp_path),
+                            "--output", str(tmp_path / "ts")])  # fmt: skip
