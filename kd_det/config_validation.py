@@ -3,8 +3,8 @@
 yacs checks that a key exists and keeps its type, not that its value makes sense: a temperature of
 0 divides the logits by zero and gives NaN at the first step, a negative weight makes a hint push
 the student *away* from its teacher, and ``INPUT.MIX.PROB 1.5`` is only noticed (if ever) when
-mixing is switched on. :func:`validate_kd_config` checks them all at once and names every bad key; it is
-called by ``KDTrainer`` and by the distillation models' ``from_config``.
+mixing is switched on. :func:`validate_kd_config` checks them all at once and names every bad key;
+it is called by ``KDTrainer`` and by the distillation models' ``from_config``.
 """
 
 import math

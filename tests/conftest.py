@@ -85,7 +85,7 @@ def kd_log():
 
 
 def file_digests(directory):
-    """``{name: sha256}`` of every file in ``directory`` (not recursive): to show nothing changed."""
+    """``{name: sha256}`` of the files in ``directory`` (not recursive): shows nothing changed."""
     import hashlib
 
     out = {}
