@@ -212,6 +212,9 @@ def add_kd_config(cfg):
     # Draw partners from this many recently mapped samples of the same worker (0: read every
     # partner fresh from disk; about 8 makes mixing nearly as fast as the plain mapper).
     _C.INPUT.MIX.PARTNER_CACHE_SIZE = 0
+    # Fraction of SOLVER.MAX_ITER at the end of training whose samples are not mixed (0: mix until
+    # the end); detectors switch strong augmentation off for the last 10-15 % of a schedule.
+    _C.INPUT.MIX.CLEAN_TAIL = 0.0
 
     # ---------------------------------------------------------------------------------------------
     # Datasets (kd_det/data/builtin.py)

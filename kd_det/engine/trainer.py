@@ -25,7 +25,12 @@ import time
 import weakref
 
 import torch
-from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.data import (
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
@@ -34,6 +39,7 @@ from detectron2.utils.logger import setup_logger
 
 from kd_det.config_validation import validate_kd_config
 from kd_det.data.checks import check_dataset_files
+from kd_det.data.loader import ResumableTrainLoader, build_resumable_train_loader
 
 from .checkpoint import (
     AtomicDetectionCheckpointer,
@@ -41,6 +47,7 @@ from .checkpoint import (
     list_checkpoints,
     periodic_iteration,
 )
+from .rng import GlobalRNGState, preserved_global_rng
 from .teacher_check import TeacherCheckHook
 
 logger = logging.getLogger(__name__)
@@ -135,6 +142,40 @@ def setup_kd_logger(output_dir):
     log.propagate = propagate
 
 
+def clean_tail_start(cfg):
+    """First iteration trained without mixing: the last ``INPUT.MIX.CLEAN_TAIL`` fraction of
+    ``SOLVER.MAX_ITER`` (None when the tail is empty), as detectors turn strong augmentation off
+    for the end of a schedule so the last updates see the test distribution."""
+    tail = cfg.INPUT.MIX.CLEAN_TAIL
+    if tail <= 0:
+        return None
+    return int(round(cfg.SOLVER.MAX_ITER * (1.0 - tail)))
+
+
+def _why_not_resumable(cfg):
+    """Why kd_det's resumable loader cannot serve ``cfg`` ("" when it can)."""
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        return f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN}"
+    if cfg.SEED < 0:
+        return "SEED is negative (random)"
+    if cfg.MODEL.KEYPOINT_ON:
+        return "keypoint training filters images by keypoint count"
+    return ""
+
+
+def _rng_neutral(hook):
+    """Make a hook's calls leave the global random state as they found it."""
+    for name in ("before_train", "after_step", "after_train"):
+        fn = getattr(hook, name)
+
+        def wrapped(*args, _fn=fn, **kwargs):
+            with preserved_global_rng():
+                return _fn(*args, **kwargs)
+
+        setattr(hook, name, wrapped)
+    return hook
+
+
 def fall_back_to_cpu(cfg):
     """Switch ``MODEL.DEVICE`` from CUDA to CPU when no GPU exists, with a warning.
 
@@ -172,6 +213,8 @@ class KDTrainer(DefaultTrainer):
         self.checkpointer = AtomicDetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        # The global random state (proposal/ROI sampling) travels with every checkpoint.
+        self.checkpointer.add_checkpointable("rng", GlobalRNGState())
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -211,7 +254,15 @@ class KDTrainer(DefaultTrainer):
                     ]
 
     def train(self):
-        """Run training; returns the last evaluation's results (also without EXPECTED_RESULTS)."""
+        """Run training; returns the last evaluation's results (also without EXPECTED_RESULTS).
+
+        A resumable loader starts at the batch of the first iteration to run (``start_iter`` is
+        known only after ``resume_or_load``), so a resumed run sees the batches an uninterrupted
+        one would have seen.
+        """
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            loader.start_iter = self.start_iter
         super().train()
         return getattr(self, "_last_eval_results", None)
 
@@ -244,15 +295,50 @@ class KDTrainer(DefaultTrainer):
             ret.insert(at, hooks.CallbackHook(after_step=lambda _: core.update_ema()))
         # Distillation: the teacher's AP on a few test images before the first step.
         ret.insert(0, TeacherCheckHook(self.cfg))
+        # Evaluations must not consume the random streams training draws from (see engine/rng.py).
+        for h in ret:
+            if isinstance(h, (hooks.EvalHook, TeacherCheckHook)):
+                _rng_neutral(h)
         return ret
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """The resumable loader of :mod:`kd_det.data.loader` (batches depend only on the seed and
+        the iteration), or detectron2's where that loader does not apply; with mixing,
+        ``INPUT.MIX.CLEAN_TAIL`` of the last iterations are mapped without it."""
+        mapper, plain, plain_from = DatasetMapper(cfg, True), None, None
         if cfg.INPUT.MIX.ENABLED:
             from kd_det.data.mixed_sample_mapper import MixedSampleDatasetMapper
 
-            return build_detection_train_loader(cfg, mapper=MixedSampleDatasetMapper(cfg, True))
-        return build_detection_train_loader(cfg)
+            mapper, plain = MixedSampleDatasetMapper(cfg, True), mapper
+            plain_from = clean_tail_start(cfg)
+        reason = _why_not_resumable(cfg)
+        if reason:
+            logger.warning(f"Using detectron2's training loader: {reason}. A resumed run will not "
+                           "repeat an uninterrupted one exactly.")  # fmt: skip
+            if plain_from is not None:
+                raise ValueError(f"INPUT.MIX.CLEAN_TAIL needs kd_det's resumable loader ({reason}).")
+            return build_detection_train_loader(cfg, mapper=mapper)
+        if cfg.INPUT.MIX.ENABLED and cfg.INPUT.MIX.PARTNER_CACHE_SIZE > 0:
+            logger.warning("INPUT.MIX.PARTNER_CACHE_SIZE > 0 draws partners from each worker's "
+                           "history: batches depend on DATALOADER.NUM_WORKERS and resumed runs "
+                           "differ from uninterrupted ones. Set it to 0 for exact "
+                           "reproducibility.")  # fmt: skip
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        return build_resumable_train_loader(
+            dicts,
+            mapper,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            seed=cfg.SEED,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            plain_mapper=plain,
+            plain_from_iter=plain_from,
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
