@@ -28,7 +28,11 @@ import kd_det  # noqa: F401  (registers kd_det's components)
 from kd_det.config import get_kd_cfg
 from kd_det.data.builtin import register_datasets_from_config
 from kd_det.engine import KDTrainer
-from kd_det.engine.checkpoint import AtomicDetectionCheckpointer, list_checkpoints
+from kd_det.engine.checkpoint import (
+    AtomicDetectionCheckpointer,
+    CheckpointResumeError,
+    list_checkpoints,
+)
 from kd_det.engine.trainer import fall_back_to_cpu
 from kd_det.modeling.teacher import TeacherInference
 
@@ -188,11 +192,14 @@ if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
     check_args(args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except CheckpointResumeError as e:  # a user decision, not a bug: no traceback
+        sys.exit(f"train_net.py: error: {e}")

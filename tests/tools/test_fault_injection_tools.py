@@ -200,3 +200,29 @@ def test_kd_log_lines_reach_log_txt_and_eval_only_needs_no_teacher(tmp_path, syn
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "AP" in (out / "eval_results.json").read_text()
+
+
+def test_resume_with_every_checkpoint_truncated_stops_with_how_to_start_over(
+    tmp_path, synthetic_root
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.manual_seed(0)
+    model = build_model(_cfg(R18, out))
+    ckpt = DetectionCheckpointer(model, save_dir=str(out))
+    for name in ("model_0000001", "model_0000003"):
+        ckpt.save(name, iteration=int(name[-1]))
+        data = (out / f"{name}.pth").read_bytes()
+        (out / f"{name}.pth").write_bytes(data[: len(data) // 3])  # a full disk, say
+    before = file_digests(out)
+    proc = _run(
+        "train_net.py", ["--config-file", R18, "--resume"] + tiny_overrides(out, synthetic_root)
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "model_0000003.pth cannot be loaded (truncated" in proc.stderr
+    assert (
+        "remove that directory or choose a new OUTPUT_DIR, or run without --resume" in proc.stderr
+    )
+    after = file_digests(out)
+    assert all(after[n] == d for n, d in before.items())  # nothing rewritten or removed
