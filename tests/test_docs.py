@@ -44,6 +44,7 @@ PAGES = [
     "README.md",
     "getting_started.md",
     "distill_your_detector.md",
+    "own_coco_data.md",
     "online_distillation.md",
     "mixed_sample.md",
     "export_and_deploy.md",

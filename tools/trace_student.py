@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Trace an exported student to TorchScript (detectron2's TracingAdapter) and check the trace.
 
-    python tools/trace_student.py --config-file export/lite0_ssim/config.yaml \\
-        --weights export/lite0_ssim/model_final.pth --image input.jpg --output export/lite0_ssim
+    python tools/trace_student.py --export-dir export/lite0_ssim --image input.jpg
 
-writes ``model.ts`` next to the export and checks that it reproduces the eager model's boxes,
-scores and classes on ``--image`` and on the image at another size (exit status 1 if not). The
-traced model takes one resized ``(3, H, W)`` image in the model's ``INPUT.FORMAT`` and returns
-``(boxes, classes, scores, ...)`` tensors at that resolution: see ``kd_det/utils/deploy.py``.
+reads ``config.yaml`` and ``model_final.pth`` written there by ``tools/export_student.py``, writes
+``model.ts`` next to them (or into ``--output``) and checks that it reproduces the eager model's
+boxes, scores and classes on ``--image`` and on the image at another size (exit status 1 if
+not). The traced model takes one resized ``(3, H, W)`` image in the model's ``INPUT.FORMAT`` and
+returns ``(boxes, classes, scores, ...)`` tensors at that resolution: see
+``kd_det/utils/deploy.py``.
 """
 
 import argparse
@@ -18,10 +19,9 @@ import sys
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config-file", required=True, help="config.yaml of tools/export_student.py")
-    p.add_argument("--weights", default="", help="default: the config's MODEL.WEIGHTS")
+    p.add_argument("--export-dir", required=True, help="the --output of tools/export_student.py")
     p.add_argument("--image", required=True, help="an image to trace and check on (any size)")
-    p.add_argument("--output", required=True, help="directory for model.ts")
+    p.add_argument("--output", default="", help="directory for model.ts (default: --export-dir)")
     p.add_argument("--atol", type=float, default=1e-3, help="box (px) and score tolerance")
     return p
 
@@ -35,7 +35,13 @@ def main(argv=None):
 
     image = read_image(args.image, format="BGR")
     try:
-        res = export_torchscript(args.config_file, args.weights, args.output, image, args.atol)
+        res = export_torchscript(
+            os.path.join(args.export_dir, "config.yaml"),
+            os.path.join(args.export_dir, "model_final.pth"),
+            args.output or args.export_dir,
+            image,
+            args.atol,
+        )
     except RuntimeError as e:
         raise SystemExit(str(e))
     print(f"Wrote {res['path']} (traced at {res['input_size'][0]}x{res['input_size'][1]})")

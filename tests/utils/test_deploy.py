@@ -54,7 +54,8 @@ def test_traced_student_matches_eager(tmp_path, synthetic_root, config):
 
     out = _exported(tmp_path, config, synthetic_root)
     image_file = _image(tmp_path)
-    res = _trace_tool().main(["--config-file", out["config"], "--image", image_file,
+    export_dir = os.path.dirname(out["config"])
+    res = _trace_tool().main(["--export-dir", export_dir, "--image", image_file,
                               "--output", str(tmp_path / "ts")])  # fmt: skip
     assert res["path"] == str(tmp_path / "ts" / "model.ts")
     assert res["input_size"] == (64, 85)  # MIN_SIZE_TEST 64 of a 72x96 image
@@ -84,5 +85,5 @@ def test_a_trace_that_does_not_generalize_is_refused(tmp_path, synthetic_root, m
     out = _exported(tmp_path, "faster_rcnn_lite0_FPN.yaml", synthetic_root)
     monkeypatch.setattr(deploy, "make_traceable", lambda model: 0)
     with pytest.raises(SystemExit, match="differs from the eager model on the other size input"):
-        _trace_tool().main(["--config-file", out["config"], "--image", _image(tmp_path),
-                            "--output", str(tmp_path / "ts")])  # fmt: skip
+        _trace_tool().main(["--export-dir", os.path.dirname(out["config"]),
+                            "--image", _image(tmp_path)])  # fmt: skip
