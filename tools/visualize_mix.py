@@ -45,6 +45,10 @@ def prepare_train_datasets(cfg, dataset_root=None, num_synthetic=32, image_size=
     Returns:
         tuple[str]: the training dataset names (also written to ``cfg.DATASETS.TRAIN``).
     """
+    if cfg.DATASETS.get("COCO"):
+        from kd_det.data.builtin import register_coco_from_config
+
+        register_coco_from_config(cfg)  # your own COCO-format data (DATASETS.COCO)
     root = dataset_root or cfg.DATASETS.get("SYNTHETIC_ROOT", DEFAULT_ROOT)
     names = list(cfg.DATASETS.TRAIN) or ["synthetic_train"]
     for name in names:

@@ -142,3 +142,18 @@ def test_train_net_trains_and_evaluates_on_own_coco_json(coco_data, tmp_path):
     assert {p["category_id"] for p in preds} <= {1, 2, 5}
     saved = (tmp_path / "config.yaml").read_text()
     assert "owncoco_val" in saved and vj in saved  # the run's config records the data
+
+
+def test_visualize_mix_reads_datasets_coco(coco_data, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "visualize_mix", os.path.join(REPO, "tools", "visualize_mix.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    json_file, image_root = coco_data["train"]
+    tool.main(["--num", "2", "--output", str(tmp_path), "--type", "cutmix"]
+              + _entry_opts("owncoco_vis_train", json_file, image_root)
+              + ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"])  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["000_cutmix.png", "001_cutmix.png"]
