@@ -27,6 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="dataset root directory")
     parser.add_argument("--num-train", type=int, default=synthetic.DEFAULT_NUM_TRAIN)
     parser.add_argument("--num-val", type=int, default=synthetic.DEFAULT_NUM_VAL)
+    parser.add_argument("--num-test", type=int, default=0, help="test split (0: none)")
     parser.add_argument("--image-size", type=int, default=synthetic.DEFAULT_IMAGE_SIZE)
     parser.add_argument("--seed", type=int, default=synthetic.DEFAULT_SEED)
     parser.add_argument(
@@ -39,7 +40,7 @@ def parse_args(argv=None):
 def format_summary(result):
     """Render the per-split image/annotation counts and per-class counts as a text table."""
     lines = [f"Synthetic COCO dataset at {result['root']}"]
-    splits = ("train", "val")
+    splits = tuple(s for s in ("train", "val", "test") if s in result)
     for split in splits:
         s = result[split]
         lines.append(
@@ -67,6 +68,7 @@ def main(argv=None):
         image_size=args.image_size,
         seed=args.seed,
         show_progress=not args.quiet,
+        num_test=args.num_test,
     )
     if result["skipped"] and args.quiet:
         print("Matching data already present; skipped generation (use --force to regenerate).")

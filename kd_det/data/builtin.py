@@ -156,7 +156,7 @@ def register_datasets_from_config(cfg):
 
 
 def _is_synthetic(name):
-    return name.startswith("synthetic") and name.rsplit("_", 1)[-1] in ("train", "val")
+    return name.startswith("synthetic") and name.rsplit("_", 1)[-1] in ("train", "val", "test")
 
 
 def dataset_class_names(cfg, name):

@@ -542,14 +542,23 @@ def summarize_coco_json(json_path):
     }
 
 
-def _meta_params(num_train, num_val, image_size, seed):
-    return {
+def _meta_params(num_train, num_val, image_size, seed, num_test=0):
+    params = {
         "num_train": int(num_train),
         "num_val": int(num_val),
         "image_size": int(image_size),
         "seed": int(seed),
         "generator_version": GENERATOR_VERSION,
     }
+    if num_test:  # absent when 0, so datasets written before the test split still match
+        params["num_test"] = int(num_test)
+    return params
+
+
+def _splits(params):
+    """(split, number of images) of a dataset's parameters."""
+    out = [("train", params["num_train"]), ("val", params["num_val"])]
+    return out + ([("test", params["num_test"])] if params.get("num_test") else [])
 
 
 def _is_complete(output_dir, params):
@@ -558,7 +567,7 @@ def _is_complete(output_dir, params):
         with open(os.path.join(output_dir, "meta.json")) as f:
             if json.load(f) != params:
                 return False
-        for split, n in (("train", params["num_train"]), ("val", params["num_val"])):
+        for split, n in _splits(params):
             with open(os.path.join(output_dir, f"{split}.json")) as f:
                 images = json.load(f)["images"]
             if len(images) != n:
@@ -571,8 +580,15 @@ def _is_complete(output_dir, params):
     return True
 
 
-def generate_dataset(output_dir, num_train, num_val, image_size, seed, show_progress=True):
-    """Generate the train and val splits, or skip if an identical dataset is already on disk.
+def generate_dataset(
+    output_dir, num_train, num_val, image_size, seed, show_progress=True, num_test=0
+):
+    """Generate the train, val and (optional) test splits, or skip if an identical dataset is
+    already on disk.
+
+    Studies use ``val`` as the dev split (every choice is made on it) and ``test`` for the numbers
+    they report; each split's images are drawn from their own seeds, so adding a test split leaves
+    train and val unchanged.
 
     ``meta.json`` is removed before generating and written last, so an interrupted run is never
     mistaken for a complete one and is simply redone next time.
@@ -584,13 +600,14 @@ def generate_dataset(output_dir, num_train, num_val, image_size, seed, show_prog
         image_size (int): side of the square images.
         seed (int): dataset seed (non-negative).
         show_progress (bool): show progress bars and a message when skipping.
+        num_test (int): number of test images (0: no test split).
 
     Returns:
-        dict: ``root``, ``train_json``, ``val_json``, ``skipped`` (bool) and per-split summaries
-        ``train`` / ``val`` from :func:`summarize_coco_json`.
+        dict: ``root``, ``<split>_json``, ``skipped`` (bool) and per-split summaries ``train`` /
+        ``val`` / ``test`` from :func:`summarize_coco_json`.
     """
     output_dir = os.path.abspath(output_dir)
-    params = _meta_params(num_train, num_val, image_size, seed)
+    params = _meta_params(num_train, num_val, image_size, seed, num_test)
     meta_path = os.path.join(output_dir, "meta.json")
     skipped = _is_complete(output_dir, params)
     if skipped:
@@ -602,11 +619,11 @@ def generate_dataset(output_dir, num_train, num_val, image_size, seed, show_prog
         os.makedirs(output_dir, exist_ok=True)
         if os.path.exists(meta_path):
             os.remove(meta_path)
-        for split, n in (("train", num_train), ("val", num_val)):
+        for split, n in _splits(params):
             write_coco_split(output_dir, split, n, image_size, seed, show_progress=show_progress)
         _write_json_atomic(meta_path, params)
     result = {"root": output_dir, "skipped": skipped}
-    for split in ("train", "val"):
+    for split, _ in _splits(params):
         result[f"{split}_json"] = os.path.join(output_dir, f"{split}.json")
         result[split] = summarize_coco_json(result[f"{split}_json"])
     return result
@@ -623,7 +640,8 @@ def _generate_command(root):
 
 
 def register_synthetic_coco(name_prefix, root):
-    """Register ``<prefix>_train`` and ``<prefix>_val`` with detectron2's catalogs.
+    """Register ``<prefix>_train``, ``<prefix>_val`` (and ``<prefix>_test`` when the data has a
+    test split) with detectron2's catalogs.
 
     The data must already exist (registration is lazy in detectron2, so checking here turns a
     confusing failure deep inside the data loader into an actionable error at startup).
@@ -646,7 +664,8 @@ def register_synthetic_coco(name_prefix, root):
 
     root = os.path.abspath(root)
     names = []
-    for split in ("train", "val"):
+    has_test = os.path.exists(os.path.join(root, "test.json"))
+    for split in ("train", "val") + (("test",) if has_test else ()):
         json_file = os.path.join(root, f"{split}.json")
         image_root = os.path.join(root, split)
         for path in (json_file, image_root):

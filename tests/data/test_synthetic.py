@@ -181,3 +181,23 @@ def test_register_missing_data(tmp_path):
     assert "make_synthetic_coco.py" in message
     assert os.path.join(str(tmp_path / "nothing"), "train.json") in message
     assert "--output" in message
+
+
+def test_test_split_is_added_without_changing_train_and_val(tmp_path):
+    import filecmp
+
+    from detectron2.data import DatasetCatalog
+
+    without = synthetic.generate_dataset(str(tmp_path / "a"), 3, 2, 64, 0, show_progress=False)
+    with_test = synthetic.generate_dataset(
+        str(tmp_path / "b"), 3, 2, 64, 0, show_progress=False, num_test=4
+    )
+    assert "test" not in without and with_test["test"]["images"] == 4
+    for split in ("train", "val"):
+        assert filecmp.cmp(without[f"{split}_json"], with_test[f"{split}_json"], shallow=False)
+        names = sorted(os.listdir(tmp_path / "a" / split))
+        assert filecmp.cmpfiles(tmp_path / "a" / split, tmp_path / "b" / split, names,
+                                shallow=False)[0] == names  # fmt: skip
+    names = synthetic.register_synthetic_coco("kd_test_three", with_test["root"])
+    assert names == ("kd_test_three_train", "kd_test_three_val", "kd_test_three_test")
+    assert len(DatasetCatalog.get("kd_test_three_test")) == 4
