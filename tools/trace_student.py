@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Trace an exported student to TorchScript (detectron2's TracingAdapter) and check the trace.
+"""Trace an exported student to TorchScript or ONNX (detectron2's TracingAdapter) and check it.
 
     python tools/trace_student.py --export-dir export/lite0_ssim --image input.jpg
 
@@ -8,7 +8,8 @@ reads ``config.yaml`` and ``model_final.pth`` written there by ``tools/export_st
 boxes, scores and classes on ``--image`` and on the image at another size (exit status 1 if
 not). The traced model takes one resized ``(3, H, W)`` image in the model's ``INPUT.FORMAT`` and
 returns ``(boxes, classes, scores, ...)`` tensors at that resolution: see
-``kd_det/utils/deploy.py``.
+``kd_det/utils/deploy.py``. ``--format onnx`` writes ``model.onnx`` instead (dynamic height and
+width) and checks it with onnxruntime the same way.
 """
 
 import argparse
@@ -23,6 +24,9 @@ def build_parser():
     p.add_argument("--image", required=True, help="an image to trace and check on (any size)")
     p.add_argument("--output", default="", help="directory for model.ts (default: --export-dir)")
     p.add_argument("--atol", type=float, default=1e-3, help="box (px) and score tolerance")
+    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                   help="model.ts, or model.onnx checked with onnxruntime (pip install onnx "
+                        "onnxruntime)")  # fmt: skip
     return p
 
 
@@ -31,11 +35,12 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from detectron2.data.detection_utils import read_image
 
-    from kd_det.utils.deploy import export_torchscript
+    from kd_det.utils.deploy import export_onnx, export_torchscript
 
     image = read_image(args.image, format="BGR")
+    export = export_onnx if args.format == "onnx" else export_torchscript
     try:
-        res = export_torchscript(
+        res = export(
             os.path.join(args.export_dir, "config.yaml"),
             os.path.join(args.export_dir, "model_final.pth"),
             args.output or args.export_dir,

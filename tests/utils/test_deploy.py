@@ -87,3 +87,33 @@ def test_a_trace_that_does_not_generalize_is_refused(tmp_path, synthetic_root, m
     with pytest.raises(SystemExit, match="differs from the eager model on the other size input"):
         _trace_tool().main(["--export-dir", os.path.dirname(out["config"]),
                             "--image", _image(tmp_path)])  # fmt: skip
+
+
+def test_onnx_export_matches_eager(tmp_path, synthetic_root):
+    """Runs where onnx and onnxruntime are installed (kd_det does not install them)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = _exported(tmp_path, "faster_rcnn_R18_FPN.yaml", synthetic_root)
+    res = _trace_tool().main(["--export-dir", os.path.dirname(out["config"]), "--image",
+                              _image(tmp_path), "--format", "onnx"])  # fmt: skip
+    assert res["path"].endswith("model.onnx") and os.path.isfile(res["path"])
+    for check in res["checks"].values():  # the traced size and another one (dynamic axes)
+        assert check["detections"] == check["traced_detections"] > 0
+        assert check["max_box_diff"] <= 1e-3 and check["max_score_diff"] <= 1e-3
+
+
+def test_onnx_without_its_packages_says_what_to_install(tmp_path, synthetic_root, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name.split(".")[0] in ("onnx", "onnxruntime"):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    out = _exported(tmp_path, "faster_rcnn_R18_FPN.yaml", synthetic_root)
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(SystemExit, match="pip install onnx onnxruntime"):
+        _trace_tool().main(["--export-dir", os.path.dirname(out["config"]), "--image",
+                            _image(tmp_path), "--format", "onnx"])  # fmt: skip
