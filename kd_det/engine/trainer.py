@@ -47,6 +47,7 @@ from .checkpoint import (
     list_checkpoints,
     periodic_iteration,
 )
+from .hooks import EMAUpdateHook
 from .rng import GlobalRNGState, preserved_global_rng
 from .teacher_check import TeacherCheckHook
 
@@ -266,6 +267,17 @@ class KDTrainer(DefaultTrainer):
         super().train()
         return getattr(self, "_last_eval_results", None)
 
+    @classmethod
+    def build_model(cls, cfg):
+        """``DefaultTrainer.build_model``, with the faster bit-identical CPU ROIAlign backward
+        (``KD_TRAINER.FAST_CPU_ROI_ALIGN``) swapped into the model's poolers."""
+        model = super().build_model(cfg)
+        if cfg.KD_TRAINER.FAST_CPU_ROI_ALIGN and cfg.MODEL.DEVICE == "cpu":
+            from kd_det.layers.roi_align import use_fast_cpu_roi_align
+
+            use_fast_cpu_roi_align(model)
+        return model
+
     @staticmethod
     def wrap_ddp(cfg, model):
         """Wrap in DistributedDataParallel when there are several processes, CPU included."""
@@ -292,7 +304,7 @@ class KDTrainer(DefaultTrainer):
         core = getattr(self.model, "module", self.model)
         if callable(getattr(core, "update_ema", None)):
             at = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
-            ret.insert(at, hooks.CallbackHook(after_step=lambda _: core.update_ema()))
+            ret.insert(at, EMAUpdateHook(core))
         # Distillation: the teacher's AP on a few test images before the first step.
         ret.insert(0, TeacherCheckHook(self.cfg))
         # Evaluations must not consume the random streams training draws from (see engine/rng.py).

@@ -31,7 +31,6 @@ With every weight at zero no teacher runs and training is exactly ``GeneralizedR
 import logging
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
@@ -41,8 +40,32 @@ from torch import nn
 
 from kd_det.config_validation import validate_kd_config
 
+from .capture import (
+    pop_recorded,
+    pop_sampled_proposals,
+    record_output,
+    record_sampled_proposals,
+    score_boxes,
+)
+from .common import (
+    build_adapter,
+    check_box_heads,
+    check_convertible,
+    convert_input_format,
+    linear_warmup,
+    per_level_weights,
+)
 from .hint_weighting import HINT_WEIGHTINGS, HintWeighting
-from .losses import feature_loss_from_config
+from .losses import (
+    feature_hint_per_image,
+    feature_loss_from_config,
+    foreground_maps,
+    log_probs,
+    masked_mean,
+    roi_box_per_image,
+    roi_kl_per_image,
+    rpn_per_image,
+)
 from .teacher import TeacherHolder, build_teacher
 
 logger = logging.getLogger(__name__)
@@ -50,47 +73,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["DistillationRCNN"]
 
 ADAPTER_POLICIES = ("auto", "always", "none")
-
-
-def _per_level(weights, levels, key):
-    """Broadcast a one-element weight list to ``levels`` or check its length."""
-    weights = [float(w) for w in weights]
-    if len(levels) == 0:
-        return {}
-    if len(weights) == 1:
-        weights = weights * len(levels)
-    if len(weights) != len(levels):
-        raise ValueError(
-            f"{key} has {len(weights)} values for {len(levels)} levels {list(levels)}; give one "
-            "value for all levels or one per level."
-        )
-    return dict(zip(levels, weights))
-
-
-def _class_specific(deltas, classes, box_dim=4):
-    """Select each proposal's deltas for ``classes`` (works for class-agnostic regression too)."""
-    if deltas.shape[1] == box_dim:
-        return deltas
-    idx = classes[:, None] * box_dim + torch.arange(box_dim, device=deltas.device)
-    return deltas.gather(1, idx)
-
-
-def foreground_maps(instances, shape, stride, device):
-    """``(N, 1, H, W)`` maps that are 1 inside any ground-truth box (at feature ``stride``)."""
-    n = len(instances)
-    h, w = shape
-    out = torch.zeros((n, 1, h, w), device=device)
-    for i, inst in enumerate(instances):
-        boxes = inst.gt_boxes.tensor
-        if boxes.numel() == 0:
-            continue
-        x0 = (boxes[:, 0] / stride).floor().clamp(0, w).long()
-        y0 = (boxes[:, 1] / stride).floor().clamp(0, h).long()
-        x1 = (boxes[:, 2] / stride).ceil().clamp(0, w).long()
-        y1 = (boxes[:, 3] / stride).ceil().clamp(0, h).long()
-        for a, b, c, d in zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist()):
-            out[i, 0, b:d, a:c] = 1.0
-    return out
 
 
 @META_ARCH_REGISTRY.register()
@@ -151,8 +133,6 @@ class DistillationRCNN(GeneralizedRCNN):
         self.temperature = float(temperature)
         self.warmup_iters = int(warmup_iters)
         self.teacher_input_format = teacher_input_format
-        self._taps = {}
-        self._teacher_taps = {}
         # Student tensors each hint reads, recorded for the dynamic weighting's meta step.
         self._hint_inputs = {}
         self.kd_hint_weights = None
@@ -174,14 +154,23 @@ class DistillationRCNN(GeneralizedRCNN):
         if teacher is None:
             raise ValueError("Distillation weights are set but no teacher was given.")
         self._teacher = TeacherHolder(teacher)
+        check_convertible(self.input_format, teacher_input_format, "the teacher")
         self._check_compatible(teacher)
         # Trainable distillation parts live under one prefix so export can drop them.
         self.kd_adapters = self._build_adapters(teacher, adapter)
+        # The student runs GeneralizedRCNN.forward; these taps record what the terms read.
+        record_output(self.backbone)
         if self.backbone_levels:
-            self._tap(self.backbone.bottom_up, self._taps, "bottom_up")
-            self._tap(teacher.backbone.bottom_up, self._teacher_taps, "bottom_up")
+            record_output(self.backbone.bottom_up)
+            record_output(teacher.backbone.bottom_up)
         if self.rpn_objectness_weight or self.rpn_deltas_weight:
-            self._tap(self.proposal_generator.rpn_head, self._taps, "rpn")
+            record_output(self.proposal_generator.rpn_head)
+        if self.roi_distills:
+            record_sampled_proposals(self.roi_heads)
+            record_output(self.roi_heads.box_predictor)
+        if hint_weighting == "dynamic":
+            record_output(self.proposal_generator)
+            record_output(self.roi_heads)
         if hint_weighting == "dynamic":
             # Its own prefix: checkpointed and resumed with the model, dropped by the export.
             self.kd_hint_weights = HintWeighting(self.hint_names, **(hint_options or {}))
@@ -194,8 +183,12 @@ class DistillationRCNN(GeneralizedRCNN):
         validate_kd_config(cfg)  # ranges first: before a teacher or peer is built
         ret = super().from_config(cfg)
         kd = cfg.MODEL.KD
-        fpn_levels = _per_level(kd.FEATURE.WEIGHTS, kd.FEATURE.LEVELS, "MODEL.KD.FEATURE.WEIGHTS")
-        bb_levels = _per_level(kd.BACKBONE.WEIGHTS, kd.BACKBONE.LEVELS, "MODEL.KD.BACKBONE.WEIGHTS")
+        fpn_levels = per_level_weights(
+            kd.FEATURE.WEIGHTS, kd.FEATURE.LEVELS, "MODEL.KD.FEATURE.WEIGHTS"
+        )
+        bb_levels = per_level_weights(
+            kd.BACKBONE.WEIGHTS, kd.BACKBONE.LEVELS, "MODEL.KD.BACKBONE.WEIGHTS"
+        )
         weights = [
             *fpn_levels.values(),
             *bb_levels.values(),
@@ -305,21 +298,13 @@ class DistillationRCNN(GeneralizedRCNN):
                     "MODEL.RPN.IN_FEATURES, or set MODEL.KD.RPN.*_WEIGHT to 0."
                 )
         if self.roi_distills:
-            for who, m in (("student", self), ("teacher", teacher)):
-                heads = m.roi_heads
-                if not isinstance(heads, StandardROIHeads) or not hasattr(heads, "box_pooler"):
-                    raise ValueError(
-                        f"ROI distillation needs StandardROIHeads-style box heads; the {who} "
-                        f"has {type(heads).__name__}. Set MODEL.KD.ROI.*_WEIGHT to 0."
-                    )
-            if self.roi_heads.mask_on or self.roi_heads.keypoint_on:
-                raise NotImplementedError(
-                    "ROI distillation supports box-only students; disable MODEL.MASK_ON / "
-                    "KEYPOINT_ON or set MODEL.KD.ROI.*_WEIGHT to 0."
-                )
-            if self.roi_heads.train_on_pred_boxes:
-                raise NotImplementedError(
-                    "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with ROI distillation."
+            fix = "Set MODEL.KD.ROI.*_WEIGHT to 0."
+            check_box_heads(self, "the student", fix)
+            heads = teacher.roi_heads  # only scores the student's proposals
+            if not isinstance(heads, StandardROIHeads) or not hasattr(heads, "box_pooler"):
+                raise ValueError(
+                    "ROI distillation needs StandardROIHeads-style box heads; the teacher has "
+                    f"{type(heads).__name__}. {fix}"
                 )
 
     def _build_adapters(self, teacher, policy):
@@ -340,50 +325,46 @@ class DistillationRCNN(GeneralizedRCNN):
                     "'auto' to learn a 1x1 conv adapter, or distill other levels."
                 )
             if s.channels != t.channels or policy == "always":
-                conv = nn.Conv2d(s.channels, t.channels, kernel_size=1)
-                nn.init.kaiming_uniform_(conv.weight, a=1)
-                nn.init.zeros_(conv.bias)
-                adapters[name] = conv
+                adapters[name] = build_adapter(s.channels, t.channels)
         return adapters
-
-    @staticmethod
-    def _tap(module, store, key):
-        def hook(_mod, _inp, out):
-            store[key] = out
-
-        module.register_forward_hook(hook)
 
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
     def forward(self, batched_inputs):
-        """Training returns detection + distillation losses; inference is the student's own."""
-        if not self.training or not self.distills:
-            return super().forward(batched_inputs)
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        self._taps.clear()
-        self._hint_inputs = {}
-        features = self.backbone(images.tensor)
-        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        if self.roi_distills:
-            sampled, predictions, detector_losses = self._student_box_forward(
-                features, proposals, gt_instances
-            )
-        else:
-            sampled, predictions = None, None
-            _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        """Training returns detection + distillation losses; inference is the student's own.
 
-        losses = {}
-        losses.update(detector_losses)
-        losses.update(proposal_losses)
-        terms = self.distillation_terms(
-            batched_inputs, features, gt_instances, sampled, predictions
-        )
+        The student's pass is ``GeneralizedRCNN.forward`` itself; the taps installed at build
+        (:mod:`kd_det.modeling.capture`) record the features, RPN outputs, sampled proposals and
+        box predictions the distillation terms read.
+        """
+        if not self.distills:
+            return super().forward(batched_inputs)
+        if not self.training:
+            try:
+                return super().forward(batched_inputs)
+            finally:
+                _release_records(self)
+        self._hint_inputs = {}
+        try:
+            losses = super().forward(batched_inputs)
+            features = pop_recorded(self.backbone)
+            s_bottom_up = pop_recorded(self.backbone.bottom_up) if self.backbone_levels else None
+            s_rpn = pop_recorded(self.proposal_generator.rpn_head) if "rpn" in self._parts else None
+            sampled = pop_sampled_proposals(self.roi_heads) if self.roi_distills else None
+            predictions = pop_recorded(self.roi_heads.box_predictor) if self.roi_distills else None
+            if self.kd_hint_weights is not None:
+                _, proposal_losses = pop_recorded(self.proposal_generator)
+                _, detector_losses = pop_recorded(self.roi_heads)
+        finally:
+            _release_records(self)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        student = {"features": features, "bottom_up": s_bottom_up, "rpn": s_rpn}
+        terms = self.distillation_terms(batched_inputs, student, gt_instances, sampled, predictions)
         scale = self.warmup_factor()
         if self.kd_hint_weights is None:
             for name, (values, valid, weight) in terms.items():
-                losses[name] = weight * scale * _masked_mean(values, valid)
+                losses[name] = weight * scale * masked_mean(values, valid)
             return losses
         # Dynamic: weight_k * warmup * sum_i(valid_ik * w_ik * value_ik) / sum_i(valid_ik), with
         # detached w; the meta-net learns only from its own loss_hint_meta.
@@ -393,87 +374,81 @@ class DistillationRCNN(GeneralizedRCNN):
             terms, hint_inputs, detection_loss, get_event_storage().iter
         )
         for name, (values, valid, weight) in terms.items():
-            losses[name] = weight * scale * _masked_mean(values * hint_w[name], valid)
+            losses[name] = weight * scale * masked_mean(values * hint_w[name], valid)
         return losses
 
-    def warmup_factor(self):
-        """Linear warm-up of the distillation weights, from 1/WARMUP_ITERS to 1."""
-        if self.warmup_iters <= 0:
-            return 1.0
-        it = get_event_storage().iter
-        return min(1.0, (it + 1) / self.warmup_iters)
+    @property
+    def _parts(self):
+        return ("rpn",) if self.rpn_objectness_weight or self.rpn_deltas_weight else ()
 
-    def _student_box_forward(self, features, proposals, targets):
-        """StandardROIHeads' training path, keeping the sampled proposals and predictions."""
-        heads = self.roi_heads
-        sampled = heads.label_and_sample_proposals(proposals, targets)
-        box_features = heads.box_pooler(
-            [features[f] for f in heads.box_in_features], [x.proposal_boxes for x in sampled]
-        )
-        predictions = heads.box_predictor(heads.box_head(box_features))
-        losses = heads.box_predictor.losses(predictions, sampled)
-        return sampled, predictions, losses
+    def warmup_factor(self):
+        """Linear warm-up of every distillation weight (:func:`.common.linear_warmup`)."""
+        return linear_warmup(self.warmup_iters)
 
     def _teacher_inputs(self, batched_inputs):
-        s_fmt, t_fmt = self.input_format, self.teacher_input_format
-        if s_fmt == t_fmt:
-            return batched_inputs
-        if {s_fmt, t_fmt} == {"RGB", "BGR"}:
-            return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
-        raise ValueError(
-            f"The student reads {s_fmt} images and the teacher expects {t_fmt}; only RGB<->BGR "
-            "can be converted. Train the teacher with the student's INPUT.FORMAT."
-        )
+        return convert_input_format(batched_inputs, self.input_format, self.teacher_input_format)
 
     @torch.no_grad()
     def _teacher_forward(self, batched_inputs, sampled):
+        """The teacher's FPN (and backbone body) features, RPN outputs and its box head's scores
+        of the student's sampled proposals; no proposals of its own are generated."""
         teacher = self.teacher
-        self._teacher_taps.clear()
         t_images = teacher.preprocess_image(self._teacher_inputs(batched_inputs))
         t_features = teacher.backbone(t_images.tensor)
-        out = {"features": t_features, "bottom_up": self._teacher_taps.get("bottom_up")}
-        if self.rpn_objectness_weight or self.rpn_deltas_weight:
+        out = {"features": t_features, "bottom_up": None}
+        if self.backbone_levels:
+            out["bottom_up"] = pop_recorded(teacher.backbone.bottom_up)
+        if "rpn" in self._parts:
             rpn = teacher.proposal_generator
             out["rpn"] = rpn.rpn_head([t_features[f] for f in rpn.in_features])
         if sampled is not None:
-            heads = teacher.roi_heads
-            box_features = heads.box_pooler(
-                [t_features[f] for f in heads.box_in_features], [x.proposal_boxes for x in sampled]
-            )
-            out["roi"] = heads.box_predictor(heads.box_head(box_features))
+            boxes = [x.proposal_boxes for x in sampled]
+            out["roi"] = score_boxes(teacher.roi_heads, t_features, boxes)
         return out
 
-    def distillation_terms(self, batched_inputs, features, gt_instances, sampled, predictions):
-        """All enabled terms as ``name -> (per-image values (N,), valid (N,), weight)``."""
+    def distillation_terms(self, batched_inputs, student, gt_instances, sampled, predictions):
+        """All enabled terms as ``name -> (per-image values (N,), valid (N,), weight)``.
+
+        Args:
+            student (dict): the student's recorded ``features`` (FPN), ``bottom_up`` (backbone
+                body outputs or None) and ``rpn`` (RPN head outputs or None).
+            sampled (list[Instances] or None): the student's sampled proposals (ROI terms).
+            predictions (tuple or None): the student's box predictions on them.
+        """
         t_out = self._teacher_forward(batched_inputs, sampled)
         n = len(batched_inputs)
         terms = {}
         with torch.autocast(device_type=self.device.type, enabled=False):
+            shapes = self.backbone.output_shape()
             for lvl, w in self.fpn_levels.items():
-                s = features[lvl]
-                stride = self.backbone.output_shape()[lvl].stride
                 terms[f"loss_kd_fpn_{lvl}"] = (
                     *self._feature_term(
-                        "fpn_" + lvl, s, t_out["features"][lvl], gt_instances, stride
+                        "fpn_" + lvl,
+                        student["features"][lvl],
+                        t_out["features"][lvl],
+                        gt_instances,
+                        shapes[lvl].stride,
                     ),
                     w,
                 )
             if self.backbone_levels:
-                s_bu, t_bu = self._taps["bottom_up"], t_out["bottom_up"]
                 shapes = self.backbone.bottom_up.output_shape()
                 for lvl, w in self.backbone_levels.items():
                     terms[f"loss_kd_backbone_{lvl}"] = (
                         *self._feature_term(
                             "backbone_" + lvl,
-                            s_bu[lvl],
-                            t_bu[lvl],
+                            student["bottom_up"][lvl],
+                            t_out["bottom_up"][lvl],
                             gt_instances,
                             shapes[lvl].stride,
                         ),
                         w,
                     )
             if "rpn" in t_out:
-                obj, dlt = self._rpn_terms(self._taps["rpn"], t_out["rpn"], n)
+                box_dim = self.proposal_generator.anchor_generator.box_dim
+                obj, dlt = rpn_per_image(
+                    student["rpn"], t_out["rpn"], n, box_dim, alias=self._hint_input
+                )
                 if self.rpn_objectness_weight:
                     terms["loss_kd_rpn_objectness"] = (*obj, self.rpn_objectness_weight)
                 if self.rpn_deltas_weight:
@@ -502,43 +477,12 @@ class DistillationRCNN(GeneralizedRCNN):
 
     def _feature_term(self, name, s, t, gt_instances, stride):
         s = self._hint_input("loss_kd_" + name, s, s.float())
-        if name in self.kd_adapters:
-            s = self.kd_adapters[name](s)
-        t = t.float()
-        if t.shape[-2:] != s.shape[-2:]:
-            t = F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)
         weight_map = None
         if self.foreground_weight:
             fg = foreground_maps(gt_instances, s.shape[-2:], stride, s.device)
             weight_map = 1.0 + self.foreground_weight * fg
-        values = self.feature_loss(s, t, weight_map=weight_map, per_image=True)
-        return values, torch.ones_like(values, dtype=torch.bool)
-
-    def _rpn_terms(self, s_rpn, t_rpn, n):
-        s_obj, s_dlt = s_rpn
-        t_obj, t_dlt = t_rpn
-        obj_vals, dlt_num, fg_count = [], [], []
-        box_dim = self.proposal_generator.anchor_generator.box_dim
-        for so, to, sd, td in zip(s_obj, t_obj, s_dlt, t_dlt):
-            so, to = self._hint_input("loss_kd_rpn_objectness", so, so.float()), to.float()
-            if to.shape[-2:] != so.shape[-2:]:
-                to = F.interpolate(to, size=so.shape[-2:], mode="nearest")
-                td = F.interpolate(td, size=sd.shape[-2:], mode="nearest")
-            p = torch.sigmoid(to)
-            bce = F.binary_cross_entropy_with_logits(so, p, reduction="none")
-            obj_vals.append(bce.flatten(1))
-            a = so.shape[1]
-            sd = self._hint_input("loss_kd_rpn_deltas", sd, sd.float())
-            sd = sd.view(n, a, box_dim, *sd.shape[-2:])
-            td = td.float().view(n, a, box_dim, *td.shape[-2:])
-            mask = (p > 0.5).unsqueeze(2).float()
-            l1 = F.smooth_l1_loss(sd, td, beta=0.0, reduction="none") * mask
-            dlt_num.append(l1.flatten(1).sum(1))
-            fg_count.append(mask.flatten(1).sum(1))
-        obj = torch.cat(obj_vals, dim=1).mean(1)
-        num, cnt = torch.stack(dlt_num, 1).sum(1), torch.stack(fg_count, 1).sum(1)
-        dlt = num / (cnt * box_dim).clamp(min=1.0)
-        return (obj, torch.ones_like(obj, dtype=torch.bool)), (dlt, cnt > 0)
+        adapter = self.kd_adapters[name] if name in self.kd_adapters else None
+        return feature_hint_per_image(self.feature_loss, s, t, adapter, weight_map)
 
     def _roi_terms(self, sampled, s_pred, t_pred):
         s_scores, s_deltas = s_pred
@@ -546,37 +490,17 @@ class DistillationRCNN(GeneralizedRCNN):
         counts = [len(x) for x in sampled]
         s_scores = self._hint_input("loss_kd_roi_cls", s_scores, s_scores.float(), counts)
         s_deltas = self._hint_input("loss_kd_roi_box", s_deltas, s_deltas.float(), counts)
-        T = self.temperature
-        kl = F.kl_div(
-            F.log_softmax(s_scores.float() / T, dim=1),
-            F.log_softmax(t_scores.float() / T, dim=1),
-            reduction="none",
-            log_target=True,
-        ).sum(1) * (T * T)
-        gt_classes = torch.cat([x.gt_classes for x in sampled])
-        num_classes = s_scores.shape[1] - 1
-        fg = (gt_classes >= 0) & (gt_classes < num_classes)
-        cls = gt_classes.clamp(max=num_classes - 1)
-        s_d = _class_specific(s_deltas.float(), cls)
-        t_d = _class_specific(t_deltas.float(), cls)
-        box = F.smooth_l1_loss(s_d, t_d, beta=0.0, reduction="none").mean(1) * fg.float()
-        cls_vals, box_vals, box_valid = [], [], []
-        for k, b, f in zip(kl.split(counts), box.split(counts), fg.split(counts)):
-            cls_vals.append(k.mean() if len(k) else kl.sum() * 0.0)
-            nf = f.sum()
-            box_vals.append(b.sum() / nf.clamp(min=1))
-            box_valid.append(nf > 0)
-        cls_vals = torch.stack(cls_vals)
-        return (cls_vals, torch.tensor([c > 0 for c in counts], device=kl.device)), (
-            torch.stack(box_vals),
-            torch.stack(box_valid),
-        )
+        t_logp = log_probs(t_scores, self.temperature)
+        cls_t = roi_kl_per_image(s_scores, t_logp, counts, self.temperature)
+        box_t = roi_box_per_image(s_scores, s_deltas, [t_deltas], sampled)
+        return cls_t, box_t
 
 
-def _masked_mean(values, valid):
-    """Mean over valid images; an attached zero when none is valid (never NaN)."""
-    valid = valid.to(values.dtype)
-    return (values * valid).sum() / valid.sum().clamp(min=1.0)
+def _release_records(model):
+    """Drop whatever the taps recorded and was not read (e.g. after an exception)."""
+    for module in model.modules():
+        pop_recorded(module)
+    pop_sampled_proposals(model.roi_heads)
 
 
 def _check_label_space(cfg, tcfg):

@@ -18,6 +18,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from torch import nn
 
+from .common import build_sub_model_cfg, check_convertible, convert_input_format
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,8 +37,6 @@ def build_teacher_cfg(cfg):
     Raises:
         FileNotFoundError: ``MODEL.KD.TEACHER.CONFIG_FILE`` is empty or missing.
     """
-    from kd_det.config import get_kd_cfg
-
     path = cfg.MODEL.KD.TEACHER.CONFIG_FILE
     if path.startswith(MODEL_ZOO_PREFIX):
         # A config shipped inside detectron2's package, e.g. the model-zoo R101-FPN 3x teacher.
@@ -48,22 +48,15 @@ def build_teacher_cfg(cfg):
             "MODEL.KD.TEACHER.CONFIG_FILE is empty. Point it at the teacher's config file "
             "(e.g. configs/Synthetic/faster_rcnn_lite2_FPN.yaml)."
         )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Teacher config file '{path}' (MODEL.KD.TEACHER.CONFIG_FILE) does not exist. Paths "
-            "are relative to the working directory; run from the repository root or give an "
-            "absolute path."
-        )
-    tcfg = get_kd_cfg()
-    tcfg.merge_from_file(path)
-    tcfg.merge_from_list(list(cfg.MODEL.KD.TEACHER.OPTS))
-    if tcfg.MODEL.META_ARCHITECTURE in ("DistillationRCNN", "OnlineDistillationRCNN"):
-        raise ValueError(
-            f"The teacher config '{path}' is itself a distillation model "
-            f"({tcfg.MODEL.META_ARCHITECTURE}); point MODEL.KD.TEACHER.CONFIG_FILE at the plain "
-            "detector config the teacher was trained with."
-        )
-    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    tcfg = build_sub_model_cfg(
+        path,
+        cfg.MODEL.KD.TEACHER.OPTS,
+        cfg.MODEL.DEVICE,
+        what="Teacher config file",
+        key="MODEL.KD.TEACHER.CONFIG_FILE",
+        not_plain_hint="point MODEL.KD.TEACHER.CONFIG_FILE at the plain detector config the "
+        "teacher was trained with.",
+    )
     tcfg.MODEL.WEIGHTS = cfg.MODEL.KD.TEACHER.WEIGHTS
     # ImageNet initialisation of the teacher's backbone is pointless: its checkpoint overwrites it.
     if "EFFICIENTNET" in tcfg.MODEL:
@@ -252,14 +245,11 @@ class TeacherInference(nn.Module):
 
     def __init__(self, teacher, student_format, teacher_format):
         super().__init__()
+        check_convertible(student_format, teacher_format, "the teacher")
         self.teacher = teacher
-        if student_format != teacher_format and {student_format, teacher_format} != {"RGB", "BGR"}:
-            raise ValueError(
-                f"Cannot feed {student_format} images to a teacher that expects {teacher_format}."
-            )
-        self.flip = student_format != teacher_format
+        self.student_format = student_format
+        self.teacher_format = teacher_format
 
     def forward(self, batched_inputs):
-        if self.flip:
-            batched_inputs = [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
-        return self.teacher(batched_inputs)
+        inputs = convert_input_format(batched_inputs, self.student_format, self.teacher_format)
+        return self.teacher(inputs)

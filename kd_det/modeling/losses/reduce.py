@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attached_zero", "check_pair", "reduce_loss_map"]
+__all__ = ["attached_zero", "check_pair", "masked_mean", "reduce_loss_map"]
 
 
 def attached_zero(student: torch.Tensor, per_image: bool) -> torch.Tensor:
@@ -78,3 +78,18 @@ def check_pair(student: torch.Tensor, teacher: torch.Tensor, weight_map: Optiona
             raise ValueError(
                 f"weight_map must have shape {(n, 1, h, w)}, got {tuple(weight_map.shape)}."
             )
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of per-image ``values`` over the ``valid`` images; an attached zero when none is valid
+    (never NaN: an image without foreground proposals has no box term, a batch may have none).
+
+    Args:
+        values (Tensor): ``(N,)`` per-image values of one term.
+        valid (Tensor): ``(N,)`` booleans.
+
+    Returns:
+        Tensor: scalar.
+    """
+    valid = valid.to(values.dtype)
+    return (values * valid).sum() / valid.sum().clamp(min=1.0)

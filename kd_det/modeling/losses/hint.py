@@ -1,0 +1,48 @@
+"""One feature hint: a registered feature loss between a student map and a target map."""
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["feature_hint_per_image", "foreground_maps"]
+
+
+def feature_hint_per_image(loss, student, target, adapter=None, weight_map=None):
+    """``loss`` between ``student`` (through ``adapter`` when channels differ) and ``target``
+    (resized bilinearly when its size differs), per image, in float32.
+
+    Args:
+        loss (nn.Module): a :data:`~kd_det.modeling.losses.FEATURE_LOSS_REGISTRY` loss.
+        student (Tensor): ``(N, C_s, H, W)`` student map (gradients flow into it).
+        target (Tensor): ``(N, C_t, h, w)`` teacher/peer map (detach it first if needed).
+        adapter (nn.Module or None): maps ``C_s`` to ``C_t`` channels.
+        weight_map (Tensor or None): ``(N, 1, H, W)`` per-pixel weights.
+
+    Returns:
+        tuple(Tensor, Tensor): ``(N,)`` values and an all-true ``(N,)`` validity.
+    """
+    s = student.float()
+    if adapter is not None:
+        s = adapter(s)
+    t = target.float()
+    if t.shape[-2:] != s.shape[-2:]:
+        t = F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)
+    values = loss(s, t, weight_map=weight_map, per_image=True)
+    return values, torch.ones_like(values, dtype=torch.bool)
+
+
+def foreground_maps(instances, shape, stride, device):
+    """``(N, 1, H, W)`` maps that are 1 inside any ground-truth box (at feature ``stride``)."""
+    n = len(instances)
+    h, w = shape
+    out = torch.zeros((n, 1, h, w), device=device)
+    for i, inst in enumerate(instances):
+        boxes = inst.gt_boxes.tensor
+        if boxes.numel() == 0:
+            continue
+        x0 = (boxes[:, 0] / stride).floor().clamp(0, w).long()
+        y0 = (boxes[:, 1] / stride).floor().clamp(0, h).long()
+        x1 = (boxes[:, 2] / stride).ceil().clamp(0, w).long()
+        y1 = (boxes[:, 3] / stride).ceil().clamp(0, h).long()
+        for a, b, c, d in zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist()):
+            out[i, 0, b:d, a:c] = 1.0
+    return out
