@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from kd_det.utils.testing import tiny_overrides  # noqa: F401  (tests import it from here)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
@@ -20,38 +22,6 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(str(root), num_train=16, num_val=8, image_size=64, seed=0, show_progress=False)
     return str(root)
-
-
-def tiny_overrides(output_dir, synthetic_root=None, max_iter=2, batch=2):
-    """Command-line style overrides that make any kd_det config tiny enough for a CPU test."""
-    opts = [
-        "MODEL.DEVICE", "cpu",
-        "MODEL.FPN.OUT_CHANNELS", "32",
-        "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-        "MODEL.RPN.PRE_NMS_TOPK_TEST", "200",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "96",
-        "INPUT.MIN_SIZE_TEST", "64",
-        "INPUT.MAX_SIZE_TEST", "96",
-        "SOLVER.IMS_PER_BATCH", str(batch),
-        "SOLVER.MAX_ITER", str(max_iter),
-        "SOLVER.WARMUP_ITERS", "1",
-        "SOLVER.STEPS", "()",
-        "DATALOADER.NUM_WORKERS", "0",
-        "TEST.EVAL_PERIOD", "0",
-        "OUTPUT_DIR", str(output_dir),
-    ]  # fmt: skip
-    if synthetic_root is not None:
-        opts += [
-            "DATASETS.SYNTHETIC_ROOT", str(synthetic_root),
-            "DATASETS.TRAIN", "('synthetic_train',)",
-            "DATASETS.TEST", "('synthetic_val',)",
-        ]  # fmt: skip
-    return opts
 
 
 class _Records(list):

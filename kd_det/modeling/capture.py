@@ -44,7 +44,10 @@ def record_output(module):
 
 
 def pop_recorded(module, default=None):
-    """The output ``module`` recorded since the last pop (``default`` if none), then forget it."""
+    """The output ``module`` recorded since the last pop (``default`` if none or if ``module`` is
+    None, e.g. an absent proposal generator), then forget it."""
+    if module is None:
+        return default
     return module.__dict__.pop(_OUTPUT, default)
 
 

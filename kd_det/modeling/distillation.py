@@ -169,7 +169,8 @@ class DistillationRCNN(GeneralizedRCNN):
             record_sampled_proposals(self.roi_heads)
             record_output(self.roi_heads.box_predictor)
         if hint_weighting == "dynamic":
-            record_output(self.proposal_generator)
+            if self.proposal_generator is not None:
+                record_output(self.proposal_generator)
             record_output(self.roi_heads)
         if hint_weighting == "dynamic":
             # Its own prefix: checkpointed and resumed with the model, dropped by the export.
@@ -354,7 +355,7 @@ class DistillationRCNN(GeneralizedRCNN):
             sampled = pop_sampled_proposals(self.roi_heads) if self.roi_distills else None
             predictions = pop_recorded(self.roi_heads.box_predictor) if self.roi_distills else None
             if self.kd_hint_weights is not None:
-                _, proposal_losses = pop_recorded(self.proposal_generator)
+                _, proposal_losses = pop_recorded(self.proposal_generator, (None, {}))
                 _, detector_losses = pop_recorded(self.roi_heads)
         finally:
             _release_records(self)

@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from conftest import CONFIGS, tiny_overrides
 from kd_det.config import get_kd_cfg
+from kd_det.utils.testing import model_overrides, random_batch
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "losses.json")
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
@@ -65,27 +65,12 @@ CASES = {
 }  # fmt: skip
 
 
-def _batch(seed=0, n=2, size=64, num_classes=12):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        inst = Instances((size, size))
-        xy = torch.rand(3, 2, generator=g) * (size - 24)
-        wh = 8 + torch.rand(3, 2, generator=g) * 16
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-        inst.gt_classes = torch.randint(0, num_classes, (3,), generator=g)
-        img = torch.randint(0, 256, (3, size, size), generator=g).float()
-        out.append({"image": img, "instances": inst, "height": size, "width": size})
-    return out
-
-
 def _cfg(tmp_path, name):
     cfg = get_kd_cfg()
     opts = tiny_overrides(tmp_path)
     if name.startswith("online"):
         cfg.merge_from_file(ONLINE)
-        t = [(k, v) for k, v in zip(opts[0::2], opts[1::2]) if k.startswith("MODEL.")]
-        peer_opts = [x for kv in t for x in kv] + ["MODEL.EFFICIENTNET.PRETRAINED", "False"]
+        peer_opts = model_overrides("MODEL.EFFICIENTNET.PRETRAINED", "False")
         opts += ["MODEL.ONLINE_KD.PEERS", str([LITE0, R18])]
         opts += ["MODEL.ONLINE_KD.PEER_OPTS", str(peer_opts)]
     else:
@@ -108,7 +93,7 @@ def run_case(tmp_path, name):
         torch.manual_seed(100 + it)
         with EventStorage(start_iter=it) as storage:
             storage.iter = it
-            losses = model(_batch(seed=it))
+            losses = model(random_batch(seed=it))
             opt.zero_grad()
             sum(losses.values()).backward()
             opt.step()

@@ -1,0 +1,137 @@
+"""Helpers for tests of kd_det and of code built on it (as ``detectron2.utils.testing``).
+
+Tiny CPU models need a config small enough to build and step in seconds (:func:`tiny_overrides`),
+inputs shaped like a ``DatasetMapper``'s output (:func:`random_batch`), a saved detector to serve
+as a teacher (:func:`save_random_detector`) and a way to run or import the scripts in ``tools/``
+(:func:`run_tool`, :func:`load_tool`). Paths to the repository are always passed in: an installed
+kd_det has no repository to guess.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import torch
+
+__all__ = [
+    "load_tool",
+    "model_overrides",
+    "random_batch",
+    "run_tool",
+    "save_random_detector",
+    "tiny_overrides",
+]
+
+
+def tiny_overrides(output_dir, synthetic_root=None, max_iter=2, batch=2):
+    """Command-line style overrides that make any kd_det config tiny enough for a CPU test."""
+    opts = [
+        "MODEL.DEVICE", "cpu",
+        "MODEL.FPN.OUT_CHANNELS", "32",
+        "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", "200",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "96",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "96",
+        "SOLVER.IMS_PER_BATCH", str(batch),
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.STEPS", "()",
+        "DATALOADER.NUM_WORKERS", "0",
+        "TEST.EVAL_PERIOD", "0",
+        "OUTPUT_DIR", str(output_dir),
+    ]  # fmt: skip
+    if synthetic_root is not None:
+        opts += [
+            "DATASETS.SYNTHETIC_ROOT", str(synthetic_root),
+            "DATASETS.TRAIN", "('synthetic_train',)",
+            "DATASETS.TEST", "('synthetic_val',)",
+        ]  # fmt: skip
+    return opts
+
+
+def model_overrides(*extra):
+    """The ``MODEL.*`` pairs of :func:`tiny_overrides` plus ``extra``: what a sub-model built from
+    its own file (an online peer, via ``MODEL.ONLINE_KD.PEER_OPTS``) needs to be tiny."""
+    t = tiny_overrides("unused")
+    pairs = [x for k, v in zip(t[0::2], t[1::2]) if k.startswith("MODEL.") for x in (k, v)]
+    return pairs + list(extra)
+
+
+def random_batch(seed=0, n=2, size=64, num_classes=12, num_boxes=3):
+    """``n`` training inputs as ``DatasetMapper`` gives them: random ``(3, size, size)`` float
+    images and ``num_boxes`` random ground-truth boxes (8-24 px) with random classes each.
+
+    All draws come from a generator seeded with ``seed``, so the batch is the same in every
+    process and does not touch the global RNG.
+    """
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        xy = torch.rand(num_boxes, 2, generator=g) * (size - 24)
+        wh = 8 + torch.rand(num_boxes, 2, generator=g) * 16
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        inst.gt_classes = torch.randint(0, num_classes, (num_boxes,), generator=g)
+        img = torch.randint(0, 256, (3, size, size), generator=g).float()
+        out.append({"image": img, "instances": inst, "height": size, "width": size})
+    return out
+
+
+def save_random_detector(config_file, output_dir, opts=(), seed=123, name="teacher"):
+    """Build the detector of ``config_file`` + ``opts`` with random weights (seeded) and save it
+    with detectron2's checkpointer: a teacher whose weights really load.
+
+    Returns:
+        dict: ``{"path": <output_dir>/<name>.pth, "opts": list(opts)}``.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from kd_det.config import get_kd_cfg
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=str(output_dir)).save(name)
+    return {"path": os.path.join(str(output_dir), f"{name}.pth"), "opts": list(opts)}
+
+
+def run_tool(repo, tool, args, timeout=600, threads=1, **kwargs):
+    """Run ``<repo>/tools/<tool>`` with this interpreter from ``repo`` (one thread per process).
+
+    Returns:
+        subprocess.CompletedProcess: with text ``stdout`` / ``stderr``.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", tool)] + [str(a) for a in args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def load_tool(repo, tool):
+    """Import ``<repo>/tools/<tool>`` (a script, not a package module) to call its functions."""
+    name = os.path.splitext(os.path.basename(tool))[0]
+    spec = importlib.util.spec_from_file_location(
+        f"kd_det_tool_{name}", os.path.join(repo, "tools", tool)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
