@@ -56,7 +56,7 @@ def add_kd_config(cfg):
     _C.MODEL.KD.TEACHER.CHECK_IMAGES = 16
     # The check stops the run if the teacher's box AP (0-100) is below this; 0: only log it.
     _C.MODEL.KD.TEACHER.MIN_AP = 5.0
-    # Linear warm-up of every distillation weight from 0 over this many iterations (0: none).
+    # Linear warm-up of every distillation weight, min(1, (iter + 1) / N) (0: none).
     _C.MODEL.KD.WARMUP_ITERS = 0
 
     _C.MODEL.KD.FEATURE = CN()
@@ -166,8 +166,9 @@ def add_kd_config(cfg):
     _C.MODEL.ONLINE_KD.TEMPERATURE = 2.0
     # Mutual KL target: "each" (one term per other peer) or "average" (their mean distribution).
     _C.MODEL.ONLINE_KD.LOGIT_TARGET = "each"
-    # Iterations over which the mutual feature and logit weights ramp linearly from 0 to their
-    # values (the peers start random and would teach each other noise); 0 disables the ramp.
+    # Iterations over which the mutual feature and logit weights ramp linearly to their values,
+    # min(1, (iter + 1) / N) as MODEL.KD.WARMUP_ITERS (the peers start random and would teach each
+    # other noise); 0 disables the ramp.
     _C.MODEL.ONLINE_KD.MUTUAL_WARMUP = 0
     # Keep an EMA (mean-teacher) copy of every peer, updated after each optimizer step; needed by
     # the EMA_* terms and by the "ema<i>" members (evaluation, export).
@@ -233,10 +234,10 @@ def add_kd_config(cfg):
     _C.KD_TRAINER.FIND_UNUSED_PARAMETERS = False
     # Keep at most this many periodic checkpoints on disk (0 keeps all); the final one is kept.
     _C.KD_TRAINER.MAX_TO_KEEP = 3
-
     # On a CPU, replace ROIAlign's backward by kd_det's compiled one (kd_det/layers/roi_align.py):
     # bit-identical gradients, several times faster; falls back to torchvision's if it cannot build.
     _C.KD_TRAINER.FAST_CPU_ROI_ALIGN = True
+
     # ---------------------------------------------------------------------------------------------
     # Input checks at start (kd_det/data/checks.py)
     # ---------------------------------------------------------------------------------------------

@@ -113,9 +113,10 @@ def build_adapter(in_channels, out_channels):
 def linear_warmup(warmup_iters, iteration=None):
     """The warm-up factor of distillation weights at ``iteration`` (default: the current one).
 
-    ``min(1, (iteration + 1) / warmup_iters)``: the first iteration already trains with
-    ``1 / warmup_iters`` of the weight, and iteration ``warmup_iters - 1`` (the last of the
-    warm-up) with the full weight, as detectron2's linear LR warm-up counts. ``warmup_iters <= 0``
+    ``min(1, (iteration + 1) / warmup_iters)``: the one rule of ``MODEL.KD.WARMUP_ITERS`` and
+    ``MODEL.ONLINE_KD.MUTUAL_WARMUP``. Iteration 0 already trains with ``1 / warmup_iters`` of the
+    weight (no step computes a term only to multiply it by zero), and iteration
+    ``warmup_iters - 1``, the last of the warm-up, with the full weight. ``warmup_iters <= 0``
     disables the warm-up.
     """
     if warmup_iters <= 0:

@@ -55,6 +55,7 @@ from .common import (
     check_box_heads,
     check_convertible,
     convert_input_format,
+    linear_warmup,
     per_level_weights,
 )
 from .ema import buffer_copy, ema_update, fill_missing_ema
@@ -342,16 +343,13 @@ class OnlineDistillationRCNN(nn.Module):
             )
 
     def mutual_factor(self):
-        """Linear warm-up of the mutual weights: ``min(1, iter / MUTUAL_WARMUP)``.
+        """Linear warm-up of the mutual weights over ``MUTUAL_WARMUP`` iterations, by the rule every
+        distillation weight uses (:func:`~kd_det.modeling.common.linear_warmup`).
 
-        Two randomly initialised peers teach each other noise at first; pulling their features and
-        class distributions together from iteration 0 measurably slowed their detection losses
-        (README, online distillation), so the mutual terms can start at zero and grow while the
-        peers learn from ground truth.
+        Randomly initialised peers teach each other noise at first, so the mutual terms grow
+        while the peers learn from ground truth (docs/online_distillation.md, "Mutual warm-up").
         """
-        if self.mutual_warmup <= 0:
-            return 1.0
-        return min(1.0, get_event_storage().iter / self.mutual_warmup)
+        return linear_warmup(self.mutual_warmup)
 
     def _ema_active(self):
         it = get_event_storage().iter
