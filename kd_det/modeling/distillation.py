@@ -55,7 +55,7 @@ from .common import (
     linear_warmup,
     per_level_weights,
 )
-from .hint_weighting import HINT_WEIGHTINGS, HintWeighting
+from .hint_weighting import HINT_WEIGHTING_REGISTRY, build_hint_weighting
 from .losses import (
     feature_hint_per_image,
     feature_loss_from_config,
@@ -136,18 +136,17 @@ class DistillationRCNN(GeneralizedRCNN):
         # Student tensors each hint reads, recorded for the dynamic weighting's meta step.
         self._hint_inputs = {}
         self.kd_hint_weights = None
-        if hint_weighting not in HINT_WEIGHTINGS:
-            raise ValueError(
-                f"MODEL.KD.HINT_WEIGHTING={hint_weighting!r} is not one of "
-                f"{' | '.join(repr(h) for h in HINT_WEIGHTINGS)}."
-            )
+        if hint_weighting not in HINT_WEIGHTING_REGISTRY:
+            build_hint_weighting(hint_weighting, [], {})  # raises, naming the registered ones
         if adapter not in ADAPTER_POLICIES:
             raise ValueError(
                 f"MODEL.KD.FEATURE.ADAPTER={adapter!r} is not one of {ADAPTER_POLICIES}."
             )
         if not self.distills:
-            if hint_weighting == "dynamic":
-                logger.warning("MODEL.KD.HINT_WEIGHTING='dynamic' ignored: nothing is distilled.")
+            if hint_weighting != "fixed":
+                logger.warning(
+                    f"MODEL.KD.HINT_WEIGHTING={hint_weighting!r} ignored: nothing is distilled."
+                )
             self._teacher = None
             self.kd_adapters = nn.ModuleDict()
             return
@@ -168,13 +167,12 @@ class DistillationRCNN(GeneralizedRCNN):
         if self.roi_distills:
             record_sampled_proposals(self.roi_heads)
             record_output(self.roi_heads.box_predictor)
-        if hint_weighting == "dynamic":
+        # Its own prefix: checkpointed and resumed with the model, dropped by the export.
+        self.kd_hint_weights = build_hint_weighting(hint_weighting, self.hint_names, hint_options)
+        if self.kd_hint_weights is not None:  # it reads the detection losses too
             if self.proposal_generator is not None:
                 record_output(self.proposal_generator)
             record_output(self.roi_heads)
-        if hint_weighting == "dynamic":
-            # Its own prefix: checkpointed and resumed with the model, dropped by the export.
-            self.kd_hint_weights = HintWeighting(self.hint_names, **(hint_options or {}))
 
     # ------------------------------------------------------------------------------------------
     # construction

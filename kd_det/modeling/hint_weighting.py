@@ -1,6 +1,6 @@
 """Hint-dynamic weighting (HKD): instance-wise weights of the knowledge hints from a meta-net.
 
-HKD (see docs/PAPERS.md) weights each knowledge hint per instance with a small meta-weight network
+HKD (the hint-dynamic KD paper, README "Hint-dynamic weighting") weights each knowledge hint per instance with a small meta-weight network
 that perceives the student's learning progress, and smooths the weights with an ensemble over
 history. The abstract fixes neither the network's input, nor its training objective, nor the
 ensembling rule. This module is kd_det's own interpretation for detection; every choice is below.
@@ -59,16 +59,10 @@ backward passes it costs microseconds::
 
 where ``p_i`` is the softmax above. The cosine alone is maximised by ``w_ik ~ max(c_ik, 0)``:
 hints whose guidance disagrees with the task for an image are down-weighted for that image,
-agreeing hints share the weight in proportion to their agreement. Two choices were forced by tiny
-runs (random teacher, 30 iterations):
-
-* *Normalised blocks.* In the raw concatenated space the cosine is dominated by the largest
-  tensors (FPN maps, where the task gradient has most of its norm), and a hint strongly opposed to
-  the task on a small tensor (ROI logits, ``c = -0.5``) was *up*-weighted to 3x, because its large
-  gradient diluted the negative contributions of the others.
-* *The KL prior.* Being scale-free, the cosine hands all the weight to a hint whose agreement is
-  positive by noise only (``c = 0.02`` against ``c = 0``); the KL term pulls towards fixed
-  weighting, so a departure must be paid for by a real gain in agreement.
+agreeing hints share the weight in proportion to their agreement. The per-block normalisation
+keeps the large FPN tensors from dominating the cosine, and the KL prior keeps a hint whose
+agreement is positive by noise only from taking all the weight (docs/distill_your_detector.md,
+"Hint-dynamic weighting", gives the cases that showed both).
 
 This is a proxy of agreement in parameter space (the true update direction), which would need
 per-image per-hint parameter gradients, i.e. ``N*K`` full backward passes. The meta step runs
@@ -81,6 +75,9 @@ detectron2's trainer sums, backpropagates, optimises (the meta-net's parameters 
 model, hence of the optimizer) and logs it, like any other loss; under SGD ``META_LOSS_WEIGHT`` is
 the meta-net's learning-rate multiplier. On iterations without a meta step ``loss_hint_meta`` is an
 attached zero, so DDP without ``find_unused_parameters`` is satisfied.
+
+**Registry.** ``MODEL.KD.HINT_WEIGHTING`` names an entry of :data:`HINT_WEIGHTING_REGISTRY`:
+``fixed`` (no module) and ``dynamic`` (this one) are built in; register your own the same way.
 
 **Weight ensembling over history.** A per-hint exponential moving average ``e_k`` (momentum
 ``MOMENTUM``) of the past batches' mean weights, initialised at 1 (fixed weighting, an unbiased
@@ -105,12 +102,30 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.registry import Registry
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HINT_WEIGHTINGS", "META_OBJECTIVES", "HintWeightNet", "HintWeighting"]
+__all__ = [
+    "HINT_WEIGHTINGS",
+    "HINT_WEIGHTING_REGISTRY",
+    "META_OBJECTIVES",
+    "HintWeightNet",
+    "HintWeighting",
+    "build_hint_weighting",
+]
 
+HINT_WEIGHTING_REGISTRY = Registry("KD_HINT_WEIGHTING")
+HINT_WEIGHTING_REGISTRY.__doc__ = """
+Registry of hint weightings, named by ``MODEL.KD.HINT_WEIGHTING``. An entry is called as
+``entry(hint_names, **options)`` (``options``: the ``MODEL.KD.HINT.*`` settings, see
+``DistillationRCNN.from_config``) and returns None (the configured fixed weights) or a module
+``m(terms, hint_inputs, detection_loss, iteration) -> (weights, loss)`` like :class:`HintWeighting`:
+``weights[name]`` multiplies each image's value of term ``name``, ``loss`` is added as
+``loss_hint_meta``. The module is registered as ``kd_hint_weights`` (checkpointed, not exported).
+"""
+#: The built-in weightings (more can be registered in :data:`HINT_WEIGHTING_REGISTRY`).
 HINT_WEIGHTINGS = ("fixed", "dynamic")
 META_OBJECTIVES = ("grad_cosine",)
 #: Momentum of the running statistics that normalise the meta-net's input (faster than the weight
@@ -517,3 +532,30 @@ class HintWeighting(nn.Module):
                 storage.put_scalar(f"hint_weight/{name}/std", stats[k][1], smoothing_hint=False)
             if agree is not None and agree[k] == agree[k]:  # not NaN
                 storage.put_scalar(f"hint_agreement/{name}", agree[k], smoothing_hint=False)
+
+
+@HINT_WEIGHTING_REGISTRY.register()
+def fixed(hint_names, **options):
+    """Every term keeps its configured weight: no weighting module."""
+    return None
+
+
+@HINT_WEIGHTING_REGISTRY.register()
+def dynamic(hint_names, **options):
+    """Per-image weights from the meta-weight network (module docstring)."""
+    return HintWeighting(hint_names, **options)
+
+
+def build_hint_weighting(name, hint_names, options):
+    """The registered hint weighting ``name`` for the terms ``hint_names`` (None: fixed weights).
+
+    Raises:
+        ValueError: ``name`` is not registered; the message lists the registered names.
+    """
+    if name not in HINT_WEIGHTING_REGISTRY:
+        names = " | ".join(repr(k) for k, _ in HINT_WEIGHTING_REGISTRY)
+        raise ValueError(
+            f"MODEL.KD.HINT_WEIGHTING={name!r} is not one of {names}. Register your own with "
+            "@HINT_WEIGHTING_REGISTRY.register() (kd_det.modeling.hint_weighting)."
+        )
+    return HINT_WEIGHTING_REGISTRY.get(name)(hint_names, **(options or {}))

@@ -15,7 +15,11 @@ from detectron2.utils.events import EventStorage
 
 from conftest import REPO, tiny_overrides
 from kd_det.config import get_kd_cfg
-from kd_det.modeling.hint_weighting import HintWeighting, normalize_weights
+from kd_det.modeling.hint_weighting import (
+    HINT_WEIGHTING_REGISTRY,
+    HintWeighting,
+    normalize_weights,
+)
 from kd_det.utils.export import student_state_dict
 
 from test_distillation import R18, _batch, _cfg, _kd_cfg
@@ -202,6 +206,35 @@ def test_hint_weighting_value_is_validated(tmp_path, teacher_ckpt):
     cfg = _kd_cfg(tmp_path, teacher_ckpt, *DYNAMIC, "MODEL.KD.HINT.OBJECTIVE", "oracle")
     with pytest.raises(ValueError, match="OBJECTIVE='oracle'"):
         build_model(cfg)
+
+
+@HINT_WEIGHTING_REGISTRY.register()
+class DoubleEveryHint(torch.nn.Module):
+    """A user's own hint weighting, registered from this test file: every weight 2."""
+
+    def __init__(self, hint_names, **options):
+        super().__init__()
+        self.hint_names = list(hint_names)
+
+    def forward(self, terms, hint_inputs, detection_loss, iteration):
+        weights = {name: torch.full_like(values, 2.0) for name, (values, _, _) in terms.items()}
+        return weights, detection_loss.detach() * 0.0
+
+
+def test_user_registered_hint_weighting_is_named_in_yaml(tmp_path, teacher_ckpt):
+    torch.manual_seed(0)
+    fixed = build_model(_kd_cfg(tmp_path, teacher_ckpt))
+    torch.manual_seed(0)
+    user = build_model(
+        _kd_cfg(tmp_path, teacher_ckpt, "MODEL.KD.HINT_WEIGHTING", "DoubleEveryHint")
+    )
+    assert isinstance(user.kd_hint_weights, DoubleEveryHint)
+    assert user.kd_hint_weights.hint_names == user.hint_names
+    l_fixed, _ = _step(fixed, _batch())
+    l_user, _ = _step(user, _batch())
+    assert l_user["loss_hint_meta"] == 0
+    for name in user.hint_names:
+        assert torch.allclose(l_user[name], 2 * l_fixed[name], rtol=1e-5), name
 
 
 def test_fixed_weighting_has_no_meta_parts(tmp_path, teacher_ckpt):
