@@ -91,11 +91,12 @@ def validate_kd_config(cfg):
 def _check_mix(errors, cfg):
     if _get(cfg, "INPUT.MIX") is None:
         return
-    from kd_det.data.mixed_sample_mapper import BOX_RULES, MIX_TYPES
+    from kd_det.data.mix import BOX_RULES, MIX_STRATEGY_REGISTRY
 
     mix = cfg.INPUT.MIX
-    if mix.TYPE not in MIX_TYPES:
-        errors.append(f"INPUT.MIX.TYPE = {mix.TYPE!r}: must be one of {', '.join(MIX_TYPES)}")
+    if mix.TYPE not in MIX_STRATEGY_REGISTRY:
+        names = ", ".join(k for k, _ in MIX_STRATEGY_REGISTRY)
+        errors.append(f"INPUT.MIX.TYPE = {mix.TYPE!r}: must be one of {names}")
     if mix.BOX_RULE not in BOX_RULES:
         errors.append(
             f"INPUT.MIX.BOX_RULE = {mix.BOX_RULE!r}: must be one of {', '.join(BOX_RULES)}"
