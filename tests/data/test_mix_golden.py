@@ -2,7 +2,8 @@
 
 ``golden/mix.json`` was recorded before the mapper was split into ``kd_det/data/mix/`` (issue
 14); the split must reproduce every output exactly (same random draws in the same order).
-Regenerate only for an intended change: ``KD_DET_WRITE_GOLDEN=1 pytest tests/data/test_mix_golden.py``.
+Regenerate only for an intended change:
+``KD_DET_WRITE_GOLDEN=1 pytest tests/data/test_mix_golden.py``.
 """
 
 import hashlib
