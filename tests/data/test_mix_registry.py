@@ -32,8 +32,10 @@ def dicts(tmp_path):
     for i, value in enumerate((0, 255)):
         path = str(tmp_path / f"{i}.png")
         cv2.imwrite(path, np.full((40, 60, 3), value, np.uint8))
-        annos = [{"bbox": [2, 2, 20, 30], "bbox_mode": BoxMode.XYWH_ABS, "category_id": i},
-                 {"bbox": [36, 4, 20, 30], "bbox_mode": BoxMode.XYWH_ABS, "category_id": i}]  # fmt: skip
+        annos = [
+            {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": i}
+            for box in ([2, 2, 20, 30], [36, 4, 20, 30])
+        ]
         out.append(
             {"file_name": path, "height": 40, "width": 60, "image_id": i, "annotations": annos}
         )
