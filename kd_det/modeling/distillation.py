@@ -32,7 +32,6 @@ import logging
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.utils.events import get_event_storage
@@ -66,7 +65,7 @@ from .losses import (
     roi_kl_per_image,
     rpn_per_image,
 )
-from .teacher import TeacherHolder, build_teacher
+from .teacher import TeacherHolder, build_teacher, check_label_space
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ class DistillationRCNN(GeneralizedRCNN):
         if any(w != 0 for w in weights):
             teacher, tcfg = build_teacher(cfg)
             if kd.ROI.CLS_WEIGHT or kd.ROI.BOX_WEIGHT:
-                _check_label_space(cfg, tcfg)
+                check_label_space(cfg, tcfg)
         ret.update(
             teacher=teacher,
             teacher_input_format=tcfg.INPUT.FORMAT if tcfg is not None else cfg.INPUT.FORMAT,
@@ -418,29 +417,19 @@ class DistillationRCNN(GeneralizedRCNN):
         n = len(batched_inputs)
         terms = {}
         with torch.autocast(device_type=self.device.type, enabled=False):
-            shapes = self.backbone.output_shape()
-            for lvl, w in self.fpn_levels.items():
-                terms[f"loss_kd_fpn_{lvl}"] = (
-                    *self._feature_term(
-                        "fpn_" + lvl,
-                        student["features"][lvl],
-                        t_out["features"][lvl],
-                        gt_instances,
-                        shapes[lvl].stride,
-                    ),
-                    w,
-                )
+            hint_sets = [("fpn", self.fpn_levels, "features", self.backbone)]
             if self.backbone_levels:
-                shapes = self.backbone.bottom_up.output_shape()
-                for lvl, w in self.backbone_levels.items():
-                    terms[f"loss_kd_backbone_{lvl}"] = (
-                        *self._feature_term(
-                            "backbone_" + lvl,
-                            student["bottom_up"][lvl],
-                            t_out["bottom_up"][lvl],
-                            gt_instances,
-                            shapes[lvl].stride,
-                        ),
+                hint_sets.append(
+                    ("backbone", self.backbone_levels, "bottom_up", self.backbone.bottom_up)
+                )
+            for prefix, levels, key, net in hint_sets:
+                shapes = net.output_shape()
+                for lvl, w in levels.items():
+                    name = f"{prefix}_{lvl}"
+                    s_map, t_map = student[key][lvl], t_out[key][lvl]
+                    stride = shapes[lvl].stride
+                    terms["loss_kd_" + name] = (
+                        *self._feature_term(name, s_map, t_map, gt_instances, stride),
                         w,
                     )
             if "rpn" in t_out:
@@ -500,33 +489,3 @@ def _release_records(model):
     for module in model.modules():
         pop_recorded(module)
     pop_sampled_proposals(model.roi_heads)
-
-
-def _check_label_space(cfg, tcfg):
-    """Refuse logit distillation between different label spaces, before training starts."""
-    s_k, t_k = cfg.MODEL.ROI_HEADS.NUM_CLASSES, tcfg.MODEL.ROI_HEADS.NUM_CLASSES
-    if s_k != t_k:
-        raise ValueError(
-            f"The teacher predicts {t_k} classes and the student {s_k}: ROI logit distillation "
-            "(MODEL.KD.ROI.CLS_WEIGHT / BOX_WEIGHT) needs the same label space. Set both to 0 to "
-            "distill features only, or use a teacher trained on the student's classes."
-        )
-    s_names = _thing_classes(cfg.DATASETS.TRAIN)
-    t_names = _thing_classes(tcfg.DATASETS.TRAIN)
-    if s_names and t_names and s_names != t_names:
-        raise ValueError(
-            "The teacher's training classes differ from the student's (same count, different "
-            f"names/order: {t_names[:5]}... vs {s_names[:5]}...): ROI logit distillation would "
-            "match the wrong classes. Set MODEL.KD.ROI.*_WEIGHT to 0 or retrain the teacher."
-        )
-
-
-def _thing_classes(names):
-    from detectron2.data import DatasetCatalog
-
-    for name in names:
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            if hasattr(meta, "thing_classes"):
-                return list(meta.thing_classes)
-    return None

@@ -43,21 +43,8 @@ from torch import nn
 
 from kd_det.config_validation import validate_kd_config
 
-from .capture import (
-    pop_recorded,
-    pop_sampled_proposals,
-    record_output,
-    record_sampled_proposals,
-    score_boxes,
-)
-from .common import (
-    build_adapter,
-    check_box_heads,
-    check_convertible,
-    convert_input_format,
-    linear_warmup,
-    per_level_weights,
-)
+from . import capture
+from .common import check_convertible, convert_input_format, linear_warmup, per_level_weights
 from .ema import buffer_copy, ema_update, fill_missing_ema
 from .losses import (
     feature_hint_per_image,
@@ -69,7 +56,9 @@ from .losses import (
     roi_kl_per_image,
 )
 from .peers import (
+    build_mutual_adapters,
     build_peer_cfg,
+    check_peers,
     check_label_spaces,
     load_peer_weights,
     member_cfg,
@@ -175,9 +164,19 @@ class OnlineDistillationRCNN(nn.Module):
             )
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"MODEL.ONLINE_KD.EMA_DECAY={ema_decay} must lie in [0, 1].")
-        self._check_peers()
+        for i, fmt in enumerate(self.peer_input_formats):
+            check_convertible(self.input_format, fmt, f"peer{i}")
+        check_peers(
+            self.peers,
+            set(self.feature_levels) | set(self.ema_feature_levels),
+            (
+                "Set LOGIT_WEIGHT / EMA_LOGIT_WEIGHT / EMA_BOX_WEIGHT to 0."
+                if self._needs_roi
+                else None
+            ),
+        )
         # Trainable distillation parts under one prefix, so an export can drop them.
-        self.kd_adapters = self._build_adapters()
+        self.kd_adapters = build_mutual_adapters(self.peers, self.feature_levels).to(self.device)
         # Built after the peers got their initial weights: the EMA starts from them.
         self.ema_peers = nn.ModuleList(
             [buffer_copy(p) for p in self.peers] if ema_enabled else []
@@ -190,10 +189,10 @@ class OnlineDistillationRCNN(nn.Module):
         # Taps on the peers (after the EMA copies, which need none): each peer runs its own
         # GeneralizedRCNN.forward and these record what the terms read (kd_det.modeling.capture).
         for peer in self.peers:
-            record_output(peer.backbone)
+            capture.record_output(peer.backbone)
             if self._needs_roi:
-                record_sampled_proposals(peer.roi_heads)
-                record_output(peer.roi_heads.box_predictor)
+                capture.record_sampled_proposals(peer.roi_heads)
+                capture.record_output(peer.roi_heads.box_predictor)
 
     @classmethod
     def from_config(cls, cfg):
@@ -283,37 +282,6 @@ class OnlineDistillationRCNN(nn.Module):
     # ------------------------------------------------------------------------------------------
     # construction checks
     # ------------------------------------------------------------------------------------------
-    def _check_peers(self):
-        for i, fmt in enumerate(self.peer_input_formats):
-            check_convertible(self.input_format, fmt, f"peer{i}")
-        levels = set(self.feature_levels) | set(self.ema_feature_levels)
-        for i, peer in enumerate(self.peers):
-            shapes = peer.backbone.output_shape()
-            for lvl in sorted(levels):
-                if lvl not in shapes:
-                    raise ValueError(
-                        f"MODEL.ONLINE_KD.FEATURE_LEVELS names '{lvl}', which peer{i}'s backbone "
-                        f"does not output (it has {sorted(shapes)})."
-                    )
-        if self._needs_roi:
-            for i, peer in enumerate(self.peers):
-                check_box_heads(
-                    peer, f"peer{i}", "Set LOGIT_WEIGHT / EMA_LOGIT_WEIGHT / EMA_BOX_WEIGHT to 0."
-                )
-
-    def _build_adapters(self):
-        """1x1 convs from peer i's channels to peer j's where they differ (mutual feature terms)."""
-        adapters = nn.ModuleDict()
-        for i, pi in enumerate(self.peers):
-            for j, pj in enumerate(self.peers):
-                if i == j:
-                    continue
-                for lvl in self.feature_levels:
-                    ci = pi.backbone.output_shape()[lvl].channels
-                    cj = pj.backbone.output_shape()[lvl].channels
-                    if ci != cj:
-                        adapters[f"p{i}_to_p{j}_{lvl}"] = build_adapter(ci, cj)
-        return adapters.to(self.device)
 
     # ------------------------------------------------------------------------------------------
     # EMA
@@ -401,10 +369,14 @@ class OnlineDistillationRCNN(nn.Module):
     def _recorded(self, peer):
         """What ``peer``'s taps recorded in its last forward (features; sampled proposals and
         box predictions when ROI terms are on), released from the peer."""
-        out = {"features": pop_recorded(peer.backbone), "sampled": None, "predictions": None}
+        out = {
+            "features": capture.pop_recorded(peer.backbone),
+            "sampled": None,
+            "predictions": None,
+        }
         if self._needs_roi:
-            out["sampled"] = pop_sampled_proposals(peer.roi_heads)
-            out["predictions"] = pop_recorded(peer.roi_heads.box_predictor)
+            out["sampled"] = capture.pop_sampled_proposals(peer.roi_heads)
+            out["predictions"] = capture.pop_recorded(peer.roi_heads.box_predictor)
         return out
 
     def distillation_terms(self, batched_inputs, outs):
@@ -481,7 +453,7 @@ class OnlineDistillationRCNN(nn.Module):
             boxes = [x.proposal_boxes for x in out["sampled"]]
             scores.append(
                 {
-                    j: score_boxes(self.peers[j].roi_heads, outs[j]["features"], boxes)[0]
+                    j: capture.score_boxes(self.peers[j].roi_heads, outs[j]["features"], boxes)[0]
                     for j in range(len(outs))
                     if j != i
                 }
@@ -503,7 +475,8 @@ class OnlineDistillationRCNN(nn.Module):
                 boxes = [x.proposal_boxes for x in out["sampled"]]
                 ks = range(len(self.ema_peers)) if self.ema_logit_target == "ensemble" else [i]
                 res[i]["roi"] = [
-                    score_boxes(self.ema_peers[k].roi_heads, res[k]["features"], boxes) for k in ks
+                    capture.score_boxes(self.ema_peers[k].roi_heads, res[k]["features"], boxes)
+                    for k in ks
                 ]
         return res
 

@@ -11,13 +11,16 @@ import logging
 import re
 
 from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
 
-from .common import build_sub_model_cfg
+from .common import build_adapter, build_sub_model_cfg, check_box_heads
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "build_mutual_adapters",
     "build_peer_cfg",
+    "check_peers",
     "check_label_spaces",
     "load_peer_weights",
     "member_cfg",
@@ -151,3 +154,33 @@ def check_label_spaces(cfg, peer_cfgs):
             f"{counts[0]} classes; set it to the peers' value (it describes the training data's "
             "label space)."
         )
+
+
+def check_peers(peers, levels, roi_fix=None):
+    """Raise unless every peer outputs the FPN ``levels`` the feature terms read and, when ROI
+    terms are on (``roi_fix``: how to turn them off), has box heads they support."""
+    for i, peer in enumerate(peers):
+        shapes = peer.backbone.output_shape()
+        for lvl in sorted(levels):
+            if lvl not in shapes:
+                raise ValueError(
+                    f"MODEL.ONLINE_KD.FEATURE_LEVELS names '{lvl}', which peer{i}'s backbone "
+                    f"does not output (it has {sorted(shapes)})."
+                )
+        if roi_fix is not None:
+            check_box_heads(peer, f"peer{i}", roi_fix)
+
+
+def build_mutual_adapters(peers, levels):
+    """1x1 convs ``p<i>_to_p<j>_<level>`` from peer i's channels to peer j's where they differ."""
+    adapters = nn.ModuleDict()
+    for i, pi in enumerate(peers):
+        for j, pj in enumerate(peers):
+            if i == j:
+                continue
+            for lvl in levels:
+                ci = pi.backbone.output_shape()[lvl].channels
+                cj = pj.backbone.output_shape()[lvl].channels
+                if ci != cj:
+                    adapters[f"p{i}_to_p{j}_{lvl}"] = build_adapter(ci, cj)
+    return adapters

@@ -253,3 +253,33 @@ class TeacherInference(nn.Module):
     def forward(self, batched_inputs):
         inputs = convert_input_format(batched_inputs, self.student_format, self.teacher_format)
         return self.teacher(inputs)
+
+
+def check_label_space(cfg, tcfg):
+    """Refuse logit distillation between different label spaces, before training starts."""
+    s_k, t_k = cfg.MODEL.ROI_HEADS.NUM_CLASSES, tcfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if s_k != t_k:
+        raise ValueError(
+            f"The teacher predicts {t_k} classes and the student {s_k}: ROI logit distillation "
+            "(MODEL.KD.ROI.CLS_WEIGHT / BOX_WEIGHT) needs the same label space. Set both to 0 to "
+            "distill features only, or use a teacher trained on the student's classes."
+        )
+    s_names = _thing_classes(cfg.DATASETS.TRAIN)
+    t_names = _thing_classes(tcfg.DATASETS.TRAIN)
+    if s_names and t_names and s_names != t_names:
+        raise ValueError(
+            "The teacher's training classes differ from the student's (same count, different "
+            f"names/order: {t_names[:5]}... vs {s_names[:5]}...): ROI logit distillation would "
+            "match the wrong classes. Set MODEL.KD.ROI.*_WEIGHT to 0 or retrain the teacher."
+        )
+
+
+def _thing_classes(names):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in names:
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if hasattr(meta, "thing_classes"):
+                return list(meta.thing_classes)
+    return None
