@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from kd_det.utils.testing import tiny_overrides  # noqa: F401  (tests import it from here)
+from kd_det.utils.testing import save_random_detector, tiny_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -22,6 +22,16 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(str(root), num_train=16, num_val=8, image_size=64, seed=0, show_progress=False)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory):
+    """A saved tiny R18-FPN teacher with 48 FPN channels (32-channel students need adapters):
+    ``{"path": checkpoint, "opts": the overrides it was built with}``."""
+    d = tmp_path_factory.mktemp("teacher")
+    opts = tiny_overrides(d) + ["MODEL.FPN.OUT_CHANNELS", "48"]
+    r18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
+    return save_random_detector(r18, d, opts, seed=123)
 
 
 class _Records(list):

@@ -8,12 +8,11 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import GeneralizedRCNN, build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from conftest import CONFIGS, tiny_overrides
 from kd_det.config import get_kd_cfg
-from kd_det.modeling.teacher import TeacherLoadError
+from kd_det.utils.testing import random_batch
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 KD_OFF = [
@@ -43,20 +42,6 @@ def _cfg(tmp_path, *extra, base=R18):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    """A saved tiny R18-FPN teacher (FPN 48 channels, so adapters are needed for 32-ch students)."""
-    d = tmp_path_factory.mktemp("teacher")
-    opts = tiny_overrides(d) + ["MODEL.FPN.OUT_CHANNELS", "48"]
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(R18)
-    cfg.merge_from_list(opts)
-    torch.manual_seed(123)
-    model = build_model(cfg)
-    DetectionCheckpointer(model, save_dir=str(d)).save("teacher")
-    return {"path": str(d / "teacher.pth"), "opts": opts}
-
-
 def _kd_cfg(tmp_path, teacher_ckpt, *extra):
     return _cfg(
         tmp_path,
@@ -66,20 +51,6 @@ def _kd_cfg(tmp_path, teacher_ckpt, *extra):
         "MODEL.KD.TEACHER.OPTS", str(teacher_ckpt["opts"]),
         *extra,
     )  # fmt: skip
-
-
-def _batch(seed=0, n=2, size=64, num_classes=12):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        inst = Instances((size, size))
-        xy = torch.rand(3, 2, generator=g) * (size - 24)
-        wh = 8 + torch.rand(3, 2, generator=g) * 16
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-        inst.gt_classes = torch.randint(0, num_classes, (3,), generator=g)
-        img = torch.randint(0, 256, (3, size, size), generator=g).float()
-        out.append({"image": img, "instances": inst, "height": size, "width": size})
-    return out
 
 
 def _losses_and_grads(model, batch, seed=7):
@@ -99,7 +70,7 @@ def test_zero_weights_equal_plain_generalized_rcnn(tmp_path, teacher_ckpt):
     assert type(plain) is GeneralizedRCNN
     assert kd.teacher is None  # nothing distilled: no teacher built or run
     plain.load_state_dict(kd.state_dict())
-    batch = _batch()
+    batch = random_batch()
     l_kd, g_kd = _losses_and_grads(kd, batch)
     l_pl, g_pl = _losses_and_grads(plain, batch)
     assert l_kd.keys() == l_pl.keys()
@@ -117,7 +88,7 @@ def test_detection_losses_unchanged_by_distillation_terms(tmp_path, teacher_ckpt
     plain = build_model(_cfg(tmp_path))
     missing, unexpected = plain.load_state_dict(kd.state_dict(), strict=False)
     assert not missing and all(k.startswith("kd_adapters.") for k in unexpected)
-    batch = _batch(1)
+    batch = random_batch(1)
     l_kd, _ = _losses_and_grads(kd, batch)
     l_pl, _ = _losses_and_grads(plain, batch)
     assert set(l_kd) == set(l_pl) | TERMS
@@ -138,7 +109,7 @@ def test_teacher_outside_module_tree_and_gets_no_gradient(tmp_path, teacher_ckpt
     before = copy.deepcopy(teacher.state_dict())
     kd.train()
     assert not teacher.training
-    _losses_and_grads(kd, _batch(2))
+    _losses_and_grads(kd, random_batch(2))
     assert all(p.grad is None for p in teacher.parameters())
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k  # BN running stats frozen too
@@ -147,48 +118,13 @@ def test_teacher_outside_module_tree_and_gets_no_gradient(tmp_path, teacher_ckpt
     assert all(p.grad is not None for p in kd.kd_adapters.parameters())
 
 
-def test_teacher_weights_really_loaded(tmp_path, teacher_ckpt):
-    kd = build_model(_kd_cfg(tmp_path, teacher_ckpt, *ALL_TERMS))
-    saved = torch.load(teacher_ckpt["path"])["model"]
-    for k, v in kd.teacher.state_dict().items():
-        assert torch.equal(v, saved[k]), k
-
-
-def test_missing_teacher_weights_file_is_named(tmp_path, teacher_ckpt):
-    cfg = _kd_cfg(tmp_path, teacher_ckpt, "MODEL.KD.TEACHER.WEIGHTS", "/nowhere/teacher.pth")
-    with pytest.raises(TeacherLoadError, match="/nowhere/teacher.pth.*not found"):
-        build_model(cfg)
-    cfg = _kd_cfg(tmp_path, teacher_ckpt, "MODEL.KD.TEACHER.WEIGHTS", "")
-    with pytest.raises(TeacherLoadError, match="WEIGHTS is empty"):
-        build_model(cfg)
-
-
-def test_teacher_checkpoint_with_missing_keys_is_refused(tmp_path, teacher_ckpt):
-    ckpt = torch.load(teacher_ckpt["path"])
-    dropped = [k for k in ckpt["model"] if k.startswith("roi_heads.box_predictor")]
-    for k in dropped:
-        del ckpt["model"][k]
-    bad = tmp_path / "partial.pth"
-    torch.save(ckpt, bad)
-    cfg = _kd_cfg(tmp_path, teacher_ckpt, "MODEL.KD.TEACHER.WEIGHTS", str(bad))
-    with pytest.raises(TeacherLoadError, match=r"partial\.pth.*missing keys.*box_predictor"):
-        build_model(cfg)
-
-
-def test_teacher_checkpoint_of_another_config_is_refused(tmp_path, teacher_ckpt):
-    opts = teacher_ckpt["opts"] + ["MODEL.FPN.OUT_CHANNELS", "64"]
-    cfg = _kd_cfg(tmp_path, teacher_ckpt, "MODEL.KD.TEACHER.OPTS", str(opts))
-    with pytest.raises(TeacherLoadError, match="shape mismatches.*backbone.fpn"):
-        build_model(cfg)
-
-
 def test_different_label_space_refuses_logit_terms_only(tmp_path, teacher_ckpt):
     student_5 = ["MODEL.ROI_HEADS.NUM_CLASSES", "5"]
     cfg = _kd_cfg(tmp_path, teacher_ckpt, *student_5, "MODEL.KD.ROI.CLS_WEIGHT", "1.0")
     with pytest.raises(ValueError, match="teacher predicts 12 classes and the student 5"):
         build_model(cfg)
     model = build_model(_kd_cfg(tmp_path, teacher_ckpt, *student_5))  # feature terms only
-    losses, _ = _losses_and_grads(model, _batch(3, num_classes=5))
+    losses, _ = _losses_and_grads(model, random_batch(3, num_classes=5))
     assert "loss_kd_fpn_p2" in losses and "loss_kd_roi_cls" not in losses
 
 
@@ -212,7 +148,7 @@ def test_inference_is_the_students(tmp_path, teacher_ckpt):
     kd = build_model(_kd_cfg(tmp_path, teacher_ckpt, *ALL_TERMS)).eval()
     plain = build_model(_cfg(tmp_path)).eval()
     plain.load_state_dict(kd.state_dict(), strict=False)
-    batch = [{"image": b["image"], "height": 64, "width": 64} for b in _batch(4)]
+    batch = [{"image": b["image"], "height": 64, "width": 64} for b in random_batch(4)]
     with torch.no_grad():
         a, b = kd(batch), plain(batch)
     for x, y in zip(a, b):
@@ -222,7 +158,7 @@ def test_inference_is_the_students(tmp_path, teacher_ckpt):
 def test_warmup_scales_distillation_terms(tmp_path, teacher_ckpt):
     kd = build_model(_kd_cfg(tmp_path, teacher_ckpt, "MODEL.KD.WARMUP_ITERS", "4"))
     kd.train()
-    batch = _batch(5)
+    batch = random_batch(5)
     values = []
     for it in (0, 1, 10):
         torch.manual_seed(0)
@@ -230,11 +166,3 @@ def test_warmup_scales_distillation_terms(tmp_path, teacher_ckpt):
             values.append(kd(batch)["loss_kd_fpn_p3"].item())
     assert values[0] == pytest.approx(values[2] * 0.25, rel=1e-5)
     assert values[1] == pytest.approx(values[2] * 0.5, rel=1e-5)
-
-
-def test_teacher_with_other_input_format_gets_converted_images(tmp_path, teacher_ckpt):
-    opts = teacher_ckpt["opts"] + ["INPUT.FORMAT", "RGB"]
-    kd = build_model(_kd_cfg(tmp_path, teacher_ckpt, "MODEL.KD.TEACHER.OPTS", str(opts)))
-    batch = _batch(6)
-    converted = kd._teacher_inputs(batch)
-    assert torch.equal(converted[0]["image"], batch[0]["image"][[2, 1, 0]])

@@ -1,11 +1,6 @@
 """Hint-dynamic weighting (HKD): the meta-weight network, its objective, the weight ensemble, and
 its integration in DistillationRCNN (per-image weights, checkpoints, export, logging)."""
 
-import importlib.util
-import json
-import math
-import os
-
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -13,16 +8,15 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, tiny_overrides
-from kd_det.config import get_kd_cfg
 from kd_det.modeling.hint_weighting import (
     HINT_WEIGHTING_REGISTRY,
     HintWeighting,
     normalize_weights,
 )
 from kd_det.utils.export import student_state_dict
+from kd_det.utils.testing import random_batch
 
-from test_distillation import R18, _batch, _cfg, _kd_cfg
+from test_distillation import _cfg, _kd_cfg
 
 DYNAMIC = ["MODEL.KD.HINT_WEIGHTING", "dynamic"]
 FPN_ONLY_DYNAMIC = DYNAMIC + ["MODEL.KD.HINT.MIN_WEIGHT", "0.0"]
@@ -177,19 +171,6 @@ def test_absent_hints_give_no_nan():
 # ----------------------------------------------------------------------------------------------
 # DistillationRCNN integration
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    """A saved tiny R18-FPN teacher with 48 FPN channels (as in test_distillation.py)."""
-    d = tmp_path_factory.mktemp("teacher")
-    opts = tiny_overrides(d) + ["MODEL.FPN.OUT_CHANNELS", "48"]
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(R18)
-    cfg.merge_from_list(opts)
-    torch.manual_seed(123)
-    DetectionCheckpointer(build_model(cfg), save_dir=str(d)).save("teacher")
-    return {"path": str(d / "teacher.pth"), "opts": opts}
-
-
 def _step(model, batch, seed=7, it=0):
     model.train()
     model.zero_grad(set_to_none=True)
@@ -230,8 +211,8 @@ def test_user_registered_hint_weighting_is_named_in_yaml(tmp_path, teacher_ckpt)
     )
     assert isinstance(user.kd_hint_weights, DoubleEveryHint)
     assert user.kd_hint_weights.hint_names == user.hint_names
-    l_fixed, _ = _step(fixed, _batch())
-    l_user, _ = _step(user, _batch())
+    l_fixed, _ = _step(fixed, random_batch())
+    l_user, _ = _step(user, random_batch())
     assert l_user["loss_hint_meta"] == 0
     for name in user.hint_names:
         assert torch.allclose(l_user[name], 2 * l_fixed[name], rtol=1e-5), name
@@ -241,7 +222,7 @@ def test_fixed_weighting_has_no_meta_parts(tmp_path, teacher_ckpt):
     model = build_model(_kd_cfg(tmp_path, teacher_ckpt))
     assert model.kd_hint_weights is None
     assert not any(k.startswith("kd_hint_weights.") for k in model.state_dict())
-    losses, _ = _step(model, _batch())
+    losses, _ = _step(model, random_batch())
     assert "loss_hint_meta" not in losses
 
 
@@ -259,7 +240,7 @@ def test_constant_network_equals_fixed_weighting(tmp_path, teacher_ckpt):
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor(c).log())
-    batch = _batch(1)
+    batch = random_batch(1)
     lf, _ = _step(fixed, batch)
     sum(lf.values()).backward()
     ld, _ = _step(dyn, batch)
@@ -294,7 +275,7 @@ def test_per_image_weights_apply_to_their_image(tmp_path, teacher_ckpt):
 
     model.distillation_terms = record_terms
     model.kd_hint_weights.forward = fake_weights
-    losses, _ = _step(model, _batch(2))
+    losses, _ = _step(model, random_batch(2))
     assert len(seen["terms"]) == 9  # 5 FPN levels + 4 logit terms
     for name, (values, valid, weight) in seen["terms"].items():
         v = valid.float()
@@ -308,7 +289,7 @@ def test_meta_net_is_trained_only_by_its_own_objective(tmp_path, teacher_ckpt):
     student_params = {
         n: p for n, p in model.named_parameters() if not n.startswith("kd_hint_weights.")
     }
-    losses, _ = _step(model, _batch(3))
+    losses, _ = _step(model, random_batch(3))
     student_loss = sum(v for k, v in losses.items() if k != "loss_hint_meta")
     student_loss.backward(retain_graph=True)
     assert all(p.grad is None or not p.grad.any() for p in meta_params.values())
@@ -323,7 +304,7 @@ def test_no_nan_when_hints_are_absent(tmp_path, teacher_ckpt):
     """Images without boxes have no foreground proposals (no ROI box hint), alone or in a batch."""
     model = build_model(_kd_cfg(tmp_path, teacher_ckpt, *DYNAMIC, *LOGIT_TERMS))
     for empty in ([1], [0, 1]):
-        batch = _batch(4)
+        batch = random_batch(4)
         for i in empty:
             inst = Instances((64, 64))
             inst.gt_boxes = Boxes(torch.zeros(0, 4))
@@ -341,7 +322,7 @@ def test_no_nan_when_hints_are_absent(tmp_path, teacher_ckpt):
 
 def test_weights_are_logged_per_hint(tmp_path, teacher_ckpt):
     model = build_model(_kd_cfg(tmp_path, teacher_ckpt, *DYNAMIC))
-    _, storage = _step(model, _batch(5))
+    _, storage = _step(model, random_batch(5))
     latest = storage.latest()
     for lvl in ("p2", "p3", "p4", "p5", "p6"):
         assert f"hint_weight/fpn_{lvl}/mean" in latest
@@ -355,7 +336,7 @@ def test_no_grad_loss_pass_leaves_state_untouched(tmp_path, teacher_ckpt):
     before = {k: v.clone() for k, v in model.kd_hint_weights.state_dict().items()}
     model.train()
     with torch.no_grad(), EventStorage():
-        losses = model(_batch(6))
+        losses = model(random_batch(6))
     assert all(torch.isfinite(v) for v in losses.values())
     for k, v in model.kd_hint_weights.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -366,7 +347,7 @@ def test_checkpoint_round_trip_and_export(tmp_path, teacher_ckpt):
     model = build_model(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for it in range(2):
-        losses, _ = _step(model, _batch(it), it=it)
+        losses, _ = _step(model, random_batch(it), it=it)
         sum(losses.values()).backward()
         opt.step()
     state = model.kd_hint_weights.state_dict()
@@ -383,26 +364,3 @@ def test_checkpoint_round_trip_and_export(tmp_path, teacher_ckpt):
     ckpt = torch.load(tmp_path / "ckpt.pth")["model"]
     plain = build_model(_cfg(tmp_path))
     plain.load_state_dict(student_state_dict(ckpt), strict=True)
-
-
-def test_plot_tool_writes_png(tmp_path):
-    metrics = tmp_path / "metrics.json"
-    rows = []
-    for it in range(0, 60, 20):
-        row = {"iteration": it, "total_loss": 1.0}
-        for j, hint in enumerate(("fpn_p2", "fpn_p3")):
-            row[f"hint_weight/{hint}/mean"] = 1.0 + (-1) ** j * it / 100
-            row[f"hint_weight/{hint}/std"] = 0.1
-            row[f"hint_agreement/{hint}"] = math.sin(it + j)
-        rows.append(json.dumps(row))
-    metrics.write_text("\n".join(rows) + "\n{truncated")
-    spec = importlib.util.spec_from_file_location(
-        "plot_hint_weights", os.path.join(REPO, "tools", "plot_hint_weights.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    series = tool.load_hint_series(str(metrics))
-    assert set(series) == {"fpn_p2", "fpn_p3"} and len(series["fpn_p2"]["mean"]) == 3
-    out = tmp_path / "weights.png"
-    assert tool.main(["--metrics", str(metrics), "--output", str(out)]) == 0
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,12 +8,13 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import GeneralizedRCNN, build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from conftest import CONFIGS, tiny_overrides
 from kd_det.config import get_kd_cfg
+from kd_det.modeling.common import convert_input_format
 from kd_det.modeling.online_distillation import member_cfg, member_state_dict
+from kd_det.utils.testing import model_overrides, random_batch
 
 ONLINE = os.path.join(CONFIGS, "Synthetic", "online_lite0_R18.yaml")
 LITE0 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_lite0_FPN.yaml")
@@ -37,14 +38,6 @@ EVERY_TERM_ON = [
 ]  # fmt: skip
 
 
-def tiny_peer_opts(*extra):
-    """The MODEL.* part of ``tiny_overrides`` (peers are built from their own files)."""
-    t = tiny_overrides("unused")
-    return [x for k, v in zip(t[0::2], t[1::2]) if k.startswith("MODEL.") for x in (k, v)] + list(
-        extra
-    )
-
-
 def _cfg(tmp_path, *extra, peers=(LITE0, R18), peer_opts=()):
     cfg = get_kd_cfg()
     cfg.merge_from_file(ONLINE)
@@ -52,7 +45,7 @@ def _cfg(tmp_path, *extra, peers=(LITE0, R18), peer_opts=()):
     cfg.merge_from_list(
         [
             "MODEL.ONLINE_KD.PEERS", str(list(peers)),
-            "MODEL.ONLINE_KD.PEER_OPTS", str(tiny_peer_opts(*peer_opts)),
+            "MODEL.ONLINE_KD.PEER_OPTS", str(model_overrides(*peer_opts)),
             "MODEL.ONLINE_KD.EMA_WARMUP", "0",
         ]  # fmt: skip
         + EVERY_TERM_ON
@@ -61,22 +54,8 @@ def _cfg(tmp_path, *extra, peers=(LITE0, R18), peer_opts=()):
     return cfg
 
 
-def _batch(seed=0, n=2, size=64, num_classes=12):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        inst = Instances((size, size))
-        xy = torch.rand(3, 2, generator=g) * (size - 24)
-        wh = 8 + torch.rand(3, 2, generator=g) * 16
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-        inst.gt_classes = torch.randint(0, num_classes, (3,), generator=g)
-        img = torch.randint(0, 256, (3, size, size), generator=g).float()
-        out.append({"image": img, "instances": inst, "height": size, "width": size})
-    return out
-
-
 def _flip(batch):
-    return [dict(x, image=x["image"].flip(0)) for x in batch]
+    return convert_input_format(batch, "BGR", "RGB")
 
 
 def _perturb(model, seed=3, scale=0.05):
@@ -122,7 +101,7 @@ def test_knowledge_off_each_peer_trains_exactly_like_alone(tmp_path):
         plain.load_state_dict(member_state_dict(online.state_dict(), f"peer{i}"))
         plain.train()
         plains.append(plain)
-    batch = _batch()
+    batch = random_batch()
     online.train()
     torch.manual_seed(7)
     with EventStorage():
@@ -158,7 +137,7 @@ def test_every_enabled_term_appears_and_is_finite(online_model):
     model.train()
     model.zero_grad()
     with EventStorage():
-        losses = model(_batch(1))
+        losses = model(random_batch(1))
         sum(losses.values()).backward()
     expected = set()
     for i, j in ((0, 1), (1, 0)):
@@ -192,7 +171,7 @@ def test_zero_weight_terms_skipped_and_average_target_and_ema_warmup(tmp_path, c
         peers=(R18, R18),
     )  # fmt: skip
     model = build_model(cfg).train()
-    batch = _batch(2)
+    batch = random_batch(2)
     with EventStorage(start_iter=2):
         early = model(batch)
     with EventStorage(start_iter=3):
@@ -242,7 +221,7 @@ def test_export_of_each_member_is_a_plain_detector_with_identical_predictions(
     _perturb(model, seed=11)
     model.update_ema()  # EMA now differs from the peers
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("online")
-    batch = [{"image": b["image"], "height": 64, "width": 64} for b in _batch(4)]
+    batch = [{"image": b["image"], "height": 64, "width": 64} for b in random_batch(4)]
     model.eval()
     ckpt = torch.load(tmp_path / "online.pth", weights_only=False)["model"]
     # Full export (tool path) of a peer and an EMA teacher; the other two members' weights are
@@ -276,7 +255,7 @@ def test_inference_config_key_selects_member(lite0_pair):
     model.eval()
     assert model.inference_member == "ema1"
     _perturb(model)  # peers now differ from their EMA copies
-    batch = [{"image": b["image"], "height": 64, "width": 64} for b in _batch(5)]
+    batch = [{"image": b["image"], "height": 64, "width": 64} for b in random_batch(5)]
     with torch.no_grad():
         got = model(batch)[0]["instances"]
         want = model.ema_peers[1](_flip(batch))[0]["instances"]  # Lite0 reads RGB
@@ -347,7 +326,7 @@ def test_mutual_warmup_ramps_the_mutual_weights_linearly(tmp_path):
     )
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    batch = _batch(2)
+    batch = random_batch(2)
     got = {}
     for it in (0, 2, 4, 8):
         torch.manual_seed(1)  # the same proposals are sampled at every iteration
