@@ -6,8 +6,6 @@ subfolder), not by kd_det's generator.
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -15,6 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from conftest import CONFIGS, REPO, tiny_overrides, write_coco_dataset
 from kd_det.config import get_kd_cfg
 from kd_det.data.builtin import register_datasets_from_config
+from kd_det.utils.testing import load_tool, run_tool
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 
@@ -126,14 +125,7 @@ def test_train_net_trains_and_evaluates_on_own_coco_json(coco_data, tmp_path):
         "DATASETS.TEST", "('owncoco_val',)",
         "MODEL.ROI_HEADS.NUM_CLASSES", "3",
     ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", R18] + opts,
-        cwd=REPO,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_tool(REPO, "train_net.py", ["--config-file", R18] + opts)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.load(open(tmp_path / "final_results.json"))
     assert set(res["bbox"]) >= {"AP", "AP50", "AP-disc", "AP-bar", "AP-square"}
@@ -145,13 +137,7 @@ def test_train_net_trains_and_evaluates_on_own_coco_json(coco_data, tmp_path):
 
 
 def test_visualize_mix_reads_datasets_coco(coco_data, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "visualize_mix", os.path.join(REPO, "tools", "visualize_mix.py")
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool(REPO, "visualize_mix.py")
     json_file, image_root = coco_data["train"]
     tool.main(["--num", "2", "--output", str(tmp_path), "--type", "cutmix"]
               + _entry_opts("owncoco_vis_train", json_file, image_root)

@@ -8,7 +8,6 @@ algorithm), pixel ownership by painting the regions in order.
 
 import copy
 import itertools
-import os
 
 import cv2
 import numpy as np
@@ -562,45 +561,3 @@ def test_fit_render_matches_full_resize():
         x1, y1 = x0 + max(1, (tw - x0) // 3), y0 + max(1, (th - y0) // 3)
         win = fit.render(img, (x0, y0, x1, y1)).numpy().astype(int)
         assert np.abs(win - ref[:, y0:y1, x0:x1]).max() <= 1
-
-
-def _load_tool(name):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"kd_det_tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_visualize_mix_tool(synthetic_root, tmp_path):
-    tool = _load_tool("visualize_mix")
-    for mix_type in ("cutnmix", "mosaic"):
-        out = tmp_path / mix_type
-        tool.main(
-            [
-                "--num",
-                "2",
-                "--output",
-                str(out),
-                "--type",
-                mix_type,
-                "--dataset-root",
-                synthetic_root,
-            ]
-            + ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
-        )
-        pngs = sorted(os.listdir(out))
-        assert pngs == [f"000_{mix_type}.png", f"001_{mix_type}.png"]
-        assert cv2.imread(str(out / pngs[0])).shape[:2] == (64, 64)
-
-
-def test_benchmark_tool(capsys):
-    tool = _load_tool("benchmark_data")
-    tool.main(
-        ["--num-images", "3", "--image-size", "48", "--repeats", "1", "--types", "cutmix"]
-        + ["--cache-size", "2", "INPUT.MIN_SIZE_TRAIN", "(48,)", "INPUT.MAX_SIZE_TRAIN", "64"]
-    )
-    out = capsys.readouterr().out
-    assert "plain DatasetMapper" in out and "cutmix (cache 2)" in out and "ratio to plain" in out
