@@ -49,7 +49,7 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     sys.path.insert(0, REPO)
     from kd_det.data.synthetic import generate_dataset
-    from kd_det.utils.runs import markdown_table, schedule_opts, train_and_evaluate
+    from runs import markdown_table, schedule_opts, train_and_evaluate
 
     def run_stage(name, out_dir, config, opts, params):
         try:

@@ -1,8 +1,13 @@
-"""kd_det.utils.runs: a run is reused only when nothing that defines it changed."""
+"""tools/runs.py: a run is reused only when nothing that defines it changed."""
 
 import json
+import os
+import sys
 
-from kd_det.utils.runs import STAMP, config_digest, finished_run
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from runs import STAMP, config_digest, finished_run  # noqa: E402
 
 
 def _write(path, text):
@@ -11,7 +16,7 @@ def _write(path, text):
 
 
 def test_config_digest_follows_base_and_peers(tmp_path, monkeypatch):
-    monkeypatch.setattr("kd_det.utils.runs.REPO", str(tmp_path))
+    monkeypatch.setattr("runs.REPO", str(tmp_path))
     base = _write(tmp_path / "Base.yaml", "SOLVER:\n  BASE_LR: 0.02\n")
     peer = _write(tmp_path / "peer.yaml", "_BASE_: Base.yaml\n")
     child = _write(

@@ -1,0 +1,261 @@
+"""Tables, curves and evaluation noise of ``tools/run_study.py`` (every number names its split)."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def file_id(path):
+    """Path, size and mtime of the teacher's weights: a retrained teacher retrains its students."""
+    st = os.stat(path)
+    return [path, st.st_size, int(st.st_mtime)]
+
+
+def ap_curve(metrics_json):
+    """``[[iteration, dev AP], ...]`` from a run's periodic evaluations (the last value logged
+    for an iteration wins, so a resumed run's repeated evaluations are drawn once)."""
+    by_iter = {}
+    if os.path.exists(metrics_json):
+        with open(metrics_json) as f:
+            for line in f:
+                d = json.loads(line)
+                if "bbox/AP" in d and "iteration" in d:
+                    by_iter[d["iteration"] + 1] = d["bbox/AP"]
+    return [[k, by_iter[k]] for k in sorted(by_iter)]
+
+
+def evaluate_on_test(config, opts, out_dir, test_name, env=None, finished_only=False):
+    """COCO results of ``out_dir/model_final.pth`` on the test split, cached in ``out_dir/test``.
+
+    Recomputed when the weights are newer than the cached result. Returns None when
+    ``finished_only`` and nothing is cached.
+    """
+    test_dir = os.path.join(out_dir, "test")
+    path = os.path.join(test_dir, "eval_results.json")
+    weights = os.path.join(out_dir, "model_final.pth")
+    if not (os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(weights)):
+        if finished_only:
+            return None
+        os.makedirs(test_dir, exist_ok=True)
+        cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
+               config, "--eval-only"] + list(opts) + [
+            "DATASETS.TEST", f"('{test_name}',)", "MODEL.WEIGHTS", weights,
+            "OUTPUT_DIR", test_dir,
+        ]  # fmt: skip
+        with open(os.path.join(test_dir, "stdout.txt"), "w") as log:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"test evaluation failed; see {test_dir}/stdout.txt")
+    with open(path) as f:
+        return json.load(f)["bbox"]
+
+
+def bootstrap_ap(gt_json, dets_json, resamples=30, seed=0):
+    """Standard deviation of COCO AP over bootstrap resamples of the test images.
+
+    Each resample draws as many images as the split has, with replacement; a drawn image keeps its
+    ground truth and detections under a new image id, so pycocotools counts duplicates.
+    """
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with open(gt_json) as f:
+        gt = json.load(f)
+    with open(dets_json) as f:
+        dets = json.load(f)
+    by_img_gt, by_img_dt = {}, {}
+    for a in gt["annotations"]:
+        by_img_gt.setdefault(a["image_id"], []).append(a)
+    for d in dets:
+        by_img_dt.setdefault(d["image_id"], []).append(d)
+    images = gt["images"]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(images), len(images))
+        new = {"images": [], "annotations": [], "categories": gt["categories"]}
+        new_dets = []
+        for k, i in enumerate(pick):
+            im = dict(images[i], id=k + 1)
+            new["images"].append(im)
+            for a in by_img_gt.get(images[i]["id"], []):
+                new["annotations"].append(dict(a, image_id=k + 1, id=len(new["annotations"]) + 1))
+            new_dets += [dict(d, image_id=k + 1) for d in by_img_dt.get(images[i]["id"], [])]
+        if not new_dets:
+            values.append(0.0)
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO()
+            coco.dataset = new
+            coco.createIndex()
+            ev = COCOeval(coco, coco.loadRes(new_dets), "bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        values.append(100.0 * ev.stats[0])
+    return statistics.stdev(values)
+
+
+def summarize(values):
+    vals = [v for v in values if v is not None and v == v and v >= 0]
+    if not vals:
+        return None, None
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt(v, digits=1):
+    return "n/a" if v is None or v != v or v < 0 else f"{v:.{digits}f}"
+
+
+def assemble(study, finals, families, preset, args):
+    """The study's results as one JSON-able dict (every AP labelled with its split)."""
+    res = {"preset": preset, "seeds": args.seeds, "jobs": args.jobs,
+           "splits": {"dev": "val (every choice)", "test": "test (reported only)"},
+           "teacher": None, "dev_sweep": {}, "methods": {}}  # fmt: skip
+    t = study.results["teacher"]
+    if t:
+        res["teacher"] = {"dev": t["dev"], "test": t.get("test"), "seconds": t["seconds"],
+                          "curve": t["curve"]}  # fmt: skip
+    for fam, trials in families.items():
+        entry = study.results["dev"].get(fam, {})
+        runs = entry.get("trials", {})
+        rows = []
+        for tr in trials:
+            r = runs.get(tr.name)
+            rows.append({"name": tr.name, "opts": r["opts"] if r else list(tr.opts),
+                         "dev_AP": r["dev"]["AP"] if r else None,
+                         "seconds": r["seconds"] if r else None})  # fmt: skip
+        res["dev_sweep"][fam] = {
+            "trials": rows,
+            "pick": entry.get("pick"),
+            "complete": entry.get("complete", False),
+        }
+    for f in finals:
+        runs = study.results["final"].get(f.name, {})
+        res["methods"][f.name] = {
+            "label": f.label,
+            "runs": [{"seed": s, "test": r.get("test"), "dev": r["dev"], "seconds": r["seconds"],
+                      "curve": r["curve"], "opts": r.get("opts"),
+                      "reused_dev_trial": r.get("reused_dev_trial")}
+                     for s, r in sorted(runs.items())],  # fmt: skip
+        }
+    res["expected_runs"] = len(finals) * len(args.seeds)
+    res["finished_runs"] = sum(len(m["runs"]) for m in res["methods"].values())
+    res["wall_minutes"] = None if args.report_only else (time.time() - study.t0) / 60
+    noise = {}
+    student = study.results["final"].get("student", {})
+    data = os.path.join(args.output, "data", "test.json")
+    for seed, r in sorted(student.items()):
+        dets = os.path.join(r["out"], "test", "inference", "synthetic_study_test",
+                            "coco_instances_results.json")  # fmt: skip
+        if os.path.exists(dets) and os.path.exists(data):
+            noise[seed] = bootstrap_ap(data, dets)
+    res["eval_noise"] = {"student_test_AP_bootstrap_std": noise}
+    return res
+
+
+def write_all(res, output):
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(output, "dev_sweep.md"), "w") as f:
+        f.write(dev_sweep_markdown(res))
+    with open(os.path.join(output, "results.md"), "w") as f:
+        f.write(results_markdown(res))
+    plot_ap_curves(res, os.path.join(output, "ap_curves.png"))
+
+
+def dev_sweep_markdown(res):
+    lines = ["Dev sweep (split: dev = generated `val`; seed 0; AP at the end of training; "
+             "**bold** = the family's pick)", "",
+             "| family | trial | options | dev AP |", "|---|---|---|---|"]  # fmt: skip
+    for fam, e in res["dev_sweep"].items():
+        for t in e["trials"]:
+            mark = "**" if t["name"] == e["pick"] else ""
+            opts = " ".join(o.replace("MODEL.KD.", "").replace("MODEL.ONLINE_KD.", "ONLINE.")
+                            for o in t["opts"])  # fmt: skip
+            lines.append(f"| {fam} | {mark}{t['name']}{mark} | `{opts}` | {fmt(t['dev_AP'])} |")
+        if not e["complete"]:
+            lines.append(f"| {fam} | (partial: not every trial finished; no pick yet) | | |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(res):
+    t = res.get("teacher") or {}
+    t_ap = (t.get("test") or {}).get("AP")
+    s_runs = res["methods"].get("student", {}).get("runs", [])
+    s_ap = summarize([(r["test"] or {}).get("AP") for r in s_runs])[0]
+    lines = ["Test split (never used for a choice); mean +- std over seeds.", "",
+             "| method | test AP | test AP50 | gap closed | dev AP | seeds | min / run |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    if t:
+        t_ap50 = (t.get("test") or {}).get("AP50")
+        lines.append(f"| teacher (Lite2-FPN) | {fmt(t_ap)} | {fmt(t_ap50)} | | "
+                     f"{fmt(t['dev']['AP'])} | 1 | {t['seconds'] / 60:.0f} |")  # fmt: skip
+    for name, m in res["methods"].items():
+        runs = m["runs"]
+        ap, sd = summarize([(r["test"] or {}).get("AP") for r in runs])
+        ap50, sd50 = summarize([(r["test"] or {}).get("AP50") for r in runs])
+        dev, _ = summarize([r["dev"]["AP"] for r in runs])
+        gap = ""
+        if None not in (ap, t_ap, s_ap) and t_ap > s_ap and name != "student":
+            gap = f"{(ap - s_ap) / (t_ap - s_ap):+.0%}"
+        minutes = summarize([r["seconds"] / 60 for r in runs])[0]
+        cell = lambda a, s: "n/a" if a is None else f"{a:.1f} +- {s:.1f}"  # noqa: E731
+        lines.append(f"| {m['label']} | {cell(ap, sd)} | {cell(ap50, sd50)} | {gap} | "
+                     f"{fmt(dev)} | {len(runs)} | {fmt(minutes, 0)} |")  # fmt: skip
+    noise = res.get("eval_noise", {}).get("student_test_AP_bootstrap_std", {})
+    if noise:
+        vals = ", ".join(f"{v:.2f}" for v in noise.values())
+        lines += ["", f"Evaluation noise: the bootstrap std of the student's test AP over test "
+                  f"images is {vals} AP (one value per seed)."]  # fmt: skip
+    p = res["preset"]
+    lines += [
+        "",
+        f"Data: {p['num_train']} train / {p['num_dev']} dev / {p['num_test']} test "
+        f"generated scenes of {p['image_size']} px; students {p['iters']} iterations, "
+        f"teacher {p['teacher_iters']}, batch {p['batch']}; seeds {res['seeds']}.",
+    ]
+    if res.get("wall_minutes"):
+        lines.append(f"This invocation took {res['wall_minutes']:.0f} min at --jobs {res['jobs']}.")
+    if res["finished_runs"] < res["expected_runs"]:
+        lines.append(f"**Partial**: {res['finished_runs']} of {res['expected_runs']} final runs "
+                     "had finished when this table was written.")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_ap_curves(res, path):
+    """Dev AP against iteration: the teacher, and every method's mean over its seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    t = res.get("teacher")
+    if t and t.get("curve"):
+        its, aps = zip(*t["curve"])
+        ax.plot(its, aps, "k--", label="teacher")
+    for name, m in res["methods"].items():
+        curves = [dict(map(tuple, r["curve"])) for r in m["runs"] if r.get("curve")]
+        if not curves:
+            continue
+        its = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot(its, [statistics.mean(c[i] for c in curves) for i in its], label=m["label"])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("dev AP (mean over seeds)")
+    ax.set_title("Validation AP during training (dev split)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
