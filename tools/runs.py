@@ -3,8 +3,9 @@
 Orchestration for the repository's own tools (it lives in ``tools/``, next to the ``train_net.py``
 it runs, not in the kd_det package). Shared by ``tools/demo.py`` and ``tools/run_study.py``: each
 training run is a subprocess (so a run is exactly what a user would type, with detectron2's own
-logging, metrics.json and TensorBoard files in its output directory) whose parameters are stamped next to its results. A later call with
-the same parameters reuses the finished run; an interrupted run resumes from its last checkpoint.
+logging, metrics.json and TensorBoard files in its output directory) whose parameters are stamped
+next to its results. A later call with the same parameters reuses the finished run; an interrupted
+run resumes from its last checkpoint.
 """
 
 import hashlib
