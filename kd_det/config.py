@@ -191,7 +191,7 @@ def add_kd_config(cfg):
     _C.MODEL.ONLINE_KD.INFERENCE = "peer0"
 
     # ---------------------------------------------------------------------------------------------
-    # Mixed-sample regularization in the data mapper (kd_det/data/mixed_sample_mapper.py)
+    # Mixed-sample regularization in the data mapper (kd_det/data/mix/)
     # ---------------------------------------------------------------------------------------------
     _C.INPUT.MIX = CN()
     # Use MixedSampleDatasetMapper for training.
