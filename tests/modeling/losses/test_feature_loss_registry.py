@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
@@ -20,6 +19,7 @@ from kd_det.modeling.losses import (
     SSIMFeatureLoss,
     feature_loss_from_config,
 )
+from kd_det.utils.testing import random_batch
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 LEVELS = ["p2", "p3", "p4", "p5", "p6"]
@@ -63,24 +63,11 @@ def _cfg(tmp_path, *extra):
     return cfg
 
 
-def _batch(n=2, size=64):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        inst = Instances((size, size))
-        xy = torch.rand(3, 2, generator=g) * (size - 24)
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(3, 2, generator=g) * 16], 1))
-        inst.gt_classes = torch.randint(0, 12, (3,), generator=g)
-        img = torch.randint(0, 256, (3, size, size), generator=g).float()
-        out.append({"image": img, "instances": inst, "height": size, "width": size})
-    return out
-
-
 def _train_losses(model):
     model.train()
     torch.manual_seed(0)
     with EventStorage():
-        losses = model(_batch())
+        losses = model(random_batch())
         sum(losses.values()).backward()
     return losses
 
