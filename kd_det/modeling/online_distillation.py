@@ -110,8 +110,8 @@ class OnlineDistillationRCNN(nn.Module):
             logit_weight (float): weight of the mutual ROI class KL term.
             temperature (float): softmax temperature of every KL term.
             logit_target (str): "each" (one term per other peer) or "average".
-            mutual_warmup (int): the mutual (peer-to-peer) weights ramp linearly from 0 to their
-                value over this many iterations; 0 applies them from the first iteration.
+            mutual_warmup (int): the mutual (peer-to-peer) weights ramp linearly to their value
+                over this many iterations (:func:`.common.linear_warmup`); 0: no ramp.
             ema_enabled (bool): keep EMA copies of the peers (required by any ``ema_*`` weight).
             ema_decay (float): EMA decay ``d`` of :meth:`update_ema`.
             ema_warmup (int): iterations before the EMA terms start.
