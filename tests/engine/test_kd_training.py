@@ -3,8 +3,6 @@ periodic evaluation, CPU DDP, --eval-teacher, and export to plain detectron2."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,9 @@ from detectron2.modeling import build_model
 
 from conftest import CONFIGS, REPO, tiny_overrides
 from kd_det.config import get_kd_cfg
+from kd_det.utils.testing import run_tool
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
-TOOLS = os.path.join(REPO, "tools")
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +51,6 @@ def _cfg(out, kd_setup, *extra, max_iter=4):
     return cfg
 
 
-def _run(tool, args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, os.path.join(TOOLS, tool)] + args,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_teacher_untouched_by_training_with_periodic_evaluation(tmp_path, kd_setup):
     from kd_det.engine import KDTrainer
 
@@ -95,7 +81,8 @@ def test_teacher_untouched_by_training_with_periodic_evaluation(tmp_path, kd_set
 
 
 def test_two_process_cpu_ddp_distillation(tmp_path, kd_setup):
-    proc = _run(
+    proc = run_tool(
+        REPO,
         "train_net.py",
         ["--config-file", R18, "--num-gpus", "2"]
         + tiny_overrides(tmp_path, kd_setup["root"], max_iter=3, batch=4)
@@ -109,8 +96,8 @@ def test_two_process_cpu_ddp_distillation(tmp_path, kd_setup):
 
 def test_eval_teacher_uses_the_students_evaluator(tmp_path, kd_setup):
     args = ["--config-file", R18, "--eval-teacher"]
-    proc = _run(
-        "train_net.py", args + tiny_overrides(tmp_path, kd_setup["root"]) + kd_setup["opts"]
+    proc = run_tool(
+        REPO, "train_net.py", args + tiny_overrides(tmp_path, kd_setup["root"]) + kd_setup["opts"]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.load(open(tmp_path / "teacher_results.json"))
@@ -129,7 +116,8 @@ def test_export_gives_plain_detectron2_with_identical_predictions(tmp_path, kd_s
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("student")
     out = tmp_path / "export"
     opts = tiny_overrides(tmp_path / "train", kd_setup["root"]) + kd_setup["opts"]
-    proc = _run(
+    proc = run_tool(
+        REPO,
         "export_student.py",
         ["--config-file", R18, "--weights", str(tmp_path / "student.pth"), "--output", str(out)]
         + opts,

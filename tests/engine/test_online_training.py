@@ -3,16 +3,14 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import CONFIGS, REPO, tiny_overrides
+from kd_det.utils.testing import run_tool
 
 ONLINE = os.path.join(CONFIGS, "Synthetic", "online_lite0_R18.yaml")
-TOOLS = os.path.join(REPO, "tools")
 
 
 def _peer_opts():
@@ -34,22 +32,11 @@ def _opts(out, root, max_iter=3, batch=4):
     ]  # fmt: skip
 
 
-def _run(tool, args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, os.path.join(TOOLS, tool)] + args,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, synthetic_root):
     out = tmp_path_factory.mktemp("online_ddp")
-    proc = _run(
+    proc = run_tool(
+        REPO,
         "train_net.py",
         ["--config-file", ONLINE, "--num-gpus", "2"] + _opts(out, synthetic_root),
     )
@@ -78,7 +65,8 @@ def test_two_process_cpu_ddp_online_distillation(ddp_run):
 
 def test_eval_all_peers_reports_every_member(ddp_run, tmp_path):
     out, root = ddp_run
-    proc = _run(
+    proc = run_tool(
+        REPO,
         "train_net.py",
         ["--config-file", ONLINE, "--eval-all-peers"]
         + _opts(tmp_path, root)
@@ -97,7 +85,8 @@ def test_export_member_tool_gives_plain_detectron2(ddp_run, tmp_path):
 
     out, root = ddp_run
     export = tmp_path / "export"
-    proc = _run(
+    proc = run_tool(
+        REPO,
         "export_student.py",
         ["--config-file", ONLINE, "--weights", str(out / "model_final.pth")]
         + ["--output", str(export), "--member", "ema1"]

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import CONFIGS, REPO, tiny_overrides
+from kd_det.utils.testing import run_tool
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
@@ -25,19 +26,6 @@ def _setup_cfg(opts):
     cfg.freeze()
     register_datasets_from_config(cfg)
     return cfg
-
-
-def _run(args, timeout=600, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, TRAIN_NET] + args,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kw,
-    )
 
 
 def test_train_and_evaluate_in_process(tmp_path, synthetic_root):
@@ -84,10 +72,12 @@ def test_missing_image_stops_before_training(tmp_path, synthetic_root):
 
 def test_two_process_cpu_ddp(tmp_path, synthetic_root):
     out = tmp_path / "ddp"
-    proc = _run(
+    proc = run_tool(
+        REPO,
+        "train_net.py",
         ["--config-file", R18, "--num-gpus", "2"]
         + tiny_overrides(out, synthetic_root, max_iter=3, batch=4)
-        + ["KD_TRAINER.FIND_UNUSED_PARAMETERS", "True"]
+        + ["KD_TRAINER.FIND_UNUSED_PARAMETERS", "True"],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DistributedDataParallel" in proc.stdout + proc.stderr
@@ -118,7 +108,7 @@ def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path, synthet
     assert tagged.startswith("model_") and not tagged.startswith("model_final")
     done_iter = int(tagged[len("model_") : -len(".pth")])
 
-    proc = _run(["--config-file", R18, "--resume"] + opts)
+    proc = run_tool(REPO, "train_net.py", ["--config-file", R18, "--resume"] + opts)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert f"Starting training from iteration {done_iter + 1}" in log

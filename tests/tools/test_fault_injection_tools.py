@@ -6,8 +6,6 @@ the problem (the config, the checkpoint, the keys, the directory).
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,10 +15,10 @@ from detectron2.modeling import build_model
 from conftest import CONFIGS, REPO, file_digests, tiny_overrides
 from kd_det.config import get_kd_cfg
 from kd_det.utils.export import ExportError, export_student
+from kd_det.utils.testing import run_tool
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 LITE0 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_lite0_FPN.yaml")
-TOOLS = os.path.join(REPO, "tools")
 
 
 def _cfg(config, out, *extra):
@@ -30,17 +28,6 @@ def _cfg(config, out, *extra):
     if "EFFICIENTNET" in cfg.MODEL:
         cfg.MODEL.EFFICIENTNET.PRETRAINED = False
     return cfg
-
-
-def _run(tool, args):
-    return subprocess.run(
-        [sys.executable, os.path.join(TOOLS, tool)] + args,
-        cwd=REPO,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +101,8 @@ def test_export_cli_mismatch_message_names_config_checkpoint_and_keys(exported):
     good = exported / "good"
     before = file_digests(good)
     weights = str(exported / "r18_fpn48.pth")
-    proc = _run(
+    proc = run_tool(
+        REPO,
         "export_student.py",
         ["--config-file", R18, "--weights", weights, "--output", str(good)]
         + tiny_overrides(exported),
@@ -155,7 +143,8 @@ TRAIN_NET_FAULTS = {
 @pytest.mark.parametrize("fault", sorted(TRAIN_NET_FAULTS))
 def test_eval_only_without_weights_refuses(tmp_path, synthetic_root, fault):
     flags, words = TRAIN_NET_FAULTS[fault]
-    proc = _run(
+    proc = run_tool(
+        REPO,
         "train_net.py",
         ["--config-file", R18, "--eval-only"] + flags + tiny_overrides(tmp_path, synthetic_root),
     )
@@ -184,14 +173,15 @@ def test_kd_log_lines_reach_log_txt_and_eval_only_needs_no_teacher(tmp_path, syn
     ]  # fmt: skip
     out = tmp_path / "student"
     opts = tiny_overrides(out, synthetic_root, max_iter=1) + kd + ["DATASETS.TEST", "()"]
-    proc = _run("train_net.py", ["--config-file", R18] + opts)
+    proc = run_tool(REPO, "train_net.py", ["--config-file", R18] + opts)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert f"Loaded teacher weights from {t_dir / 'teacher.pth'}" in log
     assert "PRETRAINED is False but NORM is 'FrozenBN'" not in log + proc.stderr
 
     (t_dir / "teacher.pth").unlink()
-    proc = _run(
+    proc = run_tool(
+        REPO,
         "train_net.py",
         ["--config-file", R18, "--eval-only"]
         + tiny_overrides(out, synthetic_root)
@@ -215,8 +205,10 @@ def test_resume_with_every_checkpoint_truncated_stops_with_how_to_start_over(
         data = (out / f"{name}.pth").read_bytes()
         (out / f"{name}.pth").write_bytes(data[: len(data) // 3])  # a full disk, say
     before = file_digests(out)
-    proc = _run(
-        "train_net.py", ["--config-file", R18, "--resume"] + tiny_overrides(out, synthetic_root)
+    proc = run_tool(
+        REPO,
+        "train_net.py",
+        ["--config-file", R18, "--resume"] + tiny_overrides(out, synthetic_root),
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
