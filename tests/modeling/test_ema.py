@@ -1,0 +1,44 @@
+"""The EMA self-ensemble: a buffer copy invisible to optimizers, the update rule, filling EMA
+weights a checkpoint lacks."""
+
+import torch
+from torch import nn
+
+from kd_det.modeling.ema import buffer_copy, ema_update, fill_missing_ema
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+
+
+def test_buffer_copy_is_saved_but_not_trained():
+    net = _net()
+    ema = buffer_copy(net)
+    assert list(ema.parameters()) == [] and not ema.training
+    assert ema.state_dict().keys() == net.state_dict().keys()
+    for k, v in net.state_dict().items():
+        assert torch.equal(ema.state_dict()[k], v), k
+
+
+def test_update_averages_weights_and_statistics_and_copies_counters():
+    net = _net()
+    ema = buffer_copy(net)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    net.train()
+    net(torch.randn(4, 3))  # BatchNorm statistics and counter move
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema_update(net, ema, 0.75)
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.75 * before[k] + 0.25 * net.state_dict()[k]), k
+        else:
+            assert torch.equal(v, net.state_dict()[k]), k
+
+
+def test_missing_ema_weights_start_from_the_model():
+    state = {"m.peers.0.w": torch.ones(1), "m.ema_peers.0.b": torch.zeros(1)}
+    filled = fill_missing_ema(state, ["w", "b"], "m.", "ema_peers.0.", "peers.0.")
+    assert filled == 1 and torch.equal(state["m.ema_peers.0.w"], torch.ones(1))
+    assert torch.equal(state["m.ema_peers.0.b"], torch.zeros(1))  # present keys are kept
