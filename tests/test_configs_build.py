@@ -7,29 +7,17 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from conftest import CONFIGS, REPO, tiny_overrides
 from kd_det.config import get_kd_cfg
+from kd_det.utils.testing import random_batch
 
 RUNNABLE = sorted(
     p
     for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
     if not os.path.basename(p).startswith("Base")
 )
-
-
-def _batch(size=64, n=2, num_classes=12):
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for _ in range(n):
-        inst = Instances((size, size))
-        xy = torch.rand(2, 2, generator=g) * (size / 2)
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + size / 3], 1))
-        inst.gt_classes = torch.randint(0, num_classes, (2,), generator=g)
-        batch.append({"image": torch.randint(0, 256, (3, size, size)).float(), "instances": inst})
-    return batch
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=[os.path.relpath(p, CONFIGS) for p in RUNNABLE])
@@ -56,7 +44,7 @@ def test_config_builds_and_trains_one_step(path, tmp_path, monkeypatch):
     model = build_model(cfg)
     model.train()
     with EventStorage():
-        losses = model(_batch(num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES))
+        losses = model(random_batch(num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES))
     detection = {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
     if online:  # every peer's own losses, renamed loss_peer<i>_*
         n = len(cfg.MODEL.ONLINE_KD.PEERS)
