@@ -17,6 +17,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+#: Kernel instruction-set caps for the runs of the demo and the study: CPUs of one machine kind can
+#: differ in their widest vector unit (AVX2 vs AVX-512), and torch, oneDNN and MKL then pick other
+#: kernels whose float results differ (tools/check_reproducibility.py). Capped at AVX2, machines
+#: with AVX2 or more run the same kernels; on an AVX2 machine the caps change nothing.
+ISA_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip
 STAMP = "run_stamp.json"
 
 
@@ -114,6 +120,7 @@ def train_and_evaluate(
         json.dump({"params": params}, f)
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
     cmd += resume + list(opts) + ["OUTPUT_DIR", out_dir]
+    env = {**ISA_CAP, **(env if env is not None else os.environ)}  # a caller's own caps win
     how = "resuming" if resume else "training"
     print(f"[run] {name}: {how}; log in {out_dir}/log.txt", flush=True)
     start = time.time()
