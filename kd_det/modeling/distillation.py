@@ -286,6 +286,12 @@ class DistillationRCNN(GeneralizedRCNN):
                         )
         if self.rpn_objectness_weight or self.rpn_deltas_weight:
             s_rpn, t_rpn = self.proposal_generator, teacher.proposal_generator
+            if s_rpn is None or t_rpn is None:
+                raise ValueError(
+                    "RPN distillation needs an RPN in both models; the "
+                    f"{'student' if s_rpn is None else 'teacher'} uses precomputed proposals. "
+                    "Set MODEL.KD.RPN.*_WEIGHT to 0."
+                )
             s_a = s_rpn.anchor_generator.num_anchors
             t_a = t_rpn.anchor_generator.num_anchors
             if s_a != t_a or len(s_rpn.in_features) != len(t_rpn.in_features):

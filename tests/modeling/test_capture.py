@@ -5,6 +5,7 @@ itself."""
 import copy
 import os
 
+import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -73,3 +74,12 @@ def test_deep_copy_records_into_itself():
     assert pop_recorded(net) is None and pop_recorded(twin) is not None
     net(x)
     assert pop_recorded(net) is not None and pop_recorded(net) is None
+
+
+def test_rpn_terms_without_an_rpn_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="RPN distillation needs an RPN in both models"):
+        _model(
+            tmp_path,
+            "MODEL.PROPOSAL_GENERATOR.NAME", "PrecomputedProposals",
+            "MODEL.KD.RPN.OBJECTNESS_WEIGHT", "1.0",
+        )  # fmt: skip
