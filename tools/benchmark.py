@@ -33,6 +33,7 @@ sys.path.insert(0, REPO)
 
 import benchmark_data  # noqa: E402
 import benchmark_kd  # noqa: E402
+import profile_step  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,6 +50,14 @@ def parse_args(argv=None):
     p.add_argument("--data-size", type=int, default=256, help="side of those images")
     p.add_argument("--data-repeats", type=int, default=3, help="timed passes per mapper")
     p.add_argument("--skip-data", action="store_true", help="only the training-step part")
+    p.add_argument(
+        "--speedup-pairs",
+        type=int,
+        default=2,
+        help="before/after process pairs per method of the speed-up part (0: skip)",
+    )
+    p.add_argument("--speedup-iters", type=int, default=8,
+                   help="timed iterations per process of the speed-up part")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2,
                    help="also time this many student runs side by side (0: skip)")  # fmt: skip
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the step models")
@@ -80,10 +89,27 @@ def main(argv=None):
         + (["--device", args.device] if args.device else [])
         + list(args.opts)
     )  # fmt: skip
-    step = benchmark_kd.measure(kd_args)
     md = [f"Device: {env['device']} ({env['device_name']}); torch {env['torch']}, "
-          f"detectron2 {env['detectron2']}.", "", "### Training step", "",
-          benchmark_kd.markdown(step, kd_args)]  # fmt: skip
+          f"detectron2 {env['detectron2']}.", ""]  # fmt: skip
+    speedup = None
+    if args.speedup_pairs > 0:
+        # A real training step (KDTrainer's model, loader and optimizer on generated data) with
+        # kd_det's settings before and after the speed-ups, alternating processes.
+        p_args = profile_step.parse_args(
+            ["--iters", str(args.speedup_iters), "--warmup", "2", "--image-size",
+             str(args.image_size), "--batch", str(args.batch), "--data",
+             os.path.join(args.output, "profile_data")]
+        )  # fmt: skip
+        speedup = profile_step.compare(p_args, ["student", "ssim", "multilevel"],
+                                       pairs=args.speedup_pairs)  # fmt: skip
+        md += ["### Speed-ups (before / after, same run)", "",
+               "Before: " + " ".join(profile_step.SETTINGS["before"]) + "; after: "
+               + " ".join(profile_step.SETTINGS["after"]) + f"; {args.batch} images of "
+               f"{args.image_size} px per step, with data loading; medians of "
+               f"{args.speedup_pairs} alternating process pairs.", "",
+               profile_step.compare_markdown(speedup), ""]  # fmt: skip
+    step = benchmark_kd.measure(kd_args)
+    md += ["### Training step", "", benchmark_kd.markdown(step, kd_args)]
     side = None
     if args.jobs > 1 and "student" in step:
         runs = benchmark_kd.measure_side_by_side(kd_args, jobs=args.jobs)
@@ -110,7 +136,8 @@ def main(argv=None):
     md += ["", f"Benchmark wall time {minutes:.1f} min."]
     text = "\n".join(md) + "\n"
     with open(os.path.join(args.output, "benchmark.json"), "w") as f:
-        json.dump({"environment": env, "args": vars(args), "training_step": step,
+        json.dump({"environment": env, "args": vars(args), "speedup": speedup,
+                   "training_step": step,
                    "side_by_side": side, "data": data, "wall_minutes": minutes},
                   f, indent=2)  # fmt: skip
     with open(os.path.join(args.output, "benchmark.md"), "w") as f:

@@ -33,6 +33,13 @@ CONFIGS = {
     "multilevel": os.path.join(SYN, "distill_lite2_to_lite0_multilevel.yaml"),
 }
 PARTS = ("data", "student_forward", "teacher_forward", "kd_losses", "backward", "optimizer")
+#: The settings ``compare`` times against each other: kd_det before this release's speed-ups
+#: (torchvision's ROIAlign backward, the synthetic configs' two loader workers) and after (the
+#: bit-identical compiled backward, data loaded in the training process).
+SETTINGS = {
+    "before": ["KD_TRAINER.FAST_CPU_ROI_ALIGN", "False", "DATALOADER.NUM_WORKERS", "2"],
+    "after": ["KD_TRAINER.FAST_CPU_ROI_ALIGN", "True", "DATALOADER.NUM_WORKERS", "0"],
+}
 
 
 def parse_args(argv=None):
@@ -135,6 +142,54 @@ def profile_one(args, method, workers):
     return {k: statistics.median(r[k] for r in rows) for k in PARTS + ("total",)}
 
 
+def _run_one(args, method, workers, opts):
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(workers), "--iters",
+           str(args.iters), "--warmup", str(args.warmup), "--image-size", str(args.image_size),
+           "--batch", str(args.batch), "--data", args.data, "--teacher-weights",
+           args.teacher_weights] + list(opts)  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode != 0 or not line:
+        raise RuntimeError(f"{method} with {workers} workers failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
+def compare(args, methods, pairs=2):
+    """s/iter of each method under ``SETTINGS["before"]`` and ``["after"]``, measured as
+    ``pairs`` alternating before/after processes (so drift of the machine hits both alike).
+
+    Returns:
+        list[dict]: per method, the median s/iter of each setting and their ratio.
+    """
+    from kd_det.data.synthetic import generate_dataset
+
+    generate_dataset(args.data, 200, 20, args.image_size, 0, show_progress=False)
+    rows, t0, total = [], time.time(), len(methods) * pairs * 2
+    for m in methods:
+        times = {"before": [], "after": []}
+        for _ in range(pairs):
+            for name, opts in SETTINGS.items():
+                # The worker count is an override too: the last NUM_WORKERS wins.
+                times[name].append(_run_one(args, m, 0, opts)["total"])
+                done = sum(len(v) for r in rows for v in r["runs"].values()) + sum(
+                    len(v) for v in times.values())  # fmt: skip
+                eta = (time.time() - t0) / done * (total - done)
+                print(f"[benchmark] {done}/{total} {m} {name}: {times[name][-1]:.3f} s/iter "
+                      f"(ETA {eta / 60:.1f} min)", flush=True)  # fmt: skip
+        before, after = (statistics.median(times[k]) for k in ("before", "after"))
+        rows.append({"method": m, "before_s": before, "after_s": after,
+                     "speedup": before / after, "runs": times})  # fmt: skip
+    return rows
+
+
+def compare_markdown(rows):
+    lines = ["| method | before (s/iter) | after (s/iter) | speed-up |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['before_s']:.3f} | {r['after_s']:.3f} | "
+                     f"x{r['speedup']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def markdown(results):
     head = "| method | workers | " + " | ".join(PARTS) + " | total s/iter |"
     lines = [head, "|---|---|" + "---|" * (len(PARTS) + 1)]
@@ -154,17 +209,9 @@ def main(argv=None):
     generate_dataset(args.data, 200, 20, args.image_size, 0, show_progress=False)
     os.makedirs(args.output, exist_ok=True)
     results, pairs = [], [(m, w) for m in args.methods for w in args.workers]
-    passthrough = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--image-size",
-                   str(args.image_size), "--batch", str(args.batch), "--data", args.data,
-                   "--teacher-weights", args.teacher_weights]  # fmt: skip
     t0 = time.time()
     for k, (m, w) in enumerate(pairs):
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", m, str(w)] + passthrough
-        out = subprocess.run(cmd + list(args.opts), capture_output=True, text=True, cwd=REPO)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode != 0 or not line:
-            raise RuntimeError(f"{m} with {w} workers failed:\n{out.stderr[-3000:]}")
-        results.append({"method": m, "workers": w, "parts": json.loads(line[0][7:])})
+        results.append({"method": m, "workers": w, "parts": _run_one(args, m, w, args.opts)})
         done = time.time() - t0
         print(f"[profile] {k + 1}/{len(pairs)} {m} workers={w}: "
               f"{results[-1]['parts']['total']:.3f} s/iter (ETA "

@@ -14,6 +14,7 @@ def test_benchmark_smoke(tmp_path):
         "--image-size", "64", "--batch", "1", "--iters", "1", "--warmup", "0",
         "--variants", "student", "dynamic", "online",
         "--data-images", "4", "--data-size", "64", "--data-repeats", "1",
+        "--speedup-pairs", "1", "--speedup-iters", "1",
         "--output", str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
@@ -34,3 +35,8 @@ def test_benchmark_smoke(tmp_path):
     md = (tmp_path / "benchmark.md").read_text()
     assert "| online |" in md and "ratio to plain" in md and "Device: " in md
     assert "side by side" in md
+    # Before/after of the speed-ups: the three profiled methods, both settings timed.
+    speed = res["speedup"]
+    assert [r["method"] for r in speed] == ["student", "ssim", "multilevel"]
+    assert all(r["before_s"] > 0 and r["after_s"] > 0 for r in speed)
+    assert "Speed-ups (before / after, same run)" in md and "| multilevel |" in md
