@@ -3,21 +3,8 @@
 The implementation lives in :mod:`kd_det.data.mix` (geometry, strategies, partners, mapper).
 """
 
-from .mix import (  # noqa: F401
-    BOX_RULES,
-    MIX_STRATEGY_REGISTRY,
-    MIX_TYPES,
-    MixedSampleDatasetMapper,
-    check_mix_args,
-    visible_geometry,
-)
+from . import mix as _mix
+from .mix import *  # noqa: F401,F403
 from .mix.geometry import Fit as _Fit  # noqa: F401  (tests construct fits directly)
 
-__all__ = [
-    "BOX_RULES",
-    "MIX_STRATEGY_REGISTRY",
-    "MIX_TYPES",
-    "MixedSampleDatasetMapper",
-    "check_mix_args",
-    "visible_geometry",
-]
+__all__ = list(_mix.__all__)

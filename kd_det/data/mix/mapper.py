@@ -224,25 +224,7 @@ class MixedSampleDatasetMapper(DatasetMapper):
         """
         ret = super().from_config(cfg, is_train)
         mix = cfg.INPUT.MIX
-        cache_size = mix.PARTNER_CACHE_SIZE
-        check_mix_args(
-            mix.TYPE,
-            mix.PROB,
-            mix.ALPHA,
-            mix.NUM_PATCHES,
-            mix.MIN_VISIBLE,
-            mix.MIN_BOX_SIZE,
-            mix.BOX_RULE,
-            cache_size,
-        )
-        active = mix.ENABLED and is_train and mix.PROB > 0
-        unsupported = cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS
-        if active and dataset_dicts is None and not unsupported:  # else __init__ raises
-            dataset_dicts = get_detection_dataset_dicts(
-                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-            )
-        ret.update(
-            mix_enabled=mix.ENABLED,
+        mix_args = dict(
             mix_type=mix.TYPE,
             mix_prob=mix.PROB,
             mix_alpha=mix.ALPHA,
@@ -250,9 +232,16 @@ class MixedSampleDatasetMapper(DatasetMapper):
             min_visible=mix.MIN_VISIBLE,
             min_box_size=mix.MIN_BOX_SIZE,
             box_rule=mix.BOX_RULE,
-            dataset_dicts=dataset_dicts,
-            partner_cache_size=cache_size,
+            partner_cache_size=mix.PARTNER_CACHE_SIZE,
         )
+        check_mix_args(**mix_args)  # before the training set is loaded for partners
+        active = mix.ENABLED and is_train and mix.PROB > 0
+        unsupported = cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON or cfg.MODEL.LOAD_PROPOSALS
+        if active and dataset_dicts is None and not unsupported:  # else __init__ raises
+            dataset_dicts = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            )
+        ret.update(mix_enabled=mix.ENABLED, dataset_dicts=dataset_dicts, **mix_args)
         return ret
 
     def _map_plain(self, dataset_dict: dict) -> Dict[str, Any]:
