@@ -53,6 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--data", default=os.path.join(REPO, "output", "profile_data"))
     p.add_argument("--teacher-weights", default="")
     p.add_argument("--output", default=os.path.join(REPO, "output", "profile"))
+    p.add_argument(
+        "--ops",
+        action="store_true",
+        help="also print torch.profiler's most expensive operators of each run",
+    )
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: method workers
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p.parse_args(argv)
@@ -116,7 +121,12 @@ def profile_one(args, method, workers):
         clock.wrap(model, "distillation_terms", "kd_terms_total")
     rows = []
     model.train()
-    with EventStorage(0) as storage:
+    profiler = contextlib.nullcontext()
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU])
+    with EventStorage(0) as storage, profiler as prof:
         for i in range(args.warmup + args.iters):
             clock.parts = {}
             start = time.perf_counter()
@@ -139,15 +149,23 @@ def profile_one(args, method, workers):
             p["total"] = time.perf_counter() - start
             if i >= args.warmup:
                 rows.append(dict(p))
+    if args.ops:
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        print(f"Operators of {method} (workers {workers}; warm-up iterations included):\n{table}",
+              file=sys.stderr)  # fmt: skip
     return {k: statistics.median(r[k] for r in rows) for k in PARTS + ("total",)}
 
 
 def _run_one(args, method, workers, opts):
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(workers), "--iters",
-           str(args.iters), "--warmup", str(args.warmup), "--image-size", str(args.image_size),
-           "--batch", str(args.batch), "--data", args.data, "--teacher-weights",
-           args.teacher_weights] + list(opts)  # fmt: skip
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(workers)]
+    cmd += ["--ops"] if args.ops else []
+    cmd += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--image-size",
+            str(args.image_size), "--batch", str(args.batch), "--data", args.data,
+            "--teacher-weights", args.teacher_weights] + list(opts)  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if args.ops:
+        start = out.stderr.find("Operators of")
+        print(out.stderr[start:] if start >= 0 else "", flush=True)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode != 0 or not line:
         raise RuntimeError(f"{method} with {workers} workers failed:\n{out.stderr[-3000:]}")
