@@ -77,13 +77,21 @@ def build_peer_cfg(cfg, index):
     return pcfg
 
 
-def parse_member(name, num_peers, ema_enabled, key="MODEL.ONLINE_KD.INFERENCE"):
-    """``"peer1"`` -> ``("peer", 1)``, validated against the model's members."""
+def parse_member(name, num_peers=None, ema_enabled=True, key="MODEL.ONLINE_KD.INFERENCE"):
+    """``"peer1"`` -> ``("peer", 1)``, validated against the model's members (any index when
+    ``num_peers`` is None, e.g. for a checkpoint whose peer count is not known)."""
     m = _MEMBER_RE.match(str(name))
-    if m is None or int(m.group(2)) >= num_peers or (m.group(1) == "ema" and not ema_enabled):
-        members = [f"peer{i}" for i in range(num_peers)]
-        if ema_enabled:
-            members += [f"ema{i}" for i in range(num_peers)]
+    if (
+        m is None
+        or (num_peers is not None and int(m.group(2)) >= num_peers)
+        or (m.group(1) == "ema" and not ema_enabled)
+    ):
+        if num_peers is None:
+            members = "peer<i> or ema<i>"
+        else:
+            members = [f"peer{i}" for i in range(num_peers)]
+            if ema_enabled:
+                members += [f"ema{i}" for i in range(num_peers)]
         raise ValueError(f"{key}={name!r} is not a member of this model; choose from {members}.")
     return m.group(1), int(m.group(2))
 
@@ -114,7 +122,7 @@ def member_state_dict(model_state, member):
         model_state (dict): the checkpoint's ``model`` dict.
         member (str): ``peer<i>`` or ``ema<i>``.
     """
-    kind, index = parse_member(member, 1 << 30, True, key="member")
+    kind, index = parse_member(member, key="member")
     prefix = f"{'peers' if kind == 'peer' else 'ema_peers'}.{index}."
     state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
     if not state:
