@@ -35,6 +35,7 @@ def load_extension():
             try:
                 from torch.utils.cpp_extension import load
 
+                logger.info("Loading kd_det's CPU ROIAlign backward (compiled once, then cached).")
                 _state["ext"] = load(
                     name="kd_det_roi_align_backward",
                     sources=[_SOURCE],
