@@ -53,12 +53,12 @@ def test_run_study_tiny(tmp_path):
     assert (tmp_path / "data" / "test.json").exists()
     # Everything finished is reused by the next call: no training, no test evaluation.
     again = _study(tmp_path, ARGS)
-    assert "training;" not in again.stdout and "resuming;" not in again.stdout
+    assert ": training; log in" not in again.stdout and ": resuming; log in" not in again.stdout
 
 
 def test_run_study_report_only_trains_nothing(tmp_path):
     proc = _study(tmp_path, ARGS + ["--report-only"])
-    assert "training;" not in proc.stdout and not (tmp_path / "runs").exists()
+    assert ": training; log in" not in proc.stdout and not (tmp_path / "runs").exists()
     assert "Partial" in (tmp_path / "results.md").read_text()
 
 
