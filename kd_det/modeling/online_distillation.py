@@ -61,14 +61,12 @@ from .peers import (
     check_peers,
     check_label_spaces,
     load_peer_weights,
-    member_cfg,
-    member_state_dict,
     parse_member,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnlineDistillationRCNN", "build_peer_cfg", "member_cfg", "member_state_dict"]
+__all__ = ["OnlineDistillationRCNN"]
 
 LOGIT_TARGETS = ("each", "average")
 EMA_LOGIT_TARGETS = ("own", "ensemble")
@@ -486,10 +484,3 @@ def _peer_loss_name(index, key):
     if key.startswith("loss_"):
         return f"loss_peer{index}_{key[len('loss_'):]}"
     return f"peer{index}_{key}"
-
-
-def evaluate_all_members(cfg, model, test_fn=None):
-    """Deprecated location: use :func:`kd_det.evaluation.members.evaluate_all_members`."""
-    from kd_det.evaluation.members import evaluate_all_members as evaluate
-
-    return evaluate(cfg, model, test_fn)

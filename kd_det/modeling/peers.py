@@ -23,8 +23,6 @@ __all__ = [
     "check_peers",
     "check_label_spaces",
     "load_peer_weights",
-    "member_cfg",
-    "member_state_dict",
     "parse_member",
 ]
 
@@ -94,44 +92,6 @@ def parse_member(name, num_peers=None, ema_enabled=True, key="MODEL.ONLINE_KD.IN
                 members += [f"ema{i}" for i in range(num_peers)]
         raise ValueError(f"{key}={name!r} is not a member of this model; choose from {members}.")
     return m.group(1), int(m.group(2))
-
-
-def member_cfg(cfg, member=None):
-    """The config of one member as a detector config of its own.
-
-    The top-level config (data, INPUT sizes, TEST, SOLVER: what the member was trained and
-    evaluated with) with ``MODEL`` replaced by the peer's model and ``INPUT.FORMAT`` by the peer's
-    format (the member's weights expect it). ``ema<i>`` has peer i's config.
-    """
-    okd = cfg.MODEL.ONLINE_KD
-    member = member or okd.INFERENCE
-    _, index = parse_member(member, len(okd.PEERS), okd.EMA_ENABLED, key="member")
-    pcfg = build_peer_cfg(cfg, index)
-    out = cfg.clone()
-    out.defrost()
-    out.MODEL = pcfg.MODEL.clone()
-    out.INPUT.FORMAT = pcfg.INPUT.FORMAT
-    out.defrost()  # recursive: the peer's MODEL node was frozen
-    return out
-
-
-def member_state_dict(model_state, member):
-    """One member's weights from an ``OnlineDistillationRCNN`` state dict, prefix stripped.
-
-    Args:
-        model_state (dict): the checkpoint's ``model`` dict.
-        member (str): ``peer<i>`` or ``ema<i>``.
-    """
-    kind, index = parse_member(member, key="member")
-    prefix = f"{'peers' if kind == 'peer' else 'ema_peers'}.{index}."
-    state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
-    if not state:
-        raise KeyError(
-            f"The checkpoint has no weights of member '{member}' (no keys starting with "
-            f"'{prefix}'). Is it an OnlineDistillationRCNN checkpoint with this many peers"
-            + (" and EMA_ENABLED?" if kind == "ema" else "?")
-        )
-    return state
 
 
 def load_peer_weights(peer, weights, index):

@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 from conftest import CONFIGS, tiny_overrides
 from kd_det.config import get_kd_cfg
 from kd_det.modeling.common import convert_input_format
-from kd_det.modeling.online_distillation import member_cfg, member_state_dict
+from kd_det.utils.member_export import member_cfg, member_state_dict
 from kd_det.utils.testing import model_overrides, random_batch
 
 ONLINE = os.path.join(CONFIGS, "Synthetic", "online_lite0_R18.yaml")

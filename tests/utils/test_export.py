@@ -17,6 +17,7 @@ from kd_det.utils.export import (
     plain_student_cfg,
     student_state_dict,
 )
+from kd_det.utils.member_export import member_state_dict
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 
@@ -72,3 +73,13 @@ def test_member_only_for_online_configs(tmp_path, teacher_ckpt):
     with pytest.raises(FileNotFoundError, match="not found"):
         export_student(cfg, str(tmp_path / "missing.pth"), str(tmp_path / "y"))
     assert issubclass(ExportError, RuntimeError)
+
+
+def test_member_state_dict_strips_the_members_prefix():
+    state = {"peers.0.w": 1, "peers.1.w": 2, "ema_peers.1.w": 3, "kd_adapters.p0_to_p1_p2.b": 4}
+    assert member_state_dict(state, "peer1") == {"w": 2}
+    assert member_state_dict(state, "ema1") == {"w": 3}
+    with pytest.raises(KeyError, match="no weights of member 'ema0'"):
+        member_state_dict(state, "ema0")
+    with pytest.raises(ValueError, match="not a member"):
+        member_state_dict(state, "student")
