@@ -329,7 +329,9 @@ class KDTrainer(DefaultTrainer):
             logger.warning(f"Using detectron2's training loader: {reason}. A resumed run will not "
                            "repeat an uninterrupted one exactly.")  # fmt: skip
             if plain_from is not None:
-                raise ValueError(f"INPUT.MIX.CLEAN_TAIL needs kd_det's resumable loader ({reason}).")
+                raise ValueError(
+                    f"INPUT.MIX.CLEAN_TAIL needs kd_det's resumable loader ({reason})."
+                )
             return build_detection_train_loader(cfg, mapper=mapper)
         if cfg.INPUT.MIX.ENABLED and cfg.INPUT.MIX.PARTNER_CACHE_SIZE > 0:
             logger.warning("INPUT.MIX.PARTNER_CACHE_SIZE > 0 draws partners from each worker's "

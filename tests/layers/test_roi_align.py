@@ -56,7 +56,6 @@ def test_training_step_gradients_equal_with_and_without_the_swap():
     from conftest import CONFIGS, tiny_overrides
     from kd_det.config import get_kd_cfg
     from kd_det.engine import KDTrainer
-    from detectron2.structures import Boxes, Instances
 
     cfg = get_kd_cfg()
     cfg.merge_from_file(f"{CONFIGS}/Synthetic/faster_rcnn_R18_FPN.yaml")

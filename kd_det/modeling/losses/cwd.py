@@ -26,10 +26,10 @@ class CWDFeatureLoss(nn.Module):
     channels divided by ``N * C``). The student learns where each channel's activation
     concentrates, i.e. which regions the teacher's channels single out (a 1x1 map is one certain
     position: its value is 0). ``tau^2`` keeps gradient magnitudes comparable across temperatures
-    (Hinton et al.). Softmax is shift-invariant per channel, but not scale-invariant: a range policy rescales the
-    maps and so changes how peaked the distributions are (``"none"``, mmrazor's choice, by
-    default). Foreground weight maps are refused: weighting the terms of a KL divergence
-    position by position no longer gives a divergence. Computed in float32 with autocast off; the
+    (Hinton et al.). Softmax is shift-invariant per channel, but not scale-invariant: a range
+    policy rescales the maps and so changes how peaked the distributions are (``"none"``,
+    mmrazor's choice, by default). Foreground weight maps are refused: weighting the terms of a
+    KL divergence position by position no longer gives a divergence. Computed in float32 with autocast off; the
     teacher is detached.
     """
 
