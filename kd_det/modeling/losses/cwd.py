@@ -29,8 +29,8 @@ class CWDFeatureLoss(nn.Module):
     (Hinton et al.). Softmax is shift-invariant per channel, but not scale-invariant: a range
     policy rescales the maps and so changes how peaked the distributions are (``"none"``,
     mmrazor's choice, by default). Foreground weight maps are refused: weighting the terms of a
-    KL divergence position by position no longer gives a divergence. Computed in float32 with autocast off; the
-    teacher is detached.
+    KL divergence position by position no longer gives a divergence. Computed in float32 with
+    autocast off; the teacher is detached.
     """
 
     def __init__(self, tau: float = 1.0, range_policy: str = "none", eps: float = 1e-3):
