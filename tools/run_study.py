@@ -111,10 +111,11 @@ def select(args, preset):
 class Study:
     """Schedules the runs (dependencies by events), remembers their results, writes reports."""
 
-    def __init__(self, args, preset):
+    def __init__(self, args, preset, trial_families):
         from runs import schedule_opts
 
         self.args, self.preset = args, preset
+        self.trial_families = set(trial_families)
         self.env = None
         if args.jobs > 1:
             threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -318,8 +319,7 @@ def main(argv=None):
         generate_dataset(os.path.join(args.output, "data"), preset["num_train"],
                          preset["num_dev"], preset["image_size"], 0,
                          num_test=preset["num_test"])  # fmt: skip
-    study = Study(args, preset)
-    study.trial_families = {t.family for t in trials}
+    study = Study(args, preset, {t.family for t in trials})
     families = {}
     for t in trials:
         families.setdefault(t.family, []).append(t)

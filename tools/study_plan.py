@@ -17,7 +17,7 @@ Trial options may name other families' picks: ``@pick:<family>`` expands to that
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,6 @@ class Final:
     opts: Tuple[str, ...]
     teacher: bool
     reuses: str = ""  # the family whose pick is this method's seed-0 run ("" for none)
-    needs_picks: Tuple[str, ...] = field(default=())
 
 
 def _o(*pairs) -> Tuple[str, ...]:

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 
+from runs import fmt  # noqa: E402  (tools/ is on sys.path: this module is run_study's)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def file_id(path):
@@ -111,10 +112,6 @@ def summarize(values):
     if not vals:
         return None, None
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def fmt(v, digits=1):
-    return "n/a" if v is None or v != v or v < 0 else f"{v:.{digits}f}"
 
 
 def assemble(study, finals, families, preset, args):
