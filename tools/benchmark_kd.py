@@ -23,6 +23,7 @@ Writes JSON and a Markdown table.
 """
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -30,6 +31,12 @@ import statistics
 import subprocess
 import sys
 import time
+
+import torch
+from detectron2.engine import HookBase, SimpleTrainer
+
+from kd_det.engine.hooks import EMAUpdateHook
+from kd_det.modeling.common import convert_input_format
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("student", "teacher_forward", "mse", "ssim", "multilevel", "dynamic", "online")
@@ -64,7 +71,6 @@ def parse_args(argv=None):
 
 
 def _batch(n, size, num_classes, device):
-    import torch
     from detectron2.structures import Boxes, Instances
 
     g = torch.Generator().manual_seed(0)
@@ -81,11 +87,54 @@ def _batch(n, size, num_classes, device):
     return out
 
 
+class _WithTeacherForward(torch.nn.Module):
+    """The student's training step plus the teacher's input conversion, preprocessing and
+    backbone forward under ``no_grad``: the floor of any feature distillation's overhead."""
+
+    def __init__(self, student, cfg):
+        from kd_det.modeling.teacher import build_teacher
+
+        super().__init__()
+        self.student = student
+        teacher, tcfg = build_teacher(cfg)
+        self._teacher = [teacher]  # a list: outside this module's parameters and state_dict
+        self.formats = (cfg.INPUT.FORMAT, tcfg.INPUT.FORMAT)
+
+    def forward(self, batched_inputs):
+        losses = self.student(batched_inputs)
+        teacher = self._teacher[0]
+        with torch.no_grad():
+            inputs = convert_input_format(batched_inputs, *self.formats)
+            teacher.backbone(teacher.preprocess_image(inputs).tensor)
+        return losses
+
+
+class _StepTimer(HookBase):
+    """Wall time of every step after the first ``warmup`` (optimizer step and hooks before it
+    included), and the names of the distillation losses of the last step."""
+
+    def __init__(self, device, warmup):
+        self.device, self.warmup = device, warmup
+        self.times, self.losses = [], []
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def before_step(self):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def after_step(self):
+        self._sync()
+        if self.trainer.iter >= self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+        self.losses = [k for k in self.trainer.storage.latest() if k.startswith("loss_kd")]
+
+
 def run_variant(args):
     """Measure one variant in this process; print a JSON line."""
-    import torch
     from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
 
     import kd_det  # noqa: F401
     from kd_det.config import get_kd_cfg
@@ -121,37 +170,20 @@ def run_variant(args):
         raise SystemExit(f"{DYNAMIC} does not set MODEL.KD.HINT_WEIGHTING dynamic.")
     torch.manual_seed(0)
     model = build_model(cfg)
-    teacher = None
     if v == "teacher_forward":
-        from kd_det.modeling.teacher import build_teacher
-
-        teacher, tcfg = build_teacher(cfg)
-        flip = tcfg.INPUT.FORMAT != cfg.INPUT.FORMAT
+        model = _WithTeacherForward(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     batch = _batch(args.batch, args.image_size, cfg.MODEL.ROI_HEADS.NUM_CLASSES, device)
-    times = []
-    with EventStorage() as storage:
-        for i in range(args.warmup + args.iters):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            losses = model(batch)
-            if teacher is not None:
-                with torch.no_grad():
-                    inputs = [dict(x, image=x["image"].flip(0)) for x in batch] if flip else batch
-                    teacher.backbone(teacher.preprocess_image(inputs).tensor)
-            opt.zero_grad()
-            sum(losses.values()).backward()
-            opt.step()
-            if hasattr(model, "update_ema"):
-                model.update_ema()  # the online EMA teachers (KDTrainer's hook does this)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-            storage.iter += 1
+    # detectron2's own training step (SimpleTrainer.run_step) on a loader that repeats one batch:
+    # what is timed is what KDTrainer runs, minus data loading.
+    trainer = SimpleTrainer(model, itertools.repeat(batch), opt)
+    timer = _StepTimer(device, args.warmup)
+    step_hooks = [EMAUpdateHook(model)] if hasattr(model, "update_ema") else []
+    trainer.register_hooks(step_hooks + [timer])
+    trainer.train(0, args.warmup + args.iters)
+    times, losses = timer.times, timer.losses
     if device.startswith("cuda"):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
