@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "load_tool",
     "model_overrides",
+    "perturb_online_peers",
     "random_batch",
     "run_tool",
     "save_random_detector",
@@ -135,3 +136,16 @@ def load_tool(repo, tool):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def perturb_online_peers(model, seed=3, scale=0.05):
+    """Move every online peer's weights and BN running means away from their EMA copies, so that
+    a test can tell a peer from its self-ensemble teacher (freshly built, the two are equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for peer in model.peers:
+            for p in peer.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+            for name, b in peer.named_buffers():
+                if name.endswith("running_mean"):
+                    b.add_(torch.rand(b.shape, generator=g))

@@ -1,6 +1,6 @@
 """OnlineDistillationRCNN on tiny CPU peers: each peer alone when knowledge is off, EMA update rule,
-label-space check, adapters, every term, member export to plain detectron2, checkpoint/resume and
-member selection for inference."""
+label-space check, adapters, every term, checkpoint/resume and member selection for inference
+(member export: tests/utils/test_member_export.py)."""
 
 import os
 
@@ -14,7 +14,7 @@ from conftest import CONFIGS, tiny_overrides
 from kd_det.config import get_kd_cfg
 from kd_det.modeling.common import convert_input_format
 from kd_det.utils.member_export import member_cfg, member_state_dict
-from kd_det.utils.testing import model_overrides, random_batch
+from kd_det.utils.testing import model_overrides, perturb_online_peers, random_batch
 
 ONLINE = os.path.join(CONFIGS, "Synthetic", "online_lite0_R18.yaml")
 LITE0 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_lite0_FPN.yaml")
@@ -56,18 +56,6 @@ def _cfg(tmp_path, *extra, peers=(LITE0, R18), peer_opts=()):
 
 def _flip(batch):
     return convert_input_format(batch, "BGR", "RGB")
-
-
-def _perturb(model, seed=3, scale=0.05):
-    """Make every peer's weights and BN statistics differ from their EMA copies."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for peer in model.peers:
-            for p in peer.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-            for name, b in peer.named_buffers():
-                if name.endswith("running_mean"):
-                    b.add_(torch.rand(b.shape, generator=g))
 
 
 @pytest.fixture(scope="module")
@@ -212,49 +200,11 @@ def test_bad_member_names_and_single_peer_are_refused(tmp_path):
         build_model(_cfg(tmp_path, peers=(R18,)))
 
 
-def test_export_of_each_member_is_a_plain_detector_with_identical_predictions(
-    tmp_path, online_model
-):
-    from kd_det.utils.export import export_student
-
-    cfg, model = online_model
-    _perturb(model, seed=11)
-    model.update_ema()  # EMA now differs from the peers
-    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("online")
-    batch = [{"image": b["image"], "height": 64, "width": 64} for b in random_batch(4)]
-    model.eval()
-    ckpt = torch.load(tmp_path / "online.pth", weights_only=False)["model"]
-    # Full export (tool path) of a peer and an EMA teacher; the other two members' weights are
-    # checked in the plain detector of the same architecture (export = these stripped keys).
-    for member, twin in (("peer0", "ema0"), ("ema1", "peer1")):
-        out = tmp_path / member
-        export_student(cfg, str(tmp_path / "online.pth"), str(out), member=member)
-        plain_cfg = get_kd_cfg()  # Lite0 needs kd_det keys (R18: tests/engine/test_online_training)
-        plain_cfg.merge_from_file(str(out / "config.yaml"))
-        assert plain_cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
-        plain = build_model(plain_cfg).eval()
-        state = torch.load(out / "model_final.pth", weights_only=False)["model"]
-        for name, weights in ((member, state), (twin, member_state_dict(ckpt, twin))):
-            missing, unexpected = plain.load_state_dict(weights, strict=False)
-            assert missing == [] and unexpected == [], name
-            model.set_inference_member(name)  # what MODEL.ONLINE_KD.INFERENCE sets
-            inputs = _flip(batch) if plain_cfg.INPUT.FORMAT == "RGB" else batch
-            with torch.no_grad():
-                got, ref = plain(inputs), model(batch)
-            for x, y in zip(got, ref):
-                assert torch.equal(
-                    x["instances"].pred_boxes.tensor, y["instances"].pred_boxes.tensor
-                ), name
-                assert torch.equal(x["instances"].scores, y["instances"].scores), name
-    model.set_inference_member("peer0")
-    model.train()
-
-
 def test_inference_config_key_selects_member(lite0_pair):
     _, model = lite0_pair
     model.eval()
     assert model.inference_member == "ema1"
-    _perturb(model)  # peers now differ from their EMA copies
+    perturb_online_peers(model)  # peers now differ from their EMA copies
     batch = [{"image": b["image"], "height": 64, "width": 64} for b in random_batch(5)]
     with torch.no_grad():
         got = model(batch)[0]["instances"]
@@ -268,7 +218,7 @@ def test_inference_config_key_selects_member(lite0_pair):
 def test_ema_update_follows_its_formula(lite0_pair):
     _, model = lite0_pair
     before = {k: v.clone() for k, v in model.ema_peers.state_dict().items()}
-    _perturb(model, seed=5)
+    perturb_online_peers(model, seed=5)
     with torch.no_grad():  # BN statistics move too, as they do in training
         for peer in model.peers:
             for name, b in peer.named_buffers():
