@@ -34,7 +34,7 @@ import study_report as report  # noqa: E402
 
 #: The README's study: generated scenes of 128 px (README, "Method study", for why these sizes).
 FULL = dict(num_train=400, num_dev=300, num_test=300, image_size=128, teacher_iters=2400,
-            iters=800, batch=8, evals=8)  # fmt: skip
+            iters=1000, batch=8, evals=5)  # fmt: skip
 #: A smoke-test size (tests/tools/test_run_study.py).
 QUICK = dict(num_train=8, num_dev=4, num_test=4, image_size=64, teacher_iters=2, iters=2,
              batch=2, evals=1)  # fmt: skip
@@ -230,8 +230,12 @@ class Study:
                 return None
             opts = plan.expand(trial.opts, picks)
             out = os.path.join(self.args.output, "runs", "dev", trial.family, trial.name, "seed0")
-            all_opts = self.data_opts + self.sched(self.preset["iters"]) + ["SEED", "0"] + opts
-            params = dict(self.base, iters=self.preset["iters"], seed=0, opts=opts + self.args.opts)
+            size = list(plan.student_opts(trial.config))
+            all_opts = (
+                self.data_opts + self.sched(self.preset["iters"]) + ["SEED", "0"] + size + opts
+            )
+            params = dict(self.base, iters=self.preset["iters"], seed=0,
+                          opts=size + opts + self.args.opts)  # fmt: skip
             run = self.train(trial.key, trial.config, all_opts + self.args.opts, out, params,
                              trial.teacher)  # fmt: skip
             if run is not None:
@@ -268,7 +272,7 @@ class Study:
         picks = self.picks(needs)
         if picks is None:
             return None
-        opts = plan.expand(final.opts, picks)
+        opts = list(plan.student_opts(final.config)) + plan.expand(final.opts, picks)
         if final.reuses and seed == 0:
             trial = picks[final.reuses]
             run = self.results["dev"][final.reuses]["trials"].get(trial.name)

@@ -161,6 +161,43 @@ def assemble(study, finals, families, preset, args):
     return res
 
 
+def _last_quarter_change(curve):
+    """Dev AP at the end minus dev AP at the first evaluation of the last quarter of training."""
+    if not curve or len(curve) < 2:
+        return None
+    end_it, end_ap = curve[-1]
+    start = [ap for it, ap in curve if it >= 0.75 * (end_it + 1) - 1]
+    return end_ap - start[0] if len(start) > 1 else None
+
+
+def regime_checks(res):
+    """The converged-regime criteria of the study, computed from its own runs.
+
+    * teacher: its dev AP over the last quarter of its schedule (it should have stopped rising);
+    * student alone: the change of its dev AP over the last quarter of training, per seed, against
+      the seed-to-seed spread of its final dev AP (a plateau: change < spread);
+    * gap: teacher minus student-alone test AP (the study needs at least 8 AP).
+    """
+    out = {}
+    t = res.get("teacher") or {}
+    if t.get("curve"):
+        out["teacher_last_quarter_change"] = _last_quarter_change(t["curve"])
+    runs = res["methods"].get("student", {}).get("runs", [])
+    changes = [_last_quarter_change(r.get("curve")) for r in runs]
+    out["student_last_quarter_change"] = [c for c in changes if c is not None]
+    _, spread = summarize([r["dev"]["AP"] for r in runs])
+    out["student_dev_seed_std"] = spread if len(runs) > 1 else None
+    if out["student_last_quarter_change"] and out["student_dev_seed_std"] is not None:
+        out["student_plateau"] = all(
+            abs(c) < out["student_dev_seed_std"] for c in out["student_last_quarter_change"]
+        )
+    t_ap = (t.get("test") or {}).get("AP")
+    s_ap = summarize([(r["test"] or {}).get("AP") for r in runs])[0]
+    if t_ap is not None and s_ap is not None:
+        out["gap_test_AP"] = t_ap - s_ap
+    return out
+
+
 def write_all(res, output):
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.json"), "w") as f:
@@ -187,17 +224,33 @@ def dev_sweep_markdown(res):
     return "\n".join(lines) + "\n"
 
 
+def versus_student(runs, student_runs, name):
+    """Mean test-AP difference to the student alone and its standard error (Welch), with a mark
+    when the difference exceeds twice its standard error."""
+    a = [(r["test"] or {}).get("AP") for r in runs]
+    b = [(r["test"] or {}).get("AP") for r in student_runs]
+    a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+    if name == "student" or not a or not b:
+        return ""
+    diff = statistics.mean(a) - statistics.mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return f"{diff:+.1f}"
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    mark = " *" if se > 0 and abs(diff) > 2 * se else ""
+    return f"{diff:+.1f} +- {se:.1f}{mark}"
+
+
 def results_markdown(res):
     t = res.get("teacher") or {}
     t_ap = (t.get("test") or {}).get("AP")
     s_runs = res["methods"].get("student", {}).get("runs", [])
     s_ap = summarize([(r["test"] or {}).get("AP") for r in s_runs])[0]
     lines = ["Test split (never used for a choice); mean +- std over seeds.", "",
-             "| method | test AP | test AP50 | gap closed | dev AP | seeds | min / run |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| method | test AP | vs student alone | test AP50 | gap closed | dev AP | seeds "
+             "| min / run |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     if t:
         t_ap50 = (t.get("test") or {}).get("AP50")
-        lines.append(f"| teacher (Lite2-FPN) | {fmt(t_ap)} | {fmt(t_ap50)} | | "
+        lines.append(f"| teacher (Lite2-FPN) | {fmt(t_ap)} | | {fmt(t_ap50)} | | "
                      f"{fmt(t['dev']['AP'])} | 1 | {t['seconds'] / 60:.0f} |")  # fmt: skip
     for name, m in res["methods"].items():
         runs = m["runs"]
@@ -209,13 +262,35 @@ def results_markdown(res):
             gap = f"{(ap - s_ap) / (t_ap - s_ap):+.0%}"
         minutes = summarize([r["seconds"] / 60 for r in runs])[0]
         cell = lambda a, s: "n/a" if a is None else f"{a:.1f} +- {s:.1f}"  # noqa: E731
-        lines.append(f"| {m['label']} | {cell(ap, sd)} | {cell(ap50, sd50)} | {gap} | "
+        lines.append(f"| {m['label']} | {cell(ap, sd)} | {versus_student(runs, s_runs, name)} | "
+                     f"{cell(ap50, sd50)} | {gap} | "
                      f"{fmt(dev)} | {len(runs)} | {fmt(minutes, 0)} |")  # fmt: skip
+    lines += ["", "vs student alone: difference of mean test AP +- its standard error; * = more "
+              "than two standard errors."]  # fmt: skip
     noise = res.get("eval_noise", {}).get("student_test_AP_bootstrap_std", {})
     if noise:
         vals = ", ".join(f"{v:.2f}" for v in noise.values())
         lines += ["", f"Evaluation noise: the bootstrap std of the student's test AP over test "
                   f"images is {vals} AP (one value per seed)."]  # fmt: skip
+    checks = regime_checks(res)
+    if checks:
+        lines += ["", 'Regime checks (README, "Method study"):']
+        t_change = checks.get("teacher_last_quarter_change")
+        if t_change is not None:
+            lines.append(f"- teacher: dev AP changed by {t_change:+.1f} over the last quarter of "
+                         "its schedule;")  # fmt: skip
+        if checks.get("student_last_quarter_change"):
+            ch = ", ".join(f"{c:+.1f}" for c in checks["student_last_quarter_change"])
+            sd = checks.get("student_dev_seed_std")
+            verdict = ""
+            if "student_plateau" in checks:
+                verdict = " (a plateau)" if checks["student_plateau"] else " (**not** a plateau)"
+            lines.append(f"- student alone: dev AP changed by {ch} over the last quarter (per "
+                         f"seed); seed spread of its final dev AP {fmt(sd)}{verdict};")  # fmt: skip
+        if checks.get("gap_test_AP") is not None:
+            ok = "meets" if checks["gap_test_AP"] >= 8 else "**misses**"
+            lines.append(f"- teacher-student gap on test: {checks['gap_test_AP']:.1f} AP ({ok} the "
+                         "8 AP the study needs).")  # fmt: skip
     p = res["preset"]
     lines += [
         "",
