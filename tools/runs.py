@@ -59,7 +59,9 @@ def config_digest(config):
         seen.add(path)
         with open(path, "rb") as f:
             text = f.read()
-        h.update(path.encode() + b"\0" + text)
+        # Paths relative to the repository: a study resumed from another checkout of the same
+        # commit (e.g. a git worktree) reuses its finished runs.
+        h.update(os.path.relpath(path, REPO).encode() + b"\0" + text)
         data = yaml.safe_load(text) or {}
         base = data.get("_BASE_")
         if base:
