@@ -33,7 +33,7 @@ import study_plan as plan  # noqa: E402
 import study_report as report  # noqa: E402
 
 #: The README's study: generated scenes of 128 px (README, "Method study", for why these sizes).
-FULL = dict(num_train=400, num_dev=300, num_test=300, image_size=128, teacher_iters=2400,
+FULL = dict(num_train=400, num_dev=300, num_test=300, image_size=128, teacher_iters=3000,
             iters=1000, batch=8, evals=5)  # fmt: skip
 #: A smoke-test size (tests/tools/test_run_study.py).
 QUICK = dict(num_train=8, num_dev=4, num_test=4, image_size=64, teacher_iters=2, iters=2,
