@@ -55,6 +55,39 @@ def test_run_study_tiny(tmp_path):
     again = _study(tmp_path, ARGS)
     assert ": training; log in" not in again.stdout and ": resuming; log in" not in again.stdout
 
+    # Generalization: the tuned settings, unchanged, on COCO data registered via DATASETS.COCO
+    # (here the study's own splits, which have the layout the tool expects).
+    gen = tmp_path / "gen"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "run_generalization.py"), "--data",
+           str(tmp_path / "data"), "--study", str(tmp_path / "results.json"), "--output", str(gen),
+           "--preset", "quick", "--methods", "ssim", "--seeds", "0", "1", "--jobs", "2",
+           "--opts", "MODEL.KD.TEACHER.MIN_AP", "0.0"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.load(open(gen / "results.json"))
+    assert set(out["methods"]) == {"student", "ssim"}
+    tuned = res["methods"]["ssim"]["runs"][0]["opts"]
+    for r in out["methods"]["ssim"]["runs"]:
+        assert r["opts"][: len(tuned)] == tuned and "AP" in r["test"]  # settings unchanged
+    import yaml
+
+    run_cfg = yaml.safe_load((gen / "runs" / "ssim" / "seed0" / "config.yaml").read_text())
+    assert run_cfg["DATASETS"]["TRAIN"] == ["external_train"]  # trained on the new data
+    assert run_cfg["DATASETS"]["TEST"] == ["external_val"]  # dev during training, not test
+    assert "Partial" not in (gen / "results.md").read_text()
+
+
+def test_generalization_takes_the_two_best_methods_by_dev_ap():
+    from kd_det.utils.testing import load_tool
+
+    gen = load_tool(REPO, "run_generalization.py")
+    runs = lambda *aps: {"runs": [{"dev": {"AP": a}, "test": {"AP": 99.0}} for a in aps]}  # noqa
+    study = {"methods": {"student": runs(50.0), "ssim": runs(20.0, 22.0), "mse": runs(30.0),
+                         "mix": runs(10.0, 40.0)}}  # fmt: skip
+    best, dev = gen.best_methods(study)
+    assert best == ["mse", "mix"] and dev["ssim"] == 21.0
+
 
 def test_run_study_report_only_trains_nothing(tmp_path):
     proc = _study(tmp_path, ARGS + ["--report-only"])

@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Do the study's tuned settings hold on data kd_det's generator did not write?
+
+The method study (``tools/run_study.py``) tunes every method on dev scenes of kd_det's own
+generator. A recommendation that holds only there is not a recommendation, so this tool takes the
+study's tuned settings **unchanged** to a COCO-format dataset from another source (e.g. the one
+``tools/make_external_coco.py`` writes) and trains there: the teacher (same config and schedule
+as the study's), the student alone, and the study's two best methods by **dev** AP (never by
+test AP), each with ``--seeds`` seeds, evaluated on that dataset's test split.
+
+The dataset directory holds ``train.json``, ``val.json`` and ``test.json`` (COCO format); each
+split's images are in ``<dir>/<split>/`` or, if that folder does not exist, in ``<dir>/images/``.
+Registration goes through ``DATASETS.COCO``, exactly as a user's own data would. Runs are
+resumable and reused like the study's. Writes ``results.md`` / ``results.json`` into ``--output``.
+
+    python tools/run_generalization.py --data datasets/external --jobs 2
+"""
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+sys.path.insert(0, TOOLS)
+sys.path.insert(0, REPO)
+
+import study_plan as plan  # noqa: E402
+import study_report as report  # noqa: E402
+from run_study import PRESETS  # noqa: E402
+
+SPLITS = ("train", "val", "test")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="directory with train/val/test.json")
+    p.add_argument(
+        "--study",
+        default=os.path.join(REPO, "study", "results.json"),
+        help="the study's results.json (tuned options and dev AP of every method)",
+    )
+    p.add_argument("--output", default=os.path.join(REPO, "study", "generalization"))
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="full",
+        help="schedule sizes (iterations, batch, image size) as in run_study",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="methods to run beside the student (default: the study's two best by " "mean dev AP)",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        help="KEY VALUE overrides added to every run but the teacher",
+    )
+    return p.parse_args(argv)  # fmt: skip
+
+
+def dataset_opts(data):
+    """``DATASETS.*`` overrides registering ``data``'s three splits, and its class count."""
+    entries = []
+    for split in SPLITS:
+        js = os.path.join(data, f"{split}.json")
+        if not os.path.exists(js):
+            raise SystemExit(f"{js} is missing: --data needs train.json, val.json and test.json "
+                             "(tools/make_external_coco.py writes them).")  # fmt: skip
+        root = os.path.join(data, split)
+        if not os.path.isdir(root):
+            root = os.path.join(data, "images")
+        entries.append([f"external_{split}", js, root])
+    with open(entries[0][1]) as f:
+        num_classes = len(json.load(f)["categories"])
+    opts = ["DATASETS.COCO", str(entries), "DATASETS.TRAIN", "('external_train',)",
+            "DATASETS.TEST", "('external_val',)", "DATALOADER.NUM_WORKERS", "0",
+            "MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes)]  # fmt: skip
+    return opts, num_classes
+
+
+def with_sub_model_data(opts, config, data_opts):
+    """The teacher's (``MODEL.KD.TEACHER.OPTS``) and online peers' (``PEER_OPTS``) configs are
+    built from their own files: give them the dataset's class count and label space too."""
+    opts = list(opts)
+    if config == plan.ONLINE:
+        key = "MODEL.ONLINE_KD.PEER_OPTS"
+        if key in opts:
+            i = opts.index(key)
+            opts[i + 1] = str(list(ast.literal_eval(opts[i + 1])) + data_opts)
+        else:
+            opts += [key, str(data_opts)]
+    elif config != plan.STUDENT:
+        opts += ["MODEL.KD.TEACHER.OPTS", str(data_opts)]
+    return opts
+
+
+def best_methods(study, k=2):
+    """The ``k`` methods (not the student) with the best mean dev AP over their seeds."""
+    dev = {}
+    for name, m in study["methods"].items():
+        aps = [r["dev"]["AP"] for r in m["runs"]]
+        if name != "student" and aps:
+            dev[name] = statistics.mean(aps)
+    return sorted(dev, key=lambda n: -dev[n])[:k], dev
+
+
+def main(argv=None):
+    from runs import schedule_opts, train_and_evaluate
+
+    args = parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    data = os.path.abspath(args.data)
+    data_opts, num_classes = dataset_opts(data)
+    with open(args.study) as f:
+        study = json.load(f)
+    methods, dev = (args.methods, {}) if args.methods else best_methods(study)
+    finals = {f.name: f for f in plan.finals()}
+    unknown = [m for m in methods if m not in finals or not study["methods"].get(m, {}).get("runs")]
+    if unknown:
+        raise SystemExit(f"No finished study runs for {unknown} in {args.study}.")
+    env = None
+    if args.jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    def sched(iters):
+        period = max(1, iters // preset["evals"])
+        return schedule_opts(iters, preset["batch"], preset["image_size"]) + [
+            "TEST.EVAL_PERIOD", str(period)]  # fmt: skip
+
+    def test(config, opts, out):
+        return report.evaluate_on_test(config, opts, out, "external_test", env=env,
+                                       finished_only=args.report_only)  # fmt: skip
+
+    base = dict(data=data, num_classes=num_classes, preset=preset)
+    t_out = os.path.join(args.output, "runs", "teacher")
+    t_iters = preset["teacher_iters"]
+    teacher = train_and_evaluate(
+        "teacher", plan.TEACHER, data_opts + sched(t_iters) + ["SEED", "42"], t_out,
+        dict(base, iters=t_iters, seed=42), quiet=True, env=env, finished_only=args.report_only,
+    )  # fmt: skip
+    results = {"data": data, "study": os.path.abspath(args.study), "methods_by_dev_AP": dev,
+               "teacher": None, "methods": {}}  # fmt: skip
+    if teacher is not None:
+        teacher["test"] = test(plan.TEACHER, data_opts, t_out)
+        results["teacher"] = teacher
+    weights = os.path.join(t_out, "model_final.pth")
+
+    def one(name, seed):
+        final = finals[name]
+        opts = list(study["methods"][name]["runs"][0]["opts"] or [])  # the tuned options
+        opts = with_sub_model_data(opts, final.config, data_opts) + list(args.opts)
+        out = os.path.join(args.output, "runs", name, f"seed{seed}")
+        run_opts = data_opts + sched(preset["iters"]) + ["SEED", str(seed)] + opts
+        params = dict(base, iters=preset["iters"], seed=seed, opts=opts)
+        if final.teacher:
+            if teacher is None:
+                return None
+            run_opts += ["MODEL.KD.TEACHER.WEIGHTS", weights]
+            params["teacher"] = report.file_id(weights)
+        run = train_and_evaluate(f"{name}/seed{seed}", final.config, run_opts, out, params,
+                                 quiet=True, env=env, finished_only=args.report_only)  # fmt: skip
+        if run is not None:
+            run["dev"] = run.pop("bbox")
+            run["test"] = test(final.config, data_opts + opts, out)
+            run.update(seed=seed, opts=opts)
+        return run
+
+    todo = [(n, s) for n in ["student"] + list(methods) for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {key: pool.submit(one, *key) for key in todo}
+    for (name, seed), fut in futures.items():
+        run = fut.result()
+        if run is not None:
+            results["methods"].setdefault(name, {"label": finals[name].label, "runs": []})
+            results["methods"][name]["runs"].append(run)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    md = markdown(results, len(todo), preset, args.seeds)
+    with open(os.path.join(args.output, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def markdown(res, expected, preset, seeds):
+    t = res.get("teacher") or {}
+    t_ap = (t.get("test") or {}).get("AP")
+    s_runs = res["methods"].get("student", {}).get("runs", [])
+    s_ap = report.summarize([(r["test"] or {}).get("AP") for r in s_runs])[0]
+    lines = [f"External data ({res['data']}), test split; the study's tuned settings unchanged; "
+             f"mean +- std over seeds {seeds}.", "",
+             "| method | test AP | vs student alone | gap closed | dev AP | seeds |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    if t:
+        lines.append(f"| teacher (Lite2-FPN) | {report.fmt(t_ap)} | | | "
+                     f"{report.fmt(t['bbox']['AP'] if 'bbox' in t else None)} | 1 |")  # fmt: skip
+    done = 0
+    for name, m in res["methods"].items():
+        runs = m["runs"]
+        done += len(runs)
+        ap, sd = report.summarize([(r["test"] or {}).get("AP") for r in runs])
+        dev, _ = report.summarize([r["dev"]["AP"] for r in runs])
+        gap = ""
+        if None not in (ap, t_ap, s_ap) and t_ap > s_ap and name != "student":
+            gap = f"{(ap - s_ap) / (t_ap - s_ap):+.0%}"
+        cell = "n/a" if ap is None else f"{ap:.1f} +- {sd:.1f}"
+        lines.append(f"| {m['label']} | {cell} | {report.versus_student(runs, s_runs, name)} | "
+                     f"{gap} | {report.fmt(dev)} | {len(runs)} |")  # fmt: skip
+    lines += ["", f"Students {preset['iters']} iterations, teacher {preset['teacher_iters']}, "
+              f"batch {preset['batch']}, {preset['image_size']} px."]  # fmt: skip
+    if done < expected:
+        lines.append(f"**Partial**: {done} of {expected} runs had finished.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
