@@ -1,0 +1,61 @@
+"""tools/export_tuned_configs.py: the study's picks become configs that load in detectron2 and set
+exactly the picked values on top of the shipped config."""
+
+import json
+
+from conftest import REPO
+from kd_det.config import get_kd_cfg
+from kd_det.utils.testing import load_tool
+
+SSIM_OPTS = [
+    "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "256",
+    "MODEL.KD.FEATURE.LOSS", "ssim", "MODEL.KD.SSIM.WINDOW_SIZE", "7",
+    "MODEL.KD.SSIM.LOSS_FORM", "(1-ssim)/2", "MODEL.KD.FEATURE.WEIGHTS", "[3.0]",
+    "MODEL.KD.FEATURE.ADAPTER", "always",
+]  # fmt: skip
+MIX_OPTS = ["INPUT.MIX.ENABLED", "True", "INPUT.MIX.TYPE", "cutnmix", "INPUT.MIX.PROB", "0.25",
+            "INPUT.MIX.CLEAN_TAIL", "0.15"]  # fmt: skip
+ONLINE_OPTS = ["MODEL.ONLINE_KD.PEER_OPTS", "['MODEL.FPN.OUT_CHANNELS', '64']",
+               "MODEL.ONLINE_KD.LOGIT_WEIGHT", "0.1"]  # fmt: skip
+
+
+def _run(label, opts, aps):
+    return {"label": label, "runs": [{"opts": opts, "test": {"AP": a}} for a in aps]}
+
+
+def test_tuned_configs_load_and_set_the_picks(tmp_path):
+    tool = load_tool(REPO, "export_tuned_configs.py")
+    results = {"methods": {
+        "ssim": _run("+ SSIM hints (tuned)", SSIM_OPTS, [30.0, 32.0]),
+        "mix": _run("student + mixing", MIX_OPTS, [28.0]),
+        "online": _run("online", ONLINE_OPTS, [29.0]),
+        "student": _run("student alone", [], [27.0]),
+    }}  # fmt: skip
+    study = tmp_path / "results.json"
+    study.write_text(json.dumps(results))
+    out = tmp_path / "tuned"
+    tool.main(["--study", str(study), "--output", str(out)])
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(str(out / "ssim.yaml"))
+    assert cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN"  # from the shipped base config
+    assert cfg.MODEL.FPN.OUT_CHANNELS == 64 and cfg.MODEL.KD.SSIM.WINDOW_SIZE == 7
+    assert cfg.MODEL.KD.SSIM.LOSS_FORM == "(1-ssim)/2" and cfg.MODEL.KD.FEATURE.WEIGHTS == [3.0]
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(str(out / "mix.yaml"))
+    assert cfg.INPUT.MIX.ENABLED is True and cfg.INPUT.MIX.TYPE == "cutnmix"
+    assert cfg.INPUT.MIX.PROB == 0.25 and cfg.INPUT.MIX.CLEAN_TAIL == 0.15
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(str(out / "online.yaml"))
+    assert list(cfg.MODEL.ONLINE_KD.PEER_OPTS) == ["MODEL.FPN.OUT_CHANNELS", "64"]
+    assert cfg.MODEL.ONLINE_KD.LOGIT_WEIGHT == 0.1
+    table = (out / "README.md").read_text()
+    assert "| + SSIM hints (tuned) | `" in table and "| 31.0 |" in table
+    assert "`MODEL.KD.SSIM.WINDOW_SIZE 7`" in table
+
+
+def test_setup_keys_are_not_part_of_a_tuned_setting():
+    tool = load_tool(REPO, "export_tuned_configs.py")
+    got = tool.nested(["SEED", "3", "DATASETS.TRAIN", "('x',)", "MODEL.KD.TEACHER.WEIGHTS", "t.pth",
+                       "MODEL.KD.FEATURE.WEIGHTS", "[1.0]"])  # fmt: skip
+    assert got == {"MODEL": {"KD": {"FEATURE": {"WEIGHTS": [1.0]}}}}

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Write the study's tuned settings as config files users start from.
+
+The method study (``tools/run_study.py``) picks each method's setting on the dev split. This tool
+turns every method's picked options (from the study's ``results.json``) into a YAML config that
+inherits the method's shipped config (``_BASE_``) and sets only what the study changed, plus a
+Markdown table of those settings with the study's test AP beside them. A user starts from
+``configs/Synthetic/tuned/<method>.yaml`` (or copies its keys into their own config) instead of
+re-running the sweep.
+
+    python tools/export_tuned_configs.py                 # study/results.json -> configs/.../tuned
+"""
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+sys.path.insert(0, TOOLS)
+
+import study_plan as plan  # noqa: E402
+
+#: Keys that describe the study's setup (data, schedule, seed, teacher weights), not a method.
+SETUP_PREFIXES = ("DATASETS.", "SOLVER.", "INPUT.MIN_SIZE", "SEED", "OUTPUT_DIR", "TEST.",
+                  "DATALOADER.", "MODEL.KD.TEACHER.WEIGHTS")  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default=os.path.join(REPO, "study", "results.json"))
+    p.add_argument("--output", default=os.path.join(REPO, "configs", "Synthetic", "tuned"))
+    return p.parse_args(argv)
+
+
+def _value(text):
+    """A command-line override's value as YAML would hold it (numbers, lists, booleans)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {"True": True, "False": False}.get(text, text)
+
+
+def nested(opts):
+    """``["A.B", "1", "A.C", "x"]`` -> ``{"A": {"B": 1, "C": "x"}}`` (later keys win)."""
+    if len(opts) % 2:
+        raise ValueError(f"Options must be KEY VALUE pairs, got an odd list: {opts}")
+    out = {}
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if key.startswith(SETUP_PREFIXES):
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _value(value) if isinstance(value, str) else value
+    return out
+
+
+def write_configs(results, output):
+    """One YAML per method with finished runs; returns ``[(method, path, mean test AP, opts)]``."""
+    import yaml
+
+    finals = {f.name: f for f in plan.finals()}
+    os.makedirs(output, exist_ok=True)
+    written = []
+    for name, m in results["methods"].items():
+        runs = [r for r in m["runs"] if r.get("opts") is not None]
+        if not runs or name not in finals:
+            continue
+        opts = runs[0]["opts"]
+        base = os.path.relpath(finals[name].config, output)
+        body = nested(opts)
+        path = os.path.join(output, f"{name}.yaml")
+        aps = [r["test"]["AP"] for r in m["runs"] if r.get("test")]
+        mean = sum(aps) / len(aps) if aps else None
+        header = (
+            f"# {m['label']}: the setting tools/run_study.py picked on the dev split.\n"
+            f"# Written by tools/export_tuned_configs.py from {os.path.basename(results['_path'])}"
+            f"; test AP {mean:.1f} over {len(aps)} seeds (README, Method study).\n"
+            if mean is not None
+            else f"# {m['label']}: the study's pick (no test AP yet).\n"
+        )
+        with open(path, "w") as f:
+            f.write(header)
+            yaml.safe_dump({"_BASE_": base, **body}, f, sort_keys=False)
+        written.append((name, path, mean, [o for o in opts]))
+    return written
+
+
+def markdown(written, results):
+    lines = [
+        "| method | config | settings (beyond the shipped config) | test AP |",
+        "|---|---|---|---|",
+    ]
+    for name, path, mean, opts in written:
+        pairs = [f"`{k} {v}`" for k, v in zip(opts[0::2], opts[1::2])
+                 if not k.startswith(SETUP_PREFIXES)]  # fmt: skip
+        ap = "n/a" if mean is None else f"{mean:.1f}"
+        rel = os.path.relpath(path, REPO)
+        lines.append(
+            f"| {results['methods'][name]['label']} | `{rel}` | {' '.join(pairs)} | {ap} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.exists(args.study):
+        raise SystemExit(f"{args.study} not found: run tools/run_study.py first.")
+    with open(args.study) as f:
+        results = json.load(f)
+    results["_path"] = args.study
+    written = write_configs(results, args.output)
+    md = markdown(written, results)
+    with open(os.path.join(args.output, "README.md"), "w") as f:
+        f.write("# Tuned settings from the method study\n\n" + md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
