@@ -8,11 +8,9 @@ box. Here every image of the training and test sets is opened and fully decoded 
 every training box is checked against its image, so such problems stop the run in seconds with the
 file named -- or, with ``KD_TRAINER.SKIP_UNREADABLE_IMAGES``, drop the bad images with a count.
 
-Cost (measured here, one process, 2 shared CPU cores under load): a full decode takes 1.0 ms per
-generated 192 px JPEG (the demo's 2300 images: about 2.5 s) and 5.4 ms per 640 px JPEG, so COCO's
-118k training images would take about 10 minutes; headers only take 0.15-0.2 ms per image. Hence
-``KD_TRAINER.CHECK_IMAGES``: "decode" by default, "header" for COCO-sized sets. Under DDP each
-process decodes only its share of the files.
+A full decode costs milliseconds per image, which is seconds for a generated dataset but minutes
+for COCO (README, Limitations), hence ``KD_TRAINER.CHECK_IMAGES``: "decode" by default, "header"
+(size and format only) for COCO-sized sets. Under DDP each process decodes only its share.
 """
 
 import logging

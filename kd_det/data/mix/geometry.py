@@ -27,7 +27,8 @@ __all__ = [
     "visible_geometry",
 ]
 
-# cv2.warpAffine costs about this many times more per output pixel than cv2.resize (measured).
+# About how many times more cv2.warpAffine costs per output pixel than cv2.resize: the factor by
+# which a warp must shrink the work before it is chosen over resize-then-crop.
 _WARP_VS_RESIZE_COST = 3
 
 
