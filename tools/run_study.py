@@ -332,19 +332,23 @@ def main(argv=None):
                   if not (f.reuses and s == 0)]  # fmt: skip
     study.progress["total"] = len(trials) + len(final_runs) + needs_teacher
     # Submission order is a topological order (dependencies first), so with FIFO workers a task
-    # only ever waits for tasks that already started: no deadlock at any --jobs.
+    # only ever waits for tasks that already started: no deadlock at any --jobs. The student
+    # alone goes first, beside the teacher: its seeds and the teacher decide the regime checks
+    # (plateau, gap), which should be known before the bulk of the runs.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         jobs = []
         if needs_teacher:
             jobs.append(pool.submit(study.run_teacher))
         else:
             study.event("teacher").set()
+        final_jobs = {("student", s): pool.submit(study.run_final, f, s) for f in finals
+                      if f.name == "student" for s in args.seeds}  # fmt: skip
         trial_jobs = [pool.submit(study.run_trial, t) for t in trials]
         closers = threading.Thread(target=lambda: [study.close_family(fam, ts)
                                                    for fam, ts in families.items()])  # fmt: skip
         closers.start()
-        final_jobs = {(f.name, s): pool.submit(study.run_final, f, s) for f in finals
-                      for s in args.seeds}  # fmt: skip
+        final_jobs.update({(f.name, s): pool.submit(study.run_final, f, s) for f in finals
+                           if f.name != "student" for s in args.seeds})  # fmt: skip
         for j in jobs + trial_jobs:
             j.result()
         closers.join()
