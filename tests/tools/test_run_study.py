@@ -98,3 +98,27 @@ def test_run_study_report_only_trains_nothing(tmp_path):
 def test_run_study_rejects_unknown_family(tmp_path):
     proc = _study(tmp_path, ["--families", "ssim", "distill_everything"], ok=False)
     assert "Unknown families ['distill_everything']" in proc.stderr
+
+
+def test_regime_checks_follow_their_definitions(monkeypatch):
+    from kd_det.utils.testing import load_tool
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))  # study_report imports runs.py
+    report = load_tool(REPO, "study_report.py")
+    curve = lambda *aps: [[200 * (i + 1) - 1, a] for i, a in enumerate(aps)]  # noqa: E731
+    student = [
+        {"dev": {"AP": d}, "test": {"AP": t}, "curve": curve(10, 20, 25, 30, c)}
+        for d, t, c in ((30.0, 29.0, 30.0), (31.0, 30.0, 31.0), (32.0, 31.0, 32.0))
+    ]
+    res = {"teacher": {"curve": curve(20, 30, 35, 40, 40.5), "test": {"AP": 40.0}},
+           "methods": {"student": {"runs": student}}}  # fmt: skip
+    checks = report.regime_checks(res)
+    # Last quarter of 1000 iterations: from the evaluation at iteration 800 to the end.
+    assert checks["teacher_last_quarter_change"] == 40.5 - 40
+    assert checks["student_last_quarter_change"] == [0.0, 1.0, 2.0]
+    assert checks["student_dev_seed_std"] == 1.0
+    assert checks["student_plateau"] is False  # a change of 1 and 2 AP is not below a std of 1
+    assert checks["gap_test_AP"] == 40.0 - 30.0
+    diff = report.versus_student([{"test": {"AP": 33.0}}, {"test": {"AP": 35.0}}], student, "ssim")
+    # Welch: mean 34 - 30 = 4; standard error sqrt(var 2 / 2 + var 1 / 3) = 1.15; 4 > 2 x 1.15.
+    assert diff == "+4.0 +- 1.2 *"
