@@ -90,6 +90,19 @@ def write_configs(results, output):
     return written
 
 
+def ranking(results):
+    """Methods (not the student alone) ordered by mean dev AP, the statistic the study selects by
+    (test AP is reported, never used to choose); ``make demo`` shows the first."""
+    rows = []
+    for name, m in results["methods"].items():
+        dev = [r["dev"]["AP"] for r in m["runs"] if r.get("dev")]
+        test = [r["test"]["AP"] for r in m["runs"] if r.get("test")]
+        if name != "student" and dev:
+            rows.append({"method": name, "label": m["label"], "dev_AP": sum(dev) / len(dev),
+                         "test_AP": sum(test) / len(test) if test else None})  # fmt: skip
+    return sorted(rows, key=lambda r: -r["dev_AP"])
+
+
 def markdown(written, results):
     lines = [
         "| method | config | settings (beyond the shipped config) | test AP |",
@@ -114,6 +127,8 @@ def main(argv=None):
         results = json.load(f)
     results["_path"] = args.study
     written = write_configs(results, args.output)
+    with open(os.path.join(args.output, "ranking.json"), "w") as f:
+        json.dump(ranking(results), f, indent=2)
     md = markdown(written, results)
     with open(os.path.join(args.output, "README.md"), "w") as f:
         f.write("# Tuned settings from the method study\n\n" + md)

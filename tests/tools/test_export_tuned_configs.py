@@ -20,7 +20,8 @@ ONLINE_OPTS = ["MODEL.ONLINE_KD.PEER_OPTS", "['MODEL.FPN.OUT_CHANNELS', '64']",
 
 
 def _run(label, opts, aps):
-    return {"label": label, "runs": [{"opts": opts, "test": {"AP": a}} for a in aps]}
+    return {"label": label, "runs": [{"opts": opts, "test": {"AP": a}, "dev": {"AP": a + 1}}
+                                     for a in aps]}  # fmt: skip
 
 
 def test_tuned_configs_load_and_set_the_picks(tmp_path):
@@ -52,6 +53,10 @@ def test_tuned_configs_load_and_set_the_picks(tmp_path):
     table = (out / "README.md").read_text()
     assert "| + SSIM hints (tuned) | `" in table and "| 31.0 |" in table
     assert "`MODEL.KD.SSIM.WINDOW_SIZE 7`" in table
+    # Ranked by mean dev AP (33, 30, 29), the student alone excluded.
+    ranked = json.loads((out / "ranking.json").read_text())
+    assert [r["method"] for r in ranked] == ["ssim", "online", "mix"]
+    assert ranked[0]["dev_AP"] == 32.0 and ranked[0]["test_AP"] == 31.0
 
 
 def test_setup_keys_are_not_part_of_a_tuned_setting():
