@@ -1,23 +1,26 @@
 #!/usr/bin/env python
-"""kd_det's end-to-end demo (``make demo``): data -> teacher -> student -> distilled student.
+"""kd_det's end-to-end demo (``make demo``): data -> teacher -> student -> distilled students.
 
 1. Generate COCO-format scenes (``tools/make_synthetic_coco.py``'s generator), once.
-2. Train the teacher (EfficientNet-Lite2 + FPN), or reuse it when a previous demo trained it with
-   the same settings.
-3. Train the student (EfficientNet-Lite0 + FPN) alone.
-4. Train the same student, same schedule and seed, with SSIM distillation from the teacher.
-5. Evaluate all three with COCO AP (pycocotools) and print a table; write ``results.json`` and
+2. Train the teacher (EfficientNet-Lite2 + FPN) and, beside it, the student (EfficientNet-Lite0 +
+   FPN) alone; a teacher a previous demo trained with the same settings is reused.
+3. Train the same student, same schedule and seed, with the distillation that did best in the
+   method study (by dev AP, ``configs/Synthetic/tuned/ranking.json``) and, beside it, with SSIM
+   hints, each at the study's tuned setting (``configs/Synthetic/tuned/<method>.yaml``, written
+   by ``tools/export_tuned_configs.py``). Before the study has finished, the shipped SSIM config.
+4. Evaluate every model with COCO AP (pycocotools) and print a table; write ``results.json`` and
    ``results.md`` under ``--output``, and ``compare.png`` (``tools/compare_predictions.py``: four
-   validation images with the ground truth and each model's detections). Each run keeps
-   detectron2's ``metrics.json``, TensorBoard events and log in its own directory.
+   validation images with the ground truth, the teacher, the student alone and the best
+   distilled student). Each run keeps detectron2's ``metrics.json``, TensorBoard events and log in
+   its own directory.
 
 Every stage is a ``tools/train_net.py`` run, so what the demo does is what a user would type. A
 finished stage is skipped on the next ``make demo`` (``--force`` retrains everything).
 
-Every run uses one compute thread and loads data in its own process, and the teacher and the
-student alone train side by side: on a 2-core machine that is faster than one run on both cores,
-and a fixed thread count (with the kernel caps of ``tools/runs.py``) gives the same numbers on
-every machine of the kind, whatever its core count (``tools/check_reproducibility.py``).
+Every run uses one compute thread and loads data in its own process, and runs train two at a
+time: on a 2-core machine that is faster than one run on both cores, and a fixed thread count
+(with the kernel caps of ``tools/runs.py``) gives the same numbers on every machine of the kind,
+whatever its core count (``tools/check_reproducibility.py``).
 """
 
 import argparse
@@ -43,6 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="training seed (same for every run)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain every stage")
+    p.add_argument(
+        "--tuned",
+        default=os.path.join(CFG, "tuned"),
+        help="the study's tuned configs and ranking.json (tools/export_tuned_configs.py)",
+    )
     p.add_argument("--teacher-min-ap", type=float, default=None,
                    help="MODEL.KD.TEACHER.MIN_AP of the distillation run (0 only logs the "
                         "teacher check's AP; default: the config's)")  # fmt: skip
@@ -87,6 +95,8 @@ def main(argv=None):
     teacher_dir = os.path.join(args.output, "teacher_lite2")
     t_opts = data_opts + schedule_opts(args.teacher_iters, args.batch, args.image_size)
     s_opts = data_opts + schedule_opts(args.student_iters, args.batch, args.image_size)
+    methods = demo_methods(args.tuned)
+    student_cfg = methods.pop("student")
     print(f"[demo] 2/4 teacher (EfficientNet-Lite2 + FPN; log in {teacher_dir}/log.txt) and "
           "3/4 student alone (EfficientNet-Lite0 + FPN), side by side", flush=True)  # fmt: skip
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -95,67 +105,104 @@ def main(argv=None):
             t_opts, dict(base, iters=args.teacher_iters), quiet=True,
         )  # fmt: skip
         student = pool.submit(
-            run_stage, "student", os.path.join(args.output, "student_lite0"),
-            os.path.join(CFG, "faster_rcnn_lite0_FPN.yaml"), s_opts,
-            dict(base, iters=args.student_iters),
+            run_stage, "student", os.path.join(args.output, "student_lite0"), student_cfg[1],
+            s_opts, dict(base, iters=args.student_iters),
         )  # fmt: skip
         (t_res, t_sec), (s_res, s_sec) = teacher.result(), student.result()
 
-    print("[demo] 4/4 student + SSIM distillation from the teacher", flush=True)
-    kd_opts = s_opts + [
-        "MODEL.KD.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"),
-    ]  # fmt: skip
+    print(f"[demo] 4/4 distilled students: {', '.join(l for l, _, _ in methods.values())}, "
+          "side by side", flush=True)  # fmt: skip
+    kd_opts = s_opts + ["MODEL.KD.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth")]
     if args.teacher_min_ap is not None:
         kd_opts += ["MODEL.KD.TEACHER.MIN_AP", str(args.teacher_min_ap)]
-    k_res, k_sec = run_stage(
-        "distilled student", os.path.join(args.output, "student_lite0_ssim_kd"),
-        os.path.join(CFG, "distill_lite2_to_lite0_ssim.yaml"), kd_opts,
-        dict(base, iters=args.student_iters, teacher=dict(base, iters=args.teacher_iters)),
-    )  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            name: pool.submit(
+                run_stage, label, os.path.join(args.output, f"student_lite0_{name}"), config,
+                kd_opts if needs_teacher else s_opts,
+                dict(base, iters=args.student_iters,
+                     teacher=dict(base, iters=args.teacher_iters) if needs_teacher else None),
+            )  # fmt: skip
+            for name, (label, config, needs_teacher) in methods.items()
+        }
+        distilled = {name: f.result() for name, f in futures.items()}
 
     rows = [
         (f"teacher: Lite2-FPN, {args.teacher_iters} it", t_res, t_sec),
-        (f"student: Lite0-FPN, {args.student_iters} it", s_res, s_sec),
-        (f"student + SSIM KD, {args.student_iters} it", k_res, k_sec),
-    ]
+        (f"{student_cfg[0]}, {args.student_iters} it", s_res, s_sec),
+    ] + [(f"{methods[n][0]}, {args.student_iters} it", r, sec) for n, (r, sec) in distilled.items()]
     md = markdown_table(
         [(label, res, {"train time": f"{sec / 60:.1f} min"}) for label, res, sec in rows],
         extra_cols=("train time",),
     )
     gap = t_res["AP"] - s_res["AP"]
-    closed = (k_res["AP"] - s_res["AP"]) / gap if gap > 0 else float("nan")
-    summary = (
-        f"Distillation changed the student's AP by {k_res['AP'] - s_res['AP']:+.1f} "
-        f"({closed:.0%} of the teacher-student gap of {gap:.1f} AP)."
-    )
+    lines = []
+    for name, (res, _) in distilled.items():
+        delta = res["AP"] - s_res["AP"]
+        closed = delta / gap if gap > 0 else float("nan")
+        lines.append(f"{methods[name][0]} changed the student's AP by {delta:+.1f} "
+                     f"({closed:.0%} of the teacher-student gap of {gap:.1f} AP).")  # fmt: skip
+    summary = "\n".join(lines)
     with open(os.path.join(args.output, "results.md"), "w") as f:
         f.write(md + "\n\n" + summary + "\n")
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(
-            {"args": vars(args), "teacher": t_res, "student": s_res, "distilled": k_res,
-             "seconds": {"teacher": t_sec, "student": s_sec, "distilled": k_sec},
-             "gap_closed": closed},
+            {"args": vars(args), "teacher": t_res, "student": s_res,
+             "distilled": {n: r for n, (r, _) in distilled.items()},
+             "configs": {n: os.path.relpath(c, REPO) for n, (_, c, _) in methods.items()},
+             "seconds": {"teacher": t_sec, "student": s_sec,
+                         **{n: sec for n, (_, sec) in distilled.items()}}},
             f, indent=2,
         )  # fmt: skip
     print("\n" + md + "\n\n" + summary)
-    draw_comparison(args, data_opts, teacher_dir)
+    best = next(iter(methods))
+    draw_comparison(args, data_opts, teacher_dir, student_cfg[1], methods[best][1],
+                    f"student_lite0_{best}")  # fmt: skip
     print(
         f"\n[demo] done in {(time.time() - t0) / 60:.1f} min; results in {args.output}/results.md"
     )
 
 
-def draw_comparison(args, data_opts, teacher_dir):
-    """``compare.png``: 4 validation images, ground truth and the three models' detections."""
+def demo_methods(tuned):
+    """``{name: (label, config, needs a teacher)}``: the student alone first, then the study's
+    best method by dev AP, then SSIM (if not the best), from the tuned configs in ``tuned``;
+    without them (the study has not finished), the shipped student and SSIM configs."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import study_plan as plan
+
+    finals = {f.name: f for f in plan.finals()}
+    ranking = os.path.join(tuned, "ranking.json")
+    if not os.path.exists(ranking):
+        return {
+            "student": ("student alone: Lite0-FPN", os.path.join(CFG, "faster_rcnn_lite0_FPN.yaml"),
+                        False),
+            "ssim": ("student + SSIM KD (shipped setting)", plan.KD, True),
+        }  # fmt: skip
+    with open(ranking) as f:
+        best = json.load(f)[0]["method"]
+    out = {"student": ("student alone (study size)", os.path.join(tuned, "student.yaml"), False)}
+    for name in dict.fromkeys([best, "ssim"]):
+        label = f"{finals[name].label}" + (" [best in the study]" if name == best else "")
+        out[name] = (label, os.path.join(tuned, f"{name}.yaml"), finals[name].teacher)
+    for name, (_, config, _) in out.items():
+        if not os.path.exists(config):
+            raise SystemExit(f"{config} is missing: run tools/export_tuned_configs.py.")
+    return out
+
+
+def draw_comparison(args, data_opts, teacher_dir, student_cfg, distilled_cfg, distilled_dir):
+    """``compare.png``: 4 validation images, ground truth, the teacher's, the student alone's and
+    the best distilled student's detections."""
     import subprocess
 
     out = args.output
     cmd = [sys.executable, os.path.join(REPO, "tools", "compare_predictions.py"),
            "--teacher-config", os.path.join(CFG, "faster_rcnn_lite2_FPN.yaml"),
            "--teacher-weights", os.path.join(teacher_dir, "model_final.pth"),
-           "--student-config", os.path.join(CFG, "faster_rcnn_lite0_FPN.yaml"),
+           "--student-config", student_cfg,
            "--student-weights", os.path.join(out, "student_lite0", "model_final.pth"),
-           "--distilled-config", os.path.join(CFG, "distill_lite2_to_lite0_ssim.yaml"),
-           "--distilled-weights", os.path.join(out, "student_lite0_ssim_kd", "model_final.pth"),
+           "--distilled-config", distilled_cfg,
+           "--distilled-weights", os.path.join(out, distilled_dir, "model_final.pth"),
            "--num-images", "4", "--score-threshold", "0.5",
            "--output", os.path.join(out, "compare.png"),
            *data_opts, "INPUT.MIN_SIZE_TEST", str(args.image_size)]  # fmt: skip
