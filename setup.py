@@ -4,6 +4,7 @@
 detectron2 itself is not on PyPI under its own name, so it is not listed in ``install_requires``;
 ``tools/install_detectron2.py`` (run by ``make setup``) installs it first.
 """
+
 from setuptools import find_packages, setup
 
 setup(
