@@ -309,26 +309,31 @@ def results_markdown(res):
 
 
 def plot_ap_curves(res, path):
-    """Dev AP against iteration: the teacher, and every method's mean over its seeds."""
+    """Dev AP against iteration: the teacher on its own schedule (left), every method's mean over
+    its seeds with the teacher's final dev AP as a reference line (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, (ax_t, ax) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 2.5]})
     t = res.get("teacher")
     if t and t.get("curve"):
         its, aps = zip(*t["curve"])
-        ax.plot(its, aps, "k--", label="teacher")
+        ax_t.plot(its, aps, "k.-")
+        ax.axhline(aps[-1], color="k", linestyle="--", label="teacher (final)")
+    ax_t.set_title("teacher")
+    ax_t.set_xlabel("iteration")
+    ax_t.set_ylabel("dev AP")
     for name, m in res["methods"].items():
         curves = [dict(map(tuple, r["curve"])) for r in m["runs"] if r.get("curve")]
         if not curves:
             continue
         its = sorted(set.intersection(*(set(c) for c in curves)))
-        ax.plot(its, [statistics.mean(c[i] for c in curves) for i in its], label=m["label"])
+        ax.plot(its, [statistics.mean(c[i] for c in curves) for i in its], ".-", label=m["label"])
     ax.set_xlabel("iteration")
     ax.set_ylabel("dev AP (mean over seeds)")
-    ax.set_title("Validation AP during training (dev split)")
+    ax.set_title("students (validation AP during training, dev split)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
