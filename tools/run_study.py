@@ -150,6 +150,8 @@ class Study:
             self.progress["trained"] += not run["reused"]
             p = dict(self.progress)
         elapsed = time.time() - self.t0
+        if not run["reused"]:
+            report.record_invocation(self.args.output, self.t0, self.args.jobs, p["trained"])
         eta = (f"{elapsed / p['trained'] * (p['total'] - p['done']) / 60:.0f} min"
                if p["trained"] else "n/a")  # fmt: skip
         print(f"[study] {p['done']}/{p['total']} done: {name} (elapsed {elapsed / 60:.0f} min, "
@@ -171,6 +173,8 @@ class Study:
         if run is None:
             return None
         run["dev"] = run.pop("bbox")
+        # Every process that trained it (resumes included), not only this invocation's.
+        run["seconds"] = report.log_seconds(os.path.join(out, "log.txt")) or run["seconds"]
         run["curve"] = report.ap_curve(os.path.join(out, "metrics.json"))
         run["out"] = out
         return run

@@ -31,6 +31,73 @@ def ap_curve(metrics_json):
     return [[k, by_iter[k]] for k in sorted(by_iter)]
 
 
+def log_seconds(log_txt):
+    """Training time of a run from its detectron2 ``log.txt``, over every process that wrote it.
+
+    A resumed run's log holds one segment per process (each starts with detectron2's "Rank of
+    current process" line); the run's time is the sum of each segment's first-to-last timestamp,
+    so time spent before an interruption counts (work redone after it counts twice: it was
+    spent). Returns None when the log has no timestamps.
+    """
+    import datetime
+
+    if not os.path.exists(log_txt):
+        return None
+    total, first, last = 0.0, None, None
+    with open(log_txt, errors="replace") as f:
+        for line in f:
+            if not (line.startswith("[") and line[15:16] == "]"):
+                continue
+            try:
+                stamp = datetime.datetime.strptime(line[1:15], "%m/%d %H:%M:%S")
+            except ValueError:
+                continue
+            if "Rank of current process" in line and first is not None:
+                total += _span(first, last)
+                first = None
+            first = first or stamp
+            last = stamp
+    if first is None and total == 0.0:
+        return None
+    return total + (_span(first, last) if first is not None else 0.0)
+
+
+def _span(first, last):
+    """Seconds from ``first`` to ``last`` (timestamps without a year: a new year wraps)."""
+    s = (last - first).total_seconds()
+    return s + 365 * 86400 if s < 0 else s
+
+
+def record_invocation(output, start, jobs, trained):
+    """Keep ``<output>/invocations.json``: each ``run_study`` invocation's start, the time its
+    latest run finished, and how many runs it trained, so the study's wall time over several
+    invocations (a session that ends kills one) can be added up."""
+    path = os.path.join(output, "invocations.json")
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = json.load(f)
+    row = {
+        "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+        "last_finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "minutes": round((time.time() - start) / 60, 1),
+        "jobs": jobs,
+        "trained": trained,
+    }
+    rows = [r for r in rows if r["start"] != row["start"]] + [row]
+    with open(path + ".tmp", "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def invocations(output):
+    path = os.path.join(output, "invocations.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def evaluate_on_test(config, opts, out_dir, test_name, env=None, finished_only=False):
     """COCO results of ``out_dir/model_final.pth`` on the test split, cached in ``out_dir/test``.
 
@@ -55,6 +122,22 @@ def evaluate_on_test(config, opts, out_dir, test_name, env=None, finished_only=F
             raise RuntimeError(f"test evaluation failed; see {test_dir}/stdout.txt")
     with open(path) as f:
         return json.load(f)["bbox"]
+
+
+def cached_bootstrap_ap(gt_json, dets_json):
+    """:func:`bootstrap_ap`, cached beside the detections (30 COCO evaluations per run are about
+    a minute of CPU, which a report written while the study trains takes from it)."""
+    cache = os.path.join(os.path.dirname(dets_json), "bootstrap_ap.json")
+    key = [os.path.getmtime(gt_json), os.path.getmtime(dets_json)]
+    if os.path.exists(cache):
+        with open(cache) as f:
+            c = json.load(f)
+        if c.get("key") == key:
+            return c["std"]
+    std = bootstrap_ap(gt_json, dets_json)
+    with open(cache, "w") as f:
+        json.dump({"key": key, "std": std}, f)
+    return std
 
 
 def bootstrap_ap(gt_json, dets_json, resamples=30, seed=0):
@@ -149,6 +232,13 @@ def assemble(study, finals, families, preset, args):
     res["expected_runs"] = len(finals) * len(args.seeds)
     res["finished_runs"] = sum(len(m["runs"]) for m in res["methods"].values())
     res["wall_minutes"] = None if args.report_only else (time.time() - study.t0) / 60
+    trained = [t["seconds"]] if t else []
+    trained += [r["seconds"] for fam in res["dev_sweep"].values() for r in fam["trials"]
+                if r["seconds"]]  # fmt: skip
+    trained += [r["seconds"] for m in res["methods"].values() for r in m["runs"]
+                if not r["reused_dev_trial"]]  # fmt: skip
+    res["compute"] = {"runs": len(trained), "run_hours": sum(trained) / 3600,
+                      "invocations": invocations(args.output)}  # fmt: skip
     noise = {}
     student = study.results["final"].get("student", {})
     data = os.path.join(args.output, "data", "test.json")
@@ -156,7 +246,7 @@ def assemble(study, finals, families, preset, args):
         dets = os.path.join(r["out"], "test", "inference", "synthetic_study_test",
                             "coco_instances_results.json")  # fmt: skip
         if os.path.exists(dets) and os.path.exists(data):
-            noise[seed] = bootstrap_ap(data, dets)
+            noise[seed] = cached_bootstrap_ap(data, dets)
     res["eval_noise"] = {"student_test_AP_bootstrap_std": noise}
     return res
 
@@ -302,6 +392,17 @@ def results_markdown(res):
     ]
     if res.get("wall_minutes"):
         lines.append(f"This invocation took {res['wall_minutes']:.0f} min at --jobs {res['jobs']}.")
+    c = res.get("compute")
+    if c and c["runs"]:
+        inv = c.get("invocations") or []
+        jobs = max([r["jobs"] for r in inv] + [res["jobs"]])
+        lines.append(f"Cost: the {c['runs']} runs trained so far took {c['run_hours']:.1f} h of "
+                     f"training summed over runs (from their logs, resumes included), so at "
+                     f"--jobs {jobs} at least {c['run_hours'] / jobs:.1f} h of wall time.")  # fmt: skip
+        if inv:
+            lines.append(f"Invocations recorded in invocations.json: {len(inv)}, "
+                         f"{sum(r['minutes'] for r in inv) / 60:.1f} h from their starts to their "
+                         "last finished runs.")  # fmt: skip
     if res["finished_runs"] < res["expected_runs"]:
         lines.append(f"**Partial**: {res['finished_runs']} of {res['expected_runs']} final runs "
                      "had finished when this table was written.")  # fmt: skip

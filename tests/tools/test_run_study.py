@@ -122,3 +122,38 @@ def test_regime_checks_follow_their_definitions(monkeypatch):
     diff = report.versus_student([{"test": {"AP": 33.0}}, {"test": {"AP": 35.0}}], student, "ssim")
     # Welch: mean 34 - 30 = 4; standard error sqrt(var 2 / 2 + var 1 / 3) = 1.15; 4 > 2 x 1.15.
     assert diff == "+4.0 +- 1.2 *"
+
+
+def test_run_time_counts_every_process_of_a_resumed_run(monkeypatch, tmp_path):
+    from kd_det.utils.testing import load_tool
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    report = load_tool(REPO, "study_report.py")
+    log = tmp_path / "log.txt"
+    log.write_text(
+        "[12/02 02:49:38] detectron2 INFO: Rank of current process: 0. World size: 1\n"
+        "  an untimed continuation line\n"
+        "[12/02 02:55:38] d2.utils.events INFO:  iter: 19\n"  # first process: 6 min
+        "[12/02 03:09:18] detectron2 INFO: Rank of current process: 0. World size: 1\n"
+        "[12/02 03:10:00] d2.utils.events INFO:  iter: 39\n"
+        "[12/02 03:19:18] d2.engine.hooks INFO: Overall training speed\n"  # second: 10 min
+    )
+    # The 14 minutes between the processes (the session that ended) are not the run's.
+    assert report.log_seconds(str(log)) == 6 * 60 + 10 * 60
+    log.write_text("[12/31 23:59:00] detectron2 INFO: Rank of current process: 0.\n"
+                   "[01/01 00:01:00] d2 INFO: a new year\n")  # fmt: skip
+    assert report.log_seconds(str(log)) == 120
+    assert report.log_seconds(str(tmp_path / "missing.txt")) is None
+
+
+def test_invocations_are_recorded_once_each(monkeypatch, tmp_path):
+    from kd_det.utils.testing import load_tool
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    report = load_tool(REPO, "study_report.py")
+    report.record_invocation(str(tmp_path), 1_800_000_000, 2, 1)
+    report.record_invocation(str(tmp_path), 1_800_000_000, 2, 3)  # the same invocation, later
+    report.record_invocation(str(tmp_path), 1_800_090_000, 2, 1)  # a second one
+    rows = report.invocations(str(tmp_path))
+    assert [r["trained"] for r in rows] == [3, 1]
+    assert rows[0]["start"] == "2027-01-15T08:00:00Z" and rows[0]["jobs"] == 2
