@@ -398,7 +398,8 @@ def results_markdown(res):
         jobs = max([r["jobs"] for r in inv] + [res["jobs"]])
         lines.append(f"Cost: the {c['runs']} runs trained so far took {c['run_hours']:.1f} h of "
                      f"training summed over runs (from their logs, resumes included), so at "
-                     f"--jobs {jobs} at least {c['run_hours'] / jobs:.1f} h of wall time.")  # fmt: skip
+                     f"--jobs {jobs} at least {c['run_hours'] / jobs:.1f} h of "
+                     "wall time.")  # fmt: skip
         if inv:
             lines.append(f"Invocations recorded in invocations.json: {len(inv)}, "
                          f"{sum(r['minutes'] for r in inv) / 60:.1f} h from their starts to their "
