@@ -17,7 +17,7 @@ $(STAMP): setup.py tools/install_detectron2.py Makefile kd_det/layers/csrc/roi_a
 	@# Unpinned: pip picks the build for this machine (constraint files on CI cap the version).
 	$(PY) -m pip install --quiet torch torchvision
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install --quiet -e ".[dev,external]"
+	$(PY) -m pip install --quiet -e ".[dev,external,deploy]"
 	@# Compile the CPU ROIAlign backward once now (cached), not inside the first test or run.
 	$(PY) -c "from kd_det.layers.roi_align import load_extension as l; print('fast CPU ROIAlign backward:', 'built' if l() else 'unavailable (torchvision fallback)')"
 	$(PY) -m kd_det.collect_env

@@ -47,5 +47,7 @@ setup(
         # mnist-detection, animal silhouettes shipped in animal-shape-mnist's wheel). Pinned: the
         # scenes for a seed depend on the exact package code and data.
         "external": ["mnist-detection==0.1.7", "animal-shape-mnist==0.39"],
+        # tools/trace_student.py --format onnx: export and the check against eager outputs.
+        "deploy": ["onnx", "onnxruntime"],
     },
 )

@@ -90,7 +90,7 @@ def test_a_trace_that_does_not_generalize_is_refused(tmp_path, synthetic_root, m
 
 
 def test_onnx_export_matches_eager(tmp_path, synthetic_root):
-    """Runs where onnx and onnxruntime are installed (kd_det does not install them)."""
+    """Needs the ``deploy`` extra (onnx, onnxruntime), which ``make setup`` installs."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     out = _exported(tmp_path, "faster_rcnn_R18_FPN.yaml", synthetic_root)
