@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import study_verdicts as verdicts  # noqa: E402
 from runs import fmt  # noqa: E402  (tools/ is on sys.path: this module is run_study's)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,15 +318,13 @@ def dev_sweep_markdown(res):
 def versus_student(runs, student_runs, name):
     """Mean test-AP difference to the student alone and its standard error (Welch), with a mark
     when the difference exceeds twice its standard error."""
-    a = [(r["test"] or {}).get("AP") for r in runs]
-    b = [(r["test"] or {}).get("AP") for r in student_runs]
-    a, b = [x for x in a if x is not None], [x for x in b if x is not None]
-    if name == "student" or not a or not b:
+    if name == "student":
         return ""
-    diff = statistics.mean(a) - statistics.mean(b)
-    if len(a) < 2 or len(b) < 2:
+    diff, se = verdicts.welch(verdicts.test_aps(runs), verdicts.test_aps(student_runs))
+    if diff is None:
+        return ""
+    if se is None:
         return f"{diff:+.1f}"
-    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
     mark = " *" if se > 0 and abs(diff) > 2 * se else ""
     return f"{diff:+.1f} +- {se:.1f}{mark}"
 
@@ -336,11 +335,11 @@ def results_markdown(res):
     s_runs = res["methods"].get("student", {}).get("runs", [])
     s_ap = summarize([(r["test"] or {}).get("AP") for r in s_runs])[0]
     lines = ["Test split (never used for a choice); mean +- std over seeds.", "",
-             "| method | test AP | vs student alone | test AP50 | gap closed | dev AP | seeds "
-             "| min / run |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| method | test AP | vs student alone | verdict | test AP50 | gap closed | dev AP "
+             "| seeds | min / run |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     if t:
         t_ap50 = (t.get("test") or {}).get("AP50")
-        lines.append(f"| teacher (Lite2-FPN) | {fmt(t_ap)} | | {fmt(t_ap50)} | | "
+        lines.append(f"| teacher (Lite2-FPN) | {fmt(t_ap)} | | | {fmt(t_ap50)} | | "
                      f"{fmt(t['dev']['AP'])} | 1 | {t['seconds'] / 60:.0f} |")  # fmt: skip
     for name, m in res["methods"].items():
         runs = m["runs"]
@@ -352,11 +351,16 @@ def results_markdown(res):
             gap = f"{(ap - s_ap) / (t_ap - s_ap):+.0%}"
         minutes = summarize([r["seconds"] / 60 for r in runs])[0]
         cell = lambda a, s: "n/a" if a is None else f"{a:.1f} +- {s:.1f}"  # noqa: E731
+        v = "" if name == "student" else verdicts.method_verdict(runs, s_runs)
         lines.append(f"| {m['label']} | {cell(ap, sd)} | {versus_student(runs, s_runs, name)} | "
-                     f"{cell(ap50, sd50)} | {gap} | "
+                     f"{v} | {cell(ap50, sd50)} | {gap} | "
                      f"{fmt(dev)} | {len(runs)} | {fmt(minutes, 0)} |")  # fmt: skip
     lines += ["", "vs student alone: difference of mean test AP +- its standard error; * = more "
-              "than two standard errors."]  # fmt: skip
+              "than two standard errors. Verdict: pays off / hurts beyond two standard errors, "
+              "else no effect shown."]  # fmt: skip
+    found = verdicts.answers(res)
+    if found:
+        lines += ["", "The study's questions (test split):"] + found
     noise = res.get("eval_noise", {}).get("student_test_AP_bootstrap_std", {})
     if noise:
         vals = ", ".join(f"{v:.2f}" for v in noise.values())

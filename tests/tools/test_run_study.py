@@ -157,3 +157,37 @@ def test_invocations_are_recorded_once_each(monkeypatch, tmp_path):
     rows = report.invocations(str(tmp_path))
     assert [r["trained"] for r in rows] == [3, 1]
     assert rows[0]["start"] == "2027-01-15T08:00:00Z" and rows[0]["jobs"] == 2
+
+
+def test_verdicts_and_answers_follow_welch(monkeypatch):
+    from kd_det.utils.testing import load_tool
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    v = load_tool(REPO, "study_verdicts.py")
+    runs = lambda *aps, dev=30.0: [{"test": {"AP": a}, "dev": {"AP": dev}} for a in aps]  # noqa
+    res = {
+        "teacher": {"test": {"AP": 40.0}},
+        "methods": {
+            "student": {"label": "student alone", "runs": runs(29.0, 30.0, 31.0)},
+            # mean 36, var 1: diff 6, se sqrt(1/3 + 1/3) = 0.816 -> pays off; closes 60 %.
+            "ssim": {"label": "+ SSIM", "runs": runs(35.0, 36.0, 37.0, dev=33.0)},
+            # mean 31, var 4: diff 1, se sqrt(4/3 + 1/3) = 1.29 -> no effect shown.
+            "mse": {"label": "+ MSE", "runs": runs(29.0, 31.0, 33.0, dev=31.0)},
+            # mean 26, var 1: diff -4 -> hurts.
+            "mix": {"label": "+ mixing", "runs": runs(25.0, 26.0, 27.0)},
+        },
+    }
+    m = res["methods"]
+    assert v.method_verdict(m["ssim"]["runs"], m["student"]["runs"]) == "pays off"
+    assert v.method_verdict(m["mse"]["runs"], m["student"]["runs"]) == "no effect shown"
+    assert v.method_verdict(m["mix"]["runs"], m["student"]["runs"]) == "hurts"
+    assert v.method_verdict(runs(40.0), m["student"]["runs"]) == ""  # one seed: no error bar
+    text = "\n".join(v.answers(res))
+    # SSIM - MSE = 5 +- sqrt(1/3 + 4/3) = 1.29; the larger seed std is 2: beats it.
+    assert "SSIM hints against MSE hints (each tuned): +5.0 +- 1.3 test AP" in text
+    assert "SSIM beats MSE by more than the seed spread" in text
+    # The best offline method is chosen by dev AP (SSIM, 33.0), and reported on test.
+    assert (
+        "'+ SSIM' (33.0 dev AP); on test it closes 60% of the teacher-student gap (at least" in text
+    )
+    assert "+ mixing against the student alone: -4.0 +- 0.8 test AP (hurts)." in text

@@ -1,0 +1,96 @@
+"""What the method study's test numbers say: per-method verdicts and the issue's questions.
+
+A verdict compares a method's test AP over its seeds with the student alone's (Welch: the
+difference of means and its standard error, no equal-variance assumption). With three seeds per
+side, a difference counts only beyond two standard errors; inside that band the study shows no
+effect, which is not the same as showing there is none. The questions are the ones the study was
+built to answer (README, "Method study"); each answer is computed here from ``results.json`` so
+the README's sentences come from a command.
+"""
+
+import statistics
+
+#: Offline methods, for "the best offline method": distillation from a trained teacher.
+OFFLINE = ("ssim", "mse", "l1", "pkd", "cwd", "multilevel", "dynamic", "mix_kd")
+
+
+def test_aps(runs):
+    return [(r.get("test") or {}).get("AP") for r in runs if (r.get("test") or {}).get("AP")
+            is not None]  # fmt: skip
+
+
+def welch(a, b):
+    """``(mean(a) - mean(b), its standard error)``; the error is None below 2 values a side."""
+    if not a or not b:
+        return None, None
+    diff = statistics.mean(a) - statistics.mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, None
+    return diff, (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+
+
+def verdict(diff, se):
+    """ "pays off" / "hurts" beyond two standard errors, else "no effect shown"."""
+    if diff is None or se is None:
+        return ""
+    if diff > 2 * se:
+        return "pays off"
+    if diff < -2 * se:
+        return "hurts"
+    return "no effect shown"
+
+
+def method_verdict(runs, student_runs):
+    return verdict(*welch(test_aps(runs), test_aps(student_runs)))
+
+
+def _dev_mean(m):
+    devs = [r["dev"]["AP"] for r in m["runs"] if r.get("dev")]
+    return statistics.mean(devs) if devs else None
+
+
+def answers(res):
+    """Markdown bullets answering the study's questions from ``res`` (``results.json``).
+
+    Questions whose methods have no finished test run are left out.
+    """
+    methods = res["methods"]
+    runs = {k: test_aps(m["runs"]) for k, m in methods.items()}
+    student = runs.get("student", [])
+    t_ap = ((res.get("teacher") or {}).get("test") or {}).get("AP")
+    out = []
+
+    def vs(a, b):
+        d, se = welch(runs.get(a, []), runs.get(b, []))
+        if d is None:
+            return None
+        return d, se, (f"{d:+.1f}" if se is None else f"{d:+.1f} +- {se:.1f}")
+
+    ssim_mse = vs("ssim", "mse")
+    if ssim_mse and len(runs["ssim"]) > 1 and len(runs["mse"]) > 1:
+        d, se, txt = ssim_mse
+        spread = max(statistics.stdev(runs["ssim"]), statistics.stdev(runs["mse"]))
+        yes = d > spread
+        out.append(f"- SSIM hints against MSE hints (each tuned): {txt} test AP; the larger seed "
+                   f"std of the two is {spread:.1f}: SSIM {'beats' if yes else 'does not beat'} "
+                   "MSE by more than the seed spread.")  # fmt: skip
+    offline = {k: _dev_mean(methods[k]) for k in OFFLINE if k in methods and runs.get(k)}
+    offline = {k: v for k, v in offline.items() if v is not None}
+    if offline and student and t_ap is not None:
+        best = max(offline, key=lambda k: offline[k])
+        s_ap = statistics.mean(student)
+        closed = (statistics.mean(runs[best]) - s_ap) / (t_ap - s_ap) if t_ap > s_ap else None
+        if closed is not None:
+            out.append(f"- The best offline method by mean dev AP is {methods[best]['label']!r} "
+                       f"({offline[best]:.1f} dev AP); on test it closes {closed:.0%} of the "
+                       f"teacher-student gap ({'at least' if closed >= 0.5 else 'less than'} "
+                       "50 %).")  # fmt: skip
+    for key in ("mix", "mix_kd", "online", "online_cutnmix"):
+        r = vs(key, "student")
+        if r is None or key not in methods:
+            continue
+        d, se, txt = r
+        v = verdict(d, se) or "too few seeds to tell"
+        out.append(f"- {methods[key]['label']} against the student alone: {txt} test AP "
+                   f"({v}).")  # fmt: skip
+    return out
