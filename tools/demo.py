@@ -63,7 +63,7 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     sys.path.insert(0, REPO)
     from kd_det.data.synthetic import generate_dataset
-    from runs import markdown_table, schedule_opts, train_and_evaluate
+    from runs import markdown_table, schedule_opts, schedule_relative_opts, train_and_evaluate
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
@@ -119,7 +119,9 @@ def main(argv=None):
         futures = {
             name: pool.submit(
                 run_stage, label, os.path.join(args.output, f"student_lite0_{name}"), config,
-                kd_opts if needs_teacher else s_opts,
+                # e.g. a tuned EMA teacher start "half-way" moves to the demo's schedule
+                (kd_opts if needs_teacher else s_opts)
+                + schedule_relative_opts(config, args.student_iters),
                 dict(base, iters=args.student_iters,
                      teacher=dict(base, iters=args.teacher_iters) if needs_teacher else None),
             )  # fmt: skip

@@ -22,6 +22,10 @@ REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
 
 import study_plan as plan  # noqa: E402
+from runs import SCHEDULE_RELATIVE, rescale_schedule  # noqa: E402
+
+sys.path.insert(0, REPO)
+from kd_det.config import get_kd_cfg  # noqa: E402
 
 #: Keys that describe the study's setup (data, schedule, seed, teacher weights), not a method.
 SETUP_PREFIXES = ("DATASETS.", "SOLVER.", "INPUT.MIN_SIZE", "SEED", "OUTPUT_DIR", "TEST.",
@@ -72,6 +76,16 @@ def write_configs(results, output):
             continue
         opts = runs[0]["opts"]
         base = os.path.relpath(finals[name].config, output)
+        note = ""
+        study_iters = (results.get("preset") or {}).get("iters")
+        relative = [k for k in opts[0::2] if k in SCHEDULE_RELATIVE]
+        if study_iters and relative:
+            cfg = get_kd_cfg()
+            cfg.merge_from_file(finals[name].config)
+            opts = rescale_schedule(opts, study_iters, cfg.SOLVER.MAX_ITER)
+            note = (f"# {', '.join(relative)}: a fraction of the study's {study_iters} iterations, "
+                    f"scaled to this config's SOLVER.MAX_ITER ({cfg.SOLVER.MAX_ITER}); scale it "
+                    "with your schedule.\n")  # fmt: skip
         body = nested(opts)
         path = os.path.join(output, f"{name}.yaml")
         aps = [r["test"]["AP"] for r in m["runs"] if r.get("test")]
@@ -84,7 +98,7 @@ def write_configs(results, output):
             else f"# {m['label']}: the study's pick (no test AP yet).\n"
         )
         with open(path, "w") as f:
-            f.write(header)
+            f.write(header + note)
             yaml.safe_dump({"_BASE_": base, **body}, f, sort_keys=False)
         written.append((name, path, mean, [o for o in opts]))
     return written

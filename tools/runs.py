@@ -43,6 +43,41 @@ def schedule_opts(iters, batch, image_size):
     ]  # fmt: skip
 
 
+#: Keys counted in iterations whose value the study sets as a fraction of the schedule (the EMA
+#: teacher starts half-way): when a setting moves to a schedule of another length, these scale
+#: with it. Warm-ups such as ``MODEL.KD.WARMUP_ITERS`` stay absolute, as detectron2's
+#: ``SOLVER.WARMUP_ITERS`` does.
+SCHEDULE_RELATIVE = ("MODEL.ONLINE_KD.EMA_WARMUP",)
+
+
+def rescale_schedule(opts, from_iters, to_iters):
+    """``KEY VALUE`` overrides with every :data:`SCHEDULE_RELATIVE` value scaled by
+    ``to_iters / from_iters`` (rounded to an iteration); other pairs unchanged."""
+    out = list(opts)
+    for i in range(0, len(out) - 1, 2):
+        if out[i] in SCHEDULE_RELATIVE:
+            out[i + 1] = str(int(round(float(out[i + 1]) * to_iters / from_iters)))
+    return out
+
+
+def schedule_relative_opts(config, iters):
+    """Overrides that move ``config``'s :data:`SCHEDULE_RELATIVE` keys from its own
+    ``SOLVER.MAX_ITER`` to a run of ``iters`` iterations (keys it leaves at their default are
+    left alone)."""
+    from kd_det.config import get_kd_cfg
+
+    cfg, default = get_kd_cfg(), get_kd_cfg()
+    cfg.merge_from_file(config)
+    opts = []
+    for key in SCHEDULE_RELATIVE:
+        value, ref = cfg, default
+        for part in key.split("."):
+            value, ref = getattr(value, part), getattr(ref, part)
+        if value != ref:
+            opts += [key, str(value)]
+    return rescale_schedule(opts, cfg.SOLVER.MAX_ITER, iters)
+
+
 def config_digest(config):
     """SHA-1 over a config file, its ``_BASE_`` chain and its online peers' files.
 

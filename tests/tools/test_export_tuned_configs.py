@@ -16,7 +16,8 @@ SSIM_OPTS = [
 MIX_OPTS = ["INPUT.MIX.ENABLED", "True", "INPUT.MIX.TYPE", "cutnmix", "INPUT.MIX.PROB", "0.25",
             "INPUT.MIX.CLEAN_TAIL", "0.15"]  # fmt: skip
 ONLINE_OPTS = ["MODEL.ONLINE_KD.PEER_OPTS", "['MODEL.FPN.OUT_CHANNELS', '64']",
-               "MODEL.ONLINE_KD.LOGIT_WEIGHT", "0.1"]  # fmt: skip
+               "MODEL.ONLINE_KD.LOGIT_WEIGHT", "0.1",
+               "MODEL.ONLINE_KD.EMA_WARMUP", "500"]  # fmt: skip
 
 
 def _run(label, opts, aps):
@@ -26,7 +27,7 @@ def _run(label, opts, aps):
 
 def test_tuned_configs_load_and_set_the_picks(tmp_path):
     tool = load_tool(REPO, "export_tuned_configs.py")
-    results = {"methods": {
+    results = {"preset": {"iters": 1000}, "methods": {
         "ssim": _run("+ SSIM hints (tuned)", SSIM_OPTS, [30.0, 32.0]),
         "mix": _run("student + mixing", MIX_OPTS, [28.0]),
         "online": _run("online", ONLINE_OPTS, [29.0]),
@@ -50,6 +51,10 @@ def test_tuned_configs_load_and_set_the_picks(tmp_path):
     cfg.merge_from_file(str(out / "online.yaml"))
     assert list(cfg.MODEL.ONLINE_KD.PEER_OPTS) == ["MODEL.FPN.OUT_CHANNELS", "64"]
     assert cfg.MODEL.ONLINE_KD.LOGIT_WEIGHT == 0.1
+    # The EMA teacher started half-way through the study's 1000 iterations: half-way through the
+    # config's own 300 (Base-Synthetic.yaml), not at 500, after its end.
+    assert cfg.SOLVER.MAX_ITER == 300 and cfg.MODEL.ONLINE_KD.EMA_WARMUP == 150
+    assert "scaled to this config's SOLVER.MAX_ITER (300)" in (out / "online.yaml").read_text()
     table = (out / "README.md").read_text()
     assert "| + SSIM hints (tuned) | `" in table and "| 31.0 |" in table
     assert "`MODEL.KD.SSIM.WINDOW_SIZE 7`" in table

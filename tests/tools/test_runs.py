@@ -40,3 +40,20 @@ def test_finished_run_needs_identical_params(tmp_path):
     assert finished_run(str(tmp_path), params)["seconds"] == 1.0
     assert finished_run(str(tmp_path), dict(params, config_digest="abd")) is None
     assert finished_run(str(tmp_path), dict(params, seed=1)) is None
+
+
+def test_schedule_relative_keys_move_with_the_schedule(tmp_path):
+    import runs
+
+    opts = ["MODEL.ONLINE_KD.EMA_WARMUP", "500", "MODEL.KD.WARMUP_ITERS", "100"]
+    # Half of 1000 is half of 250; an absolute warm-up stays as it is.
+    assert runs.rescale_schedule(opts, 1000, 250) == [
+        "MODEL.ONLINE_KD.EMA_WARMUP", "125", "MODEL.KD.WARMUP_ITERS", "100"]  # fmt: skip
+    cfg = tmp_path / "online.yaml"
+    base = os.path.join(REPO, "configs", "Synthetic", "online_lite0_x2.yaml")
+    cfg.write_text(f"_BASE_: {base}\nMODEL:\n  ONLINE_KD:\n    EMA_WARMUP: 150\n")
+    # The config's own schedule is 300 iterations (Base-Synthetic.yaml): 150 of 300 -> 125 of 250.
+    assert runs.schedule_relative_opts(str(cfg), 250) == ["MODEL.ONLINE_KD.EMA_WARMUP", "125"]
+    # A config that leaves the key at its default gets no override.
+    student = os.path.join(REPO, "configs", "Synthetic", "faster_rcnn_lite0_FPN.yaml")
+    assert runs.schedule_relative_opts(student, 250) == []
