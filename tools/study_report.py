@@ -320,7 +320,7 @@ def versus_student(runs, student_runs, name):
     when the difference exceeds twice its standard error."""
     if name == "student":
         return ""
-    diff, se = verdicts.welch(verdicts.test_aps(runs), verdicts.test_aps(student_runs))
+    diff, se = verdicts.welch(verdicts.aps_on_test(runs), verdicts.aps_on_test(student_runs))
     if diff is None:
         return ""
     if se is None:

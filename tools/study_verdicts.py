@@ -14,7 +14,8 @@ import statistics
 OFFLINE = ("ssim", "mse", "l1", "pkd", "cwd", "multilevel", "dynamic", "mix_kd")
 
 
-def test_aps(runs):
+def aps_on_test(runs):
+    """The test AP of every run that has one."""
     return [(r.get("test") or {}).get("AP") for r in runs if (r.get("test") or {}).get("AP")
             is not None]  # fmt: skip
 
@@ -30,7 +31,8 @@ def welch(a, b):
 
 
 def verdict(diff, se):
-    """ "pays off" / "hurts" beyond two standard errors, else "no effect shown"."""
+    """The verdict on a difference: "pays off" or "hurts" beyond two standard errors, else
+    "no effect shown" ("" without a standard error)."""
     if diff is None or se is None:
         return ""
     if diff > 2 * se:
@@ -41,7 +43,7 @@ def verdict(diff, se):
 
 
 def method_verdict(runs, student_runs):
-    return verdict(*welch(test_aps(runs), test_aps(student_runs)))
+    return verdict(*welch(aps_on_test(runs), aps_on_test(student_runs)))
 
 
 def _dev_mean(m):
@@ -55,7 +57,7 @@ def answers(res):
     Questions whose methods have no finished test run are left out.
     """
     methods = res["methods"]
-    runs = {k: test_aps(m["runs"]) for k, m in methods.items()}
+    runs = {k: aps_on_test(m["runs"]) for k, m in methods.items()}
     student = runs.get("student", [])
     t_ap = ((res.get("teacher") or {}).get("test") or {}).get("AP")
     out = []
