@@ -361,6 +361,9 @@ def results_markdown(res):
     found = verdicts.answers(res)
     if found:
         lines += ["", "The study's questions (test split):"] + found
+    picked = verdicts.selection_check(res)
+    if picked:
+        lines += [""] + picked
     noise = res.get("eval_noise", {}).get("student_test_AP_bootstrap_std", {})
     if noise:
         vals = ", ".join(f"{v:.2f}" for v in noise.values())

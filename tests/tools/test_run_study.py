@@ -191,3 +191,23 @@ def test_verdicts_and_answers_follow_welch(monkeypatch):
         "'+ SSIM' (33.0 dev AP); on test it closes 60% of the teacher-student gap (at least" in text
     )
     assert "+ mixing against the student alone: -4.0 +- 0.8 test AP (hurts)." in text
+
+
+def test_selection_check_separates_the_dev_pick_from_fresh_seeds(monkeypatch):
+    from kd_det.utils.testing import load_tool
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    v = load_tool(REPO, "study_verdicts.py")
+    run = lambda ap, reused=None: {"test": {"AP": ap}, "reused_dev_trial": reused}  # noqa: E731
+    res = {
+        "methods": {
+            "student": {"label": "student alone", "runs": [run(30.0), run(31.0), run(32.0)]},
+            "pkd": {"label": "+ PKD", "runs": [run(36.0, "pkd/w3.0"), run(33.0), run(34.0)]},
+        }
+    }
+    text = "\n".join(v.selection_check(res))
+    # all seeds: (36 + 33 + 34) / 3 = 34.33; fresh seeds: 33.5; the pick: 36.
+    assert "+ PKD: 34.3 over all 3 seeds, 33.5 over the 2 seed(s) that were not the dev" in text
+    assert "(the pick itself: 36.0)" in text
+    assert "student alone" not in text  # untuned: nothing was picked
+    assert v.selection_check({"methods": {"student": res["methods"]["student"]}}) == []
