@@ -351,7 +351,8 @@ def main(argv=None):
         closers = threading.Thread(target=lambda: [study.close_family(fam, ts)
                                                    for fam, ts in families.items()])  # fmt: skip
         closers.start()
-        final_jobs.update({(f.name, s): pool.submit(study.run_final, f, s) for f in finals
+        final_jobs.update({(f.name, s): pool.submit(study.run_final, f, s)
+                           for f in plan.longest_first(finals)
                            if f.name != "student" for s in args.seeds})  # fmt: skip
         for j in jobs + trial_jobs:
             j.result()

@@ -214,3 +214,14 @@ def best_feature(picks: Dict[str, Trial], dev_ap: Dict[str, float]) -> Trial:
     """The feature-loss pick with the best dev AP (earlier family in FEATURE_FAMILIES on ties)."""
     cands = [picks[f] for f in FEATURE_FAMILIES if f in picks]
     return max(cands, key=lambda tr: (dev_ap[tr.key], -FEATURE_FAMILIES.index(tr.family)))
+
+
+def longest_first(finals):
+    """``finals`` in the order to start them: online runs (two peers, about 2.3x the time of a
+    student run) first, the rest in their listed order.
+
+    With two workers the study ends on whatever started last; a long run started last leaves one
+    core idle for most of it, while short runs at the end keep both busy. Finals depend only on
+    dev picks, never on each other, so any order keeps the submission topological.
+    """
+    return sorted(finals, key=lambda f: f.config != ONLINE)

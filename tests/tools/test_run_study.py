@@ -211,3 +211,16 @@ def test_selection_check_separates_the_dev_pick_from_fresh_seeds(monkeypatch):
     assert "(the pick itself: 36.0)" in text
     assert "student alone" not in text  # untuned: nothing was picked
     assert v.selection_check({"methods": {"student": res["methods"]["student"]}}) == []
+
+
+def test_online_finals_start_first_and_the_rest_keep_their_order(monkeypatch):
+    from kd_det.utils.testing import load_tool
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    plan = load_tool(REPO, "study_plan.py")
+    finals = plan.finals()
+    order = [f.name for f in plan.longest_first(finals)]
+    online = [f.name for f in finals if f.config == plan.ONLINE]
+    assert online == ["online", "online_cutnmix"]
+    assert order[: len(online)] == online
+    assert order[len(online) :] == [f.name for f in finals if f.name not in online]
