@@ -55,7 +55,7 @@ def parse_args(argv=None):
         "--methods",
         nargs="+",
         default=None,
-        help="methods to run beside the student (default: the study's two best by " "mean dev AP)",
+        help="methods to run beside the student (default: the study's two best by mean dev AP)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--jobs", type=int, default=1)
