@@ -117,14 +117,42 @@ def ranking(results):
     return sorted(rows, key=lambda r: -r["dev_AP"])
 
 
+def beyond_base(opts, config):
+    """The ``(key, value)`` pairs of ``opts`` that a user must set on top of ``config``.
+
+    A trial's options are the paper's setting followed by the one factor it changes, so a key can
+    appear twice (``WINDOW_SIZE 11`` then ``7``); the last value is the one trained, as with
+    detectron2's ``merge_from_list``. Keys whose final value the shipped config already holds, and
+    setup keys (data, schedule, seed), are left out.
+    """
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(config)
+    final = {}
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if not key.startswith(SETUP_PREFIXES):
+            final[key] = value  # a repeated key keeps its first position, takes the last value
+    out = []
+    for key, value in final.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part, None) if node is not None else None
+        v = _value(value) if isinstance(value, str) else value
+        same = node is not None and (list(node) if isinstance(node, (list, tuple)) else node) == (
+            list(v) if isinstance(v, (list, tuple)) else v
+        )
+        if not same:
+            out.append((key, value))
+    return out
+
+
 def markdown(written, results):
     lines = [
         "| method | config | settings (beyond the shipped config) | test AP |",
         "|---|---|---|---|",
     ]
+    finals = {f.name: f for f in plan.finals()}
     for name, path, mean, opts in written:
-        pairs = [f"`{k} {v}`" for k, v in zip(opts[0::2], opts[1::2])
-                 if not k.startswith(SETUP_PREFIXES)]  # fmt: skip
+        pairs = [f"`{k} {v}`" for k, v in beyond_base(opts, finals[name].config)]
         ap = "n/a" if mean is None else f"{mean:.1f}"
         rel = os.path.relpath(path, REPO)
         lines.append(

@@ -69,3 +69,16 @@ def test_setup_keys_are_not_part_of_a_tuned_setting():
     got = tool.nested(["SEED", "3", "DATASETS.TRAIN", "('x',)", "MODEL.KD.TEACHER.WEIGHTS", "t.pth",
                        "MODEL.KD.FEATURE.WEIGHTS", "[1.0]"])  # fmt: skip
     assert got == {"MODEL": {"KD": {"FEATURE": {"WEIGHTS": [1.0]}}}}
+
+
+def test_settings_column_lists_each_key_once_with_the_value_trained():
+    tool = load_tool(REPO, "export_tuned_configs.py")
+    plan = load_tool(REPO, "study_plan.py")
+    # The SSIM paper's window 11, then the trial's 7. The shipped SSIM config already has LOSS
+    # ssim and FEATURE.WEIGHTS [1.0] (configs/Synthetic/distill_lite2_to_lite0_ssim.yaml).
+    opts = ["MODEL.KD.FEATURE.LOSS", "ssim", "MODEL.KD.SSIM.WINDOW_SIZE", "11",
+            "MODEL.KD.FEATURE.WEIGHTS", "[3.0]", "SEED", "0",
+            "MODEL.KD.SSIM.WINDOW_SIZE", "7"]  # fmt: skip
+    got = tool.beyond_base(opts, plan.KD)
+    assert got == [("MODEL.KD.SSIM.WINDOW_SIZE", "7"), ("MODEL.KD.FEATURE.WEIGHTS", "[3.0]")]
+    assert tool.beyond_base(["MODEL.KD.FEATURE.WEIGHTS", "[1.0]"], plan.KD) == []
