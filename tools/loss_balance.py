@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""How large the distillation terms are next to the detection losses, over a run's schedule.
+
+A distillation weight is only meaningful relative to the detection losses it is added to: the
+same ``MODEL.KD.FEATURE.WEIGHTS`` gives a term that dominates on one dataset and vanishes on
+another. The method study tuned each weight on its own data, so what carries over to yours is the
+*balance* the tuned weight produced, not the number. This tool reads detectron2's ``metrics.json``
+of one or more runs and prints, for the start, middle and end of training, the ratio
+
+    (sum of the ``loss_kd_*`` terms) / (sum of every other ``loss_*`` term)
+
+plus the largest distillation term at the end. Compare your run's ratio after the first few
+dozen iterations with the study's tuned runs and scale your weight until they are close.
+
+    python tools/loss_balance.py output/my_distill_run            # one or more run directories
+    python tools/loss_balance.py --study study                    # every dev trial of the study
+
+Rows that have no loss (evaluation and teacher-check entries) are skipped; a window is the first,
+middle and last ``--window`` fraction of the logged training rows.
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="*", help="run directories (each with a metrics.json)")
+    p.add_argument("--study", help="a tools/run_study.py output directory: every dev trial")
+    p.add_argument("--window", type=float, default=0.1, help="fraction of rows per window")
+    args = p.parse_args(argv)
+    if not args.runs and not args.study:
+        p.error("give run directories or --study DIR")
+    if not 0 < args.window <= 1 / 3:
+        p.error(f"--window must be in (0, 1/3], got {args.window}: the three windows overlap.")
+    return args
+
+
+def loss_rows(metrics_json):
+    """The training rows of a ``metrics.json``: ``(iteration, {loss name: value})``, in order; a
+    resumed run's repeated iterations keep their last value."""
+    by_iter = {}
+    with open(metrics_json) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            d = json.loads(line)
+            losses = {k: v for k, v in d.items() if k.startswith("loss_")}
+            if losses and "iteration" in d:
+                by_iter[d["iteration"]] = losses
+    return sorted(by_iter.items())
+
+
+def ratio(losses):
+    """Distillation terms over detection terms for one row (None without detection terms)."""
+    kd = sum(v for k, v in losses.items() if k.startswith("loss_kd_"))
+    det = sum(v for k, v in losses.items() if not k.startswith("loss_kd_"))
+    return kd / det if det > 0 else None
+
+
+def balance(metrics_json, window=0.1):
+    """``{"start", "middle", "end": mean ratio, "largest": (term, mean value at the end),
+    "iterations": last iteration}`` of one run, or None when it logged no training row."""
+    rows = loss_rows(metrics_json)
+    if not rows:
+        return None
+    n = max(1, int(round(window * len(rows))))
+    mid = len(rows) // 2
+    windows = {"start": rows[:n], "middle": rows[mid - n // 2 : mid - n // 2 + n],
+               "end": rows[-n:]}  # fmt: skip
+    out = {"iterations": rows[-1][0] + 1}
+    for name, part in windows.items():
+        vals = [r for r in (ratio(losses) for _, losses in part) if r is not None]
+        out[name] = statistics.mean(vals) if vals else None
+    kd_terms = {k for _, losses in windows["end"] for k in losses if k.startswith("loss_kd_")}
+    means = {k: statistics.mean(losses.get(k, 0.0) for _, losses in windows["end"])
+             for k in kd_terms}  # fmt: skip
+    out["largest"] = max(means.items(), key=lambda kv: kv[1]) if means else None
+    return out
+
+
+def study_runs(study_dir):
+    """``[(label, run dir)]`` for every dev trial of a study, the family's pick marked with *."""
+    picks = {}
+    results = os.path.join(study_dir, "results.json")
+    if os.path.exists(results):
+        with open(results) as f:
+            sweep = json.load(f).get("dev_sweep", {})
+        picks = {fam: e.get("pick") for fam, e in sweep.items()}
+    out = []
+    for path in sorted(glob.glob(os.path.join(study_dir, "runs", "dev", "*", "*", "seed0"))):
+        trial_dir = os.path.dirname(path)
+        fam, trial = os.path.basename(os.path.dirname(trial_dir)), os.path.basename(trial_dir)
+        mark = " *" if picks.get(fam) == trial else ""
+        out.append((f"{fam}/{trial}{mark}", path))
+    return out
+
+
+def table(labelled, window=0.1):
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["| run | iterations | kd / detection: start | middle | end | largest kd term at end |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for label, run in labelled:
+        path = os.path.join(run, "metrics.json")
+        b = balance(path, window) if os.path.exists(path) else None
+        if b is None:
+            lines.append(f"| {label} | (no training rows in {path}) | | | | |")
+            continue
+        big = "none" if b["largest"] is None else f"{b['largest'][0]} {b['largest'][1]:.3f}"
+        lines.append(f"| {label} | {b['iterations']} | {fmt(b['start'])} | {fmt(b['middle'])} | "
+                     f"{fmt(b['end'])} | {big} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    labelled = [(os.path.relpath(r), r) for r in args.runs]
+    for _, r in labelled:
+        if not os.path.exists(os.path.join(r, "metrics.json")):
+            sys.exit(f"{r} has no metrics.json: give the OUTPUT_DIR of a tools/train_net.py run.")
+    if args.study:
+        found = study_runs(args.study)
+        if not found:
+            sys.exit(f"{args.study} has no runs/dev/*/*/seed0: give a tools/run_study.py --output.")
+        labelled += found
+    print(table(labelled, args.window), end="")
+
+
+if __name__ == "__main__":
+    main()
