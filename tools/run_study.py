@@ -10,6 +10,7 @@ last checkpoint). The protocol and the trials are in ``tools/study_plan.py``. Wr
 * ``results.md`` / ``results.json``: test AP (mean +- std over seeds), gap closed, wall time; a
   table written while runs are missing says it is partial;
 * ``ap_curves.png``: dev AP against iteration for the teacher and every method (mean of seeds);
+* ``dev_sweep.png``: dev AP against iteration for every trial of the dev sweep, by family;
 * ``eval_noise``: the bootstrap spread of test AP over test images, next to the seed spread.
 
     python tools/run_study.py --jobs 2                 # the README's study (see its wall time)

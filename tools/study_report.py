@@ -215,7 +215,8 @@ def assemble(study, finals, families, preset, args):
             r = runs.get(tr.name)
             rows.append({"name": tr.name, "opts": r["opts"] if r else list(tr.opts),
                          "dev_AP": r["dev"]["AP"] if r else None,
-                         "seconds": r["seconds"] if r else None})  # fmt: skip
+                         "seconds": r["seconds"] if r else None,
+                         "curve": r.get("curve") if r else None})  # fmt: skip
         res["dev_sweep"][fam] = {
             "trials": rows,
             "pick": entry.get("pick"),
@@ -298,6 +299,7 @@ def write_all(res, output):
     with open(os.path.join(output, "results.md"), "w") as f:
         f.write(results_markdown(res))
     plot_ap_curves(res, os.path.join(output, "ap_curves.png"))
+    plot_dev_sweep(res, os.path.join(output, "dev_sweep.png"))
 
 
 def dev_sweep_markdown(res):
@@ -446,4 +448,42 @@ def plot_ap_curves(res, path):
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_dev_sweep(res, path):
+    """Dev AP against iteration for every trial of every family, one panel per family, the pick
+    drawn thick, the student alone's mean dev curve dashed: how each choice was made."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = [(f, e) for f, e in res["dev_sweep"].items() if any(t.get("curve") for t in e["trials"])]
+    if not fams:
+        return
+    cols = min(4, len(fams))
+    rows = (len(fams) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    student = [dict(map(tuple, r["curve"])) for r in
+               res["methods"].get("student", {}).get("runs", []) if r.get("curve")]  # fmt: skip
+    s_its = sorted(set.intersection(*(set(c) for c in student))) if student else []
+    for ax, (fam, e) in zip(axes.flat, fams):
+        if s_its:
+            ax.plot(s_its, [statistics.mean(c[i] for c in student) for i in s_its], "k--",
+                    lw=1, label="student alone")  # fmt: skip
+        for t in e["trials"]:
+            if t.get("curve"):
+                its, aps = zip(*t["curve"])
+                pick = t["name"] == e.get("pick")
+                ax.plot(its, aps, ".-", lw=2.5 if pick else 1,
+                        label=t["name"] + (" (pick)" if pick else ""))  # fmt: skip
+        ax.set_title(fam + ("" if e.get("complete") else " (partial)"))
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("dev AP")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(fams) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -50,6 +50,7 @@ def test_run_study_tiny(tmp_path):
     assert "split: dev" in sweep
     assert sum(line.startswith("| ") and "| **" in line for line in sweep.splitlines()) == 2
     assert (tmp_path / "ap_curves.png").stat().st_size > 0
+    assert (tmp_path / "dev_sweep.png").stat().st_size > 0
     assert (tmp_path / "data" / "test.json").exists()
     # Everything finished is reused by the next call: no training, no test evaluation.
     again = _study(tmp_path, ARGS)
