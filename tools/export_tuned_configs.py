@@ -22,6 +22,7 @@ REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
 
 import study_plan as plan  # noqa: E402
+from loss_balance import balance  # noqa: E402
 from runs import SCHEDULE_RELATIVE, rescale_schedule  # noqa: E402
 
 sys.path.insert(0, REPO)
@@ -145,19 +146,41 @@ def beyond_base(opts, config):
     return out
 
 
+def end_balance(results, name):
+    """Mean over a method's runs of the distillation-to-detection loss ratio over the last tenth
+    of training (``tools/loss_balance.py``), or None when no run directory has a metrics.json.
+
+    A weight carries over to other data only as this ratio, so the table gives it beside the
+    setting."""
+    study_dir = os.path.dirname(os.path.abspath(results["_path"]))
+    vals = []
+    for r in results["methods"][name]["runs"]:
+        metrics = os.path.join(study_dir, r.get("out") or "", "metrics.json")
+        b = balance(metrics) if r.get("out") and os.path.exists(metrics) else None
+        if b and b["end"] is not None:
+            vals.append(b["end"])
+    return sum(vals) / len(vals) if vals else None
+
+
 def markdown(written, results):
     lines = [
-        "| method | config | settings (beyond the shipped config) | test AP |",
-        "|---|---|---|---|",
+        "| method | config | settings (beyond the shipped config) | kd / detection loss at the "
+        "end | test AP |",
+        "|---|---|---|---|---|",
     ]
     finals = {f.name: f for f in plan.finals()}
     for name, path, mean, opts in written:
         pairs = [f"`{k} {v}`" for k, v in beyond_base(opts, finals[name].config)]
         ap = "n/a" if mean is None else f"{mean:.1f}"
+        ratio = end_balance(results, name)
+        ratio = "n/a" if ratio is None else f"{ratio:.2f}"
         rel = os.path.relpath(path, REPO)
-        lines.append(
-            f"| {results['methods'][name]['label']} | `{rel}` | {' '.join(pairs)} | {ap} |"
-        )
+        lines.append(f"| {results['methods'][name]['label']} | `{rel}` | {' '.join(pairs)} | "
+                     f"{ratio} | {ap} |")  # fmt: skip
+    lines += ["", "kd / detection loss: the sum of the `loss_kd_*` terms over the sum of the other "
+              "losses in the last tenth of training, mean over the method's runs "
+              "(`python tools/loss_balance.py RUN_DIR` gives it for your run). A tuned weight "
+              "carries over to other data as this ratio, not as its number."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

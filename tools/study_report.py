@@ -228,7 +228,8 @@ def assemble(study, finals, families, preset, args):
             "label": f.label,
             "runs": [{"seed": s, "test": r.get("test"), "dev": r["dev"], "seconds": r["seconds"],
                       "curve": r["curve"], "opts": r.get("opts"),
-                      "reused_dev_trial": r.get("reused_dev_trial")}
+                      "reused_dev_trial": r.get("reused_dev_trial"),
+                      "out": os.path.relpath(r["out"], args.output) if r.get("out") else None}
                      for s, r in sorted(runs.items())],  # fmt: skip
         }
     res["expected_runs"] = len(finals) * len(args.seeds)
