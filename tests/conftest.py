@@ -1,10 +1,16 @@
-"""Shared fixtures: a tiny generated COCO dataset and a tiny-model config builder."""
+"""Shared fixtures: a tiny generated COCO dataset, a tiny-model config builder, and the images of
+the mixed-sample mapper tests."""
 
+import itertools
 import os
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from skimage import data as skdata
 
+from detectron2.structures import BoxMode
 from kd_det.utils.testing import save_random_detector, tiny_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,3 +129,108 @@ def write_coco_dataset(
     with open(json_file, "w") as f:
         json.dump(data, f)
     return json_file, os.path.join(root, "images")
+
+
+# -------------------------------------------------------------------------------------------------
+# Images for the mixed-sample mapper tests (tests/data/test_mix_*.py, helpers in
+# tests/data/mix_properties.py)
+# -------------------------------------------------------------------------------------------------
+#: Colours of the classes in ``colour_dicts``.
+MIX_PALETTE = np.array(
+    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]], np.uint8
+)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+
+
+def random_annos(rng, h, w, n, num_classes=5):
+    """Random XYWH boxes (some tiny, some at the border) and one crowd box that must be ignored."""
+    annos = []
+    for _ in range(n):
+        bw, bh = rng.uniform(1, w), rng.uniform(1, h)
+        x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        annos.append(
+            {
+                "bbox": [x, y, bw, bh],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": int(rng.integers(num_classes)),
+            }
+        )
+    if n:
+        annos.append(
+            {
+                "bbox": [0, 0, w / 2, h / 2],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": 0,
+                "iscrowd": 1,
+            }
+        )
+    return annos
+
+
+@pytest.fixture(scope="module")
+def photo_dicts(tmp_path_factory):
+    """skimage photos as JPEG (camera: grayscale JPEG) with random boxes; one image unlabeled."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    dicts = []
+    for i, name in enumerate(PHOTOS):
+        img = getattr(skdata, name)()
+        img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        path = str(root / f"{name}.jpg")
+        cv2.imwrite(path, img if img.ndim == 2 else img[:, :, ::-1])
+        h, w = img.shape[:2]
+        n = 0 if name == "coffee" else int(rng.integers(3, 9))
+        dicts.append(
+            {
+                "file_name": path,
+                "height": h,
+                "width": w,
+                "image_id": i,
+                "annotations": random_annos(rng, h, w, n),
+            }
+        )
+    return dicts
+
+
+@pytest.fixture(scope="module")
+def noise_dicts(tmp_path_factory):
+    """Random-noise PNGs of very different sizes and aspect ratios, including tiny ones."""
+    root = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(1)
+    dicts = []
+    for i, (h, w) in enumerate([(40, 60), (75, 33), (8, 11), (64, 64), (3, 5), (50, 120)]):
+        path = str(root / f"{i}.png")
+        cv2.imwrite(path, rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        annos = random_annos(rng, h, w, int(rng.integers(0, 6)))
+        dicts.append(
+            {"file_name": path, "height": h, "width": w, "image_id": i, "annotations": annos}
+        )
+    return dicts
+
+
+@pytest.fixture(scope="module")
+def colour_dicts(tmp_path_factory):
+    """Black PNGs with non-overlapping solid rectangles whose colour encodes their class."""
+    root = tmp_path_factory.mktemp("colour")
+    rng = np.random.default_rng(2)
+    dicts = []
+    for i, (h, w) in enumerate([(90, 120), (120, 80), (100, 100), (70, 150)]):
+        img = np.zeros((h, w, 3), np.uint8)
+        annos = []
+        for gx, gy in itertools.product(range(3), range(2)):
+            cw, ch = w // 3, h // 2
+            x0, y0 = gx * cw + int(rng.integers(1, 4)), gy * ch + int(rng.integers(1, 4))
+            x1, y1 = x0 + int(rng.integers(cw // 2, cw - 4)), y0 + int(
+                rng.integers(ch // 2, ch - 4)
+            )
+            c = int(rng.integers(len(MIX_PALETTE)))
+            img[y0:y1, x0:x1] = MIX_PALETTE[c]
+            annos.append(
+                {"bbox": [x0, y0, x1, y1], "bbox_mode": BoxMode.XYXY_ABS, "category_id": c}
+            )
+        path = str(root / f"{i}.png")
+        cv2.imwrite(path, img[:, :, ::-1])
+        dicts.append(
+            {"file_name": path, "height": h, "width": w, "image_id": i, "annotations": annos}
+        )
+    return dicts

@@ -320,7 +320,7 @@ class KDTrainer(DefaultTrainer):
         ``INPUT.MIX.CLEAN_TAIL`` of the last iterations are mapped without it."""
         mapper, plain, plain_from = DatasetMapper(cfg, True), None, None
         if cfg.INPUT.MIX.ENABLED:
-            from kd_det.data.mixed_sample_mapper import MixedSampleDatasetMapper
+            from kd_det.data.mix import MixedSampleDatasetMapper
 
             mapper, plain = MixedSampleDatasetMapper(cfg, True), mapper
             plain_from = clean_tail_start(cfg)

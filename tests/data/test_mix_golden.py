@@ -17,7 +17,7 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from kd_det.data.mixed_sample_mapper import MixedSampleDatasetMapper
+from kd_det.data.mix import MixedSampleDatasetMapper
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mix.json")
 CASES = {
