@@ -139,9 +139,12 @@ def main(argv=None):
         return schedule_opts(iters, preset["batch"], preset["image_size"]) + [
             "TEST.EVAL_PERIOD", str(period)]  # fmt: skip
 
-    def test(config, opts, out):
-        return report.evaluate_on_test(config, opts, out, "external_test", env=env,
-                                       finished_only=args.report_only)  # fmt: skip
+    def test(out):
+        # The run's own config sets the input size; DATASETS.COCO registers the data where it is
+        # now (data_opts[:2]), which leaves DATASETS.TEST to the test split.
+        return report.evaluate_on_test(out, "external_test", env=env,
+                                       finished_only=args.report_only,
+                                       opts=data_opts[:2])  # fmt: skip
 
     base = dict(data=data, num_classes=num_classes, preset=preset)
     t_out = os.path.join(args.output, "runs", "teacher")
@@ -153,7 +156,7 @@ def main(argv=None):
     results = {"data": data, "study": os.path.abspath(args.study), "methods_by_dev_AP": dev,
                "teacher": None, "methods": {}}  # fmt: skip
     if teacher is not None:
-        teacher["test"] = test(plan.TEACHER, data_opts, t_out)
+        teacher["test"] = test(t_out)
         results["teacher"] = teacher
     weights = os.path.join(t_out, "model_final.pth")
 
@@ -173,7 +176,7 @@ def main(argv=None):
                                  quiet=True, env=env, finished_only=args.report_only)  # fmt: skip
         if run is not None:
             run["dev"] = run.pop("bbox")
-            run["test"] = test(final.config, data_opts + opts, out)
+            run["test"] = test(out)
             run.update(seed=seed, opts=opts)
         return run
 

@@ -180,14 +180,15 @@ class Study:
         run["out"] = out
         return run
 
-    def test(self, run, config, opts):
-        """Evaluate a finished run on the test split (cached next to its weights)."""
+    def test(self, run):
+        """Evaluate a finished run on the test split with its own config (cached next to its
+        weights)."""
         if run is None:
             return None
-        run["test"] = report.evaluate_on_test(
-            config, list(opts) + self.data_opts, run["out"], DATA_NAMES["test"], env=self.env,
-            finished_only=self.args.report_only,
-        )  # fmt: skip
+        root = ["DATASETS.SYNTHETIC_ROOT", self.data_opts[1]]  # the data where it is now
+        run["test"] = report.evaluate_on_test(run["out"], DATA_NAMES["test"], env=self.env,
+                                              finished_only=self.args.report_only,
+                                              opts=root)  # fmt: skip
         return run
 
     # -- stages -------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ class Study:
                              False)  # fmt: skip
             if run is not None:
                 run["weights"] = os.path.join(out, "model_final.pth")
-                self.test(run, plan.TEACHER, self.data_opts)
+                self.test(run)
                 self.report("teacher", run)
             self.results["teacher"] = run
         finally:
@@ -302,7 +303,7 @@ class Study:
         if run is None:
             return None
         # --eval-only builds a distillation config's student without its teacher.
-        run = self.test(run, final.config, opts + self.args.opts)
+        run = self.test(run)
         if run is not None:
             run.update(seed=seed, opts=opts)
         return run

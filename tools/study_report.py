@@ -100,28 +100,47 @@ def invocations(output):
         return json.load(f)
 
 
-def evaluate_on_test(config, opts, out_dir, test_name, env=None, finished_only=False):
+def evaluate_on_test(out_dir, test_name, env=None, finished_only=False, opts=()):
     """COCO results of ``out_dir/model_final.pth`` on the test split, cached in ``out_dir/test``.
 
-    Recomputed when the weights are newer than the cached result. Returns None when
-    ``finished_only`` and nothing is cached.
+    The evaluation uses the run's own merged config (``out_dir/config.yaml``, written by detectron2
+    when training started) and changes only the test set, the weights and the output directory, so
+    the test split is evaluated exactly as the dev split was during training: same input size,
+    same detections per image. (Rebuilding the config from its file and the method's options
+    would drop the schedule's overrides, e.g. ``INPUT.MIN_SIZE_TEST``.) ``opts`` are added last
+    (e.g. a dataset registration). The cache is recomputed when the weights are newer, or when
+    the config or test set it was computed with changed. Returns None when ``finished_only`` and
+    nothing valid is cached.
     """
+    import hashlib
+
+    config = os.path.join(out_dir, "config.yaml")
     test_dir = os.path.join(out_dir, "test")
     path = os.path.join(test_dir, "eval_results.json")
+    key_path = os.path.join(test_dir, "eval_key.json")
     weights = os.path.join(out_dir, "model_final.pth")
-    if not (os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(weights)):
+    with open(config, "rb") as f:
+        key = {"config_sha1": hashlib.sha1(f.read()).hexdigest(), "test": test_name,
+               "opts": list(opts)}  # fmt: skip
+    cached = None
+    if os.path.exists(key_path):
+        with open(key_path) as f:
+            cached = json.load(f)
+    fresh = (os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(weights)
+             and cached == key)  # fmt: skip
+    if not fresh:
         if finished_only:
             return None
         os.makedirs(test_dir, exist_ok=True)
         cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
-               config, "--eval-only"] + list(opts) + [
-            "DATASETS.TEST", f"('{test_name}',)", "MODEL.WEIGHTS", weights,
-            "OUTPUT_DIR", test_dir,
-        ]  # fmt: skip
+               config, "--eval-only", "DATASETS.TEST", f"('{test_name}',)",
+               "MODEL.WEIGHTS", weights, "OUTPUT_DIR", test_dir] + list(opts)  # fmt: skip
         with open(os.path.join(test_dir, "stdout.txt"), "w") as log:
             proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"test evaluation failed; see {test_dir}/stdout.txt")
+        with open(key_path, "w") as f:
+            json.dump(key, f)
     with open(path) as f:
         return json.load(f)["bbox"]
 
@@ -270,7 +289,8 @@ def regime_checks(res):
     * teacher: its dev AP over the last quarter of its schedule (it should have stopped rising);
     * student alone: the change of its dev AP over the last quarter of training, per seed, against
       the seed-to-seed spread of its final dev AP (a plateau: change < spread);
-    * gap: teacher minus student-alone test AP (the study needs at least 8 AP).
+    * gap: teacher minus student-alone mean AP, the criterion on **dev** (the regime is a choice,
+      and choices are made on dev: at least 8 AP), and on test for information.
     """
     out = {}
     t = res.get("teacher") or {}
@@ -285,10 +305,11 @@ def regime_checks(res):
         out["student_plateau"] = all(
             abs(c) < out["student_dev_seed_std"] for c in out["student_last_quarter_change"]
         )
-    t_ap = (t.get("test") or {}).get("AP")
-    s_ap = summarize([(r["test"] or {}).get("AP") for r in runs])[0]
-    if t_ap is not None and s_ap is not None:
-        out["gap_test_AP"] = t_ap - s_ap
+    for split in ("dev", "test"):
+        t_ap = (t.get(split) or {}).get("AP")
+        s_ap = summarize([(r.get(split) or {}).get("AP") for r in runs])[0]
+        if t_ap is not None and s_ap is not None:
+            out[f"gap_{split}_AP"] = t_ap - s_ap
     return out
 
 
@@ -388,10 +409,15 @@ def results_markdown(res):
                 verdict = " (a plateau)" if checks["student_plateau"] else " (**not** a plateau)"
             lines.append(f"- student alone: dev AP changed by {ch} over the last quarter (per "
                          f"seed); seed spread of its final dev AP {fmt(sd)}{verdict};")  # fmt: skip
-        if checks.get("gap_test_AP") is not None:
-            ok = "meets" if checks["gap_test_AP"] >= 8 else "**misses**"
-            lines.append(f"- teacher-student gap on test: {checks['gap_test_AP']:.1f} AP ({ok} the "
-                         "8 AP the study needs).")  # fmt: skip
+        if checks.get("gap_dev_AP") is not None:
+            ok = "meets" if checks["gap_dev_AP"] >= 8 else "**misses**"
+            line = (
+                f"- teacher-student gap on dev: {checks['gap_dev_AP']:.1f} AP ({ok} the 8 AP "
+                "the study needs)"
+            )
+            if checks.get("gap_test_AP") is not None:
+                line += f"; on test: {checks['gap_test_AP']:.1f} AP"
+            lines.append(line + ".")
     if len(lines) > head:
         lines[head:head] = ["", 'Regime checks (README, "Method study"):']
     p = res["preset"]

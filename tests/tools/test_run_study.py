@@ -43,6 +43,15 @@ def test_run_study_tiny(tmp_path):
     assert ssim[0]["reused_dev_trial"] == "ssim/" + res["dev_sweep"]["ssim"]["pick"]
     assert ssim[1]["reused_dev_trial"] is None
     assert "AP" in res["teacher"]["test"] and res["teacher"]["curve"]
+    # Test is evaluated as dev was during training: the run's own input size, not its config
+    # file's (the base config's 192 px).
+    import yaml
+
+    size = res["preset"]["image_size"]
+    for run_dir in (tmp_path / "runs" / "teacher", tmp_path / "runs" / "final" / "ssim" / "seed1"):
+        test_cfg = yaml.safe_load((run_dir / "test" / "config.yaml").read_text())
+        assert test_cfg["INPUT"]["MIN_SIZE_TEST"] == size != 192
+        assert test_cfg["DATASETS"]["TEST"] == ["synthetic_study_test"]
     md = (tmp_path / "results.md").read_text()
     assert "Test split" in md and "teacher (Lite2-FPN)" in md and "+ SSIM hints (tuned)" in md
     assert "Partial" not in md
@@ -71,11 +80,15 @@ def test_run_study_tiny(tmp_path):
     tuned = res["methods"]["ssim"]["runs"][0]["opts"]
     for r in out["methods"]["ssim"]["runs"]:
         assert r["opts"][: len(tuned)] == tuned and "AP" in r["test"]  # settings unchanged
-    import yaml
 
     run_cfg = yaml.safe_load((gen / "runs" / "ssim" / "seed0" / "config.yaml").read_text())
     assert run_cfg["DATASETS"]["TRAIN"] == ["external_train"]  # trained on the new data
     assert run_cfg["DATASETS"]["TEST"] == ["external_val"]  # dev during training, not test
+    test_cfg = yaml.safe_load(
+        (gen / "runs" / "ssim" / "seed0" / "test" / "config.yaml").read_text()
+    )
+    assert test_cfg["DATASETS"]["TEST"] == ["external_test"]
+    assert test_cfg["INPUT"]["MIN_SIZE_TEST"] == run_cfg["INPUT"]["MIN_SIZE_TEST"] == size
     assert "Partial" not in (gen / "results.md").read_text()
 
 
@@ -108,18 +121,28 @@ def test_regime_checks_follow_their_definitions(monkeypatch):
     report = load_tool(REPO, "study_report.py")
     curve = lambda *aps: [[200 * (i + 1) - 1, a] for i, a in enumerate(aps)]  # noqa: E731
     student = [
-        {"dev": {"AP": d}, "test": {"AP": t}, "curve": curve(10, 20, 25, 30, c)}
+        {"dev": {"AP": d}, "test": {"AP": t}, "curve": curve(10, 20, 25, 30, c), "seconds": 60}
         for d, t, c in ((30.0, 29.0, 30.0), (31.0, 30.0, 31.0), (32.0, 31.0, 32.0))
     ]
-    res = {"teacher": {"curve": curve(20, 30, 35, 40, 40.5), "test": {"AP": 40.0}},
-           "methods": {"student": {"runs": student}}}  # fmt: skip
+    res = {"teacher": {"curve": curve(20, 30, 35, 40, 40.5), "test": {"AP": 40.0},
+                       "dev": {"AP": 40.5}, "seconds": 60},
+           "methods": {"student": {"label": "student alone", "runs": student}}}  # fmt: skip
     checks = report.regime_checks(res)
     # Last quarter of 1000 iterations: from the evaluation at iteration 800 to the end.
     assert checks["teacher_last_quarter_change"] == 40.5 - 40
     assert checks["student_last_quarter_change"] == [0.0, 1.0, 2.0]
     assert checks["student_dev_seed_std"] == 1.0
     assert checks["student_plateau"] is False  # a change of 1 and 2 AP is not below a std of 1
-    assert checks["gap_test_AP"] == 40.0 - 30.0
+    # The regime criterion is on dev (a choice); test is reported beside it.
+    assert checks["gap_dev_AP"] == 40.5 - 31.0 and checks["gap_test_AP"] == 40.0 - 30.0
+    res["preset"] = {"num_train": 4, "num_dev": 2, "num_test": 2, "image_size": 64, "iters": 10,
+                     "teacher_iters": 20, "batch": 2}  # fmt: skip
+    res.update(seeds=[0, 1, 2], jobs=1, finished_runs=3, expected_runs=3)
+    md = report.results_markdown(res)
+    assert (
+        "- teacher-student gap on dev: 9.5 AP (meets the 8 AP the study needs); on test: 10.0 AP."
+        in md
+    )
     diff = report.versus_student([{"test": {"AP": 33.0}}, {"test": {"AP": 35.0}}], student, "ssim")
     # Welch: mean 34 - 30 = 4; standard error sqrt(var 2 / 2 + var 1 / 3) = 1.15; 4 > 2 x 1.15.
     assert diff == "+4.0 +- 1.2 *"
