@@ -204,10 +204,10 @@ def markdown(res, expected, preset, seeds):
     s_ap = report.summarize([(r["test"] or {}).get("AP") for r in s_runs])[0]
     lines = [f"External data ({res['data']}), test split; the study's tuned settings unchanged; "
              f"mean +- std over seeds {seeds}.", "",
-             "| method | test AP | vs student alone | gap closed | dev AP | seeds |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| method | test AP | vs student alone | verdict | gap closed | dev AP | seeds |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     if t:
-        lines.append(f"| teacher (Lite2-FPN) | {report.fmt(t_ap)} | | | "
+        lines.append(f"| teacher (Lite2-FPN) | {report.fmt(t_ap)} | | | | "
                      f"{report.fmt(t['bbox']['AP'] if 'bbox' in t else None)} | 1 |")  # fmt: skip
     done = 0
     for name, m in res["methods"].items():
@@ -219,8 +219,12 @@ def markdown(res, expected, preset, seeds):
         if None not in (ap, t_ap, s_ap) and t_ap > s_ap and name != "student":
             gap = f"{(ap - s_ap) / (t_ap - s_ap):+.0%}"
         cell = "n/a" if ap is None else f"{ap:.1f} +- {sd:.1f}"
+        v = "" if name == "student" else report.verdicts.method_verdict(runs, s_runs)
         lines.append(f"| {m['label']} | {cell} | {report.versus_student(runs, s_runs, name)} | "
-                     f"{gap} | {report.fmt(dev)} | {len(runs)} |")  # fmt: skip
+                     f"{v} | {gap} | {report.fmt(dev)} | {len(runs)} |")  # fmt: skip
+    lines += ["", "vs student alone: difference of mean test AP +- its Welch standard error; "
+              "verdict: pays off / hurts beyond two standard errors, else no effect shown "
+              "(tools/study_verdicts.py)."]  # fmt: skip
     lines += ["", f"Students {preset['iters']} iterations, teacher {preset['teacher_iters']}, "
               f"batch {preset['batch']}, {preset['image_size']} px."]  # fmt: skip
     if done < expected:

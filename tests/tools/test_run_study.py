@@ -248,3 +248,30 @@ def test_online_finals_start_first_and_the_rest_keep_their_order(monkeypatch):
     assert online == ["online", "online_cutnmix"]
     assert order[: len(online)] == online
     assert order[len(online) :] == [f.name for f in finals if f.name not in online]
+
+
+def test_generalization_table_gives_each_method_a_verdict(monkeypatch):
+    from kd_det.utils.testing import load_tool
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    gen = load_tool(REPO, "run_generalization.py")
+    runs = lambda *aps: [{"test": {"AP": a}, "dev": {"AP": a}} for a in aps]  # noqa: E731
+    res = {
+        "data": "datasets/animal_scenes",
+        "teacher": {"test": {"AP": 50.0}, "bbox": {"AP": 49.0}},
+        "methods": {
+            "student": {"label": "student alone", "runs": runs(30.0, 32.0)},
+            # +10 +- sqrt(2/2 + 2/2) = 1.41: pays off; closes (41 - 31) / (50 - 31) = 53 %.
+            "pkd": {"label": "+ PKD hints (tuned)", "runs": runs(40.0, 42.0)},
+            # +1 +- 1.41: no effect shown.
+            "mse": {"label": "+ MSE hints (tuned)", "runs": runs(31.0, 33.0)},
+        },
+    }
+    preset = {"iters": 1000, "teacher_iters": 3000, "batch": 8, "image_size": 128}
+    md = gen.markdown(res, 6, preset, [0, 1])
+    assert (
+        "| + PKD hints (tuned) | 41.0 +- 1.4 | +10.0 +- 1.4 * | pays off | +53% | 41.0 | 2 |" in md
+    )
+    assert "| + MSE hints (tuned) | 32.0 +- 1.4 | +1.0 +- 1.4 | no effect shown |" in md
+    assert "| teacher (Lite2-FPN) | 50.0 | | | | 49.0 | 1 |" in md
+    assert "Partial" not in md
