@@ -8,22 +8,9 @@ Example::
 kd_det's method study runs on scenes from its own generator (``kd_det/data/synthetic_scene.py``).
 A result that holds only there could come from something that generator happens to do. This tool
 makes a second dataset whose every part comes from elsewhere, so the study can be repeated on it
-through ``DATASETS.COCO`` with no kd_det code in the data path:
-
-* **Scene layout and rendering**: ``mnist-detection`` 0.1.7 (PyPI, import name ``mnistdet``, by
-  Chenchao Zhao). Its ``generate_detection_image_with_annotation`` pastes grayscale objects onto a
-  smooth random colour background, each resized, slightly rotated, tinted with a random colour and
-  blended through a blurred mask, and returns the boxes ``[x0, y0, x1, y1]`` of the pasted pixels.
-* **Objects**: ``animal-shape-mnist`` 0.39 (PyPI, by Sina Mohammadi, MIT licence). Its wheel ships
-  10,000 silhouettes of 28 x 28 pixels, 1,000 for each of 10 animals (bear, bird, cat, cow, dog,
-  elephant, giraffe, horse, sheep, zebra), as two gzipped pickles. Only those data files are read:
-  the package's own loader imports TensorFlow and Keras, which download MNIST from the internet.
-
-Why this counts as an independent source: neither package shares code or authors with kd_det,
-and the scenes differ from kd_det's in every respect kd_det controls. The objects are natural
-silhouettes (legs, necks, stripes) rather than geometric shapes; the background is a smooth
-bicubic blow-up of 5 x 5 random colours rather than a texture; objects are soft-edged and pastel;
-placement follows the package's grid of top-left corners; and the boxes come from the package.
+through ``DATASETS.COCO`` with no kd_det code in the data path: the scenes come from the
+``mnist-detection`` generator and the objects from ``animal-shape-mnist``'s silhouettes
+(``tools/external_sources.py`` describes both and why they count as an independent source).
 
 What this tool adds, and why:
 
@@ -53,22 +40,22 @@ are not blurred further by JPEG. The packages are an optional extra: ``pip insta
 """
 
 import argparse
-import gzip
 import json
 import os
-import pickle
 import shutil
 import sys
 import warnings
 
-#: The packages (pip names), the versions this tool was written and checked against, and the
-#: import names.
-PACKAGES = {
-    "mnist-detection": ("0.1.7", "mnistdet"),
-    "animal-shape-mnist": ("0.39", "animal_shape_mnist"),
-}
-#: Label order of the animal-shape-mnist data files (checked against the pictures).
-CLASS_NAMES = tuple("bear bird cat cow dog elephant giraffe horse sheep zebra".split())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from external_sources import (  # noqa: E402
+    CLASS_NAMES,
+    PACKAGES,
+    MissingPackageError,
+    load_silhouettes,
+    package_versions,
+    require,
+)
+
 SPLITS = ("train", "val", "test")
 #: Share of each class's silhouettes reserved for train and val; test gets the rest.
 POOL_FRACTIONS = (0.70, 0.15)
@@ -81,91 +68,6 @@ MAX_TRIES = 50
 #: Bumped whenever the output for the same parameters changes.
 FORMAT_VERSION = 1
 DEFAULT_NAME = "animal_scenes"
-INSTALL_HINT = "pip install -e .[external]"
-
-
-class MissingPackageError(ImportError):
-    """A package of the ``external`` extra is not installed."""
-
-
-def _require(pip_name):
-    """Import a package of the ``external`` extra, or fail with the command that installs it."""
-    import importlib
-
-    version, module_name = PACKAGES[pip_name]
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as e:
-        raise MissingPackageError(
-            f"tools/make_external_coco.py needs the PyPI package {pip_name} ({version}), which is "
-            f"not installed ({e}). Install the optional extra from the repository root: "
-            f"{INSTALL_HINT}  (or: pip install {pip_name}=={version})"
-        ) from e
-
-
-def package_versions():
-    """``{pip name: installed version}`` of the packages the data comes from."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles NumPy arrays and nothing else.
-
-    The silhouettes ship as pickles, and a pickle can run any code while it loads. The files hold
-    one ``uint8`` array each, which needs only NumPy's array reconstruction; refusing every other
-    global keeps a changed file from doing more than failing to load.
-    """
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing {module}.{name} in a data file")
-        import numpy as np
-
-        if name == "_reconstruct":  # numpy 2 moved numpy.core to numpy._core
-            core = getattr(np, "_core", None) or np.core
-            return core.multiarray._reconstruct
-        return getattr(np, name)
-
-
-def load_silhouettes():
-    """The animal-shape-mnist silhouettes, read from the files inside the installed wheel.
-
-    Returns:
-        tuple(np.ndarray, np.ndarray): ``(N, 28, 28)`` uint8 images and ``(N,)`` labels 0..9.
-    """
-    import numpy as np
-
-    package = _require("animal-shape-mnist")
-    # The wheel has no __init__.py (it ships "_init_.py"), so it imports as a namespace package.
-    roots = [os.path.join(p, "data", "Animal Shape") for p in package.__path__]
-    root = next((r for r in roots if os.path.isdir(r)), None)
-    if root is None:
-        raise FileNotFoundError(f"animal-shape-mnist has no data folder (looked in {roots})")
-    arrays = []
-    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
-        with gzip.open(os.path.join(root, name), "rb") as f:
-            arrays.append(np.asarray(_ArrayUnpickler(f).load()))
-    images, labels = arrays
-    if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(labels):
-        raise ValueError(f"unexpected silhouette data: {images.shape} {images.dtype}")
-    if set(np.unique(labels).tolist()) != set(range(len(CLASS_NAMES))):
-        raise ValueError(f"unexpected labels {np.unique(labels)}; expected 0..9")
-    return images, labels.astype(np.int64)
 
 
 def split_pools(labels):
@@ -208,7 +110,7 @@ def simulator_config(image_size):
     keep a margin of 1/5 of the side on the right and bottom (objects there are cut by the image
     border), and the rotation, colours and blur stay the package's defaults.
     """
-    simulator = _require("mnist-detection").simulator
+    simulator = require("mnist-detection").simulator
     from omegaconf import OmegaConf
 
     min_size = max(8, image_size // 8)
@@ -278,7 +180,7 @@ def render_scene(objects, config, image_size, seed, split, index, max_covered, s
     import PIL.ImageFilter  # noqa: F401
     import PIL.ImageOps  # noqa: F401
 
-    generate = _require("mnist-detection").simulator.generate_detection_image_with_annotation
+    generate = require("mnist-detection").simulator.generate_detection_image_with_annotation
     state = np.random.get_state()
     entropy = [seed, SPLITS.index(split), index]
     np.random.seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
@@ -416,7 +318,7 @@ def generate(
     if min(num_train, num_val, num_test) < 1:
         raise ValueError("every split needs at least one image")
     for pip_name in PACKAGES:  # fail before touching the output directory
-        _require(pip_name)
+        require(pip_name)
     for pip_name, installed in package_versions().items():
         if installed != PACKAGES[pip_name][0]:
             warnings.warn(
