@@ -157,6 +157,9 @@ def export_student(cfg, weights, output_dir, member=None, config_file=None):
     check_cfg.MODEL.DEVICE = "cpu"
     if "EFFICIENTNET" in check_cfg.MODEL:
         check_cfg.MODEL.EFFICIENTNET.PRETRAINED = False
+    # The weights come from the checkpoint: saying so keeps the backbone builder from warning that
+    # FrozenBN without ImageNet weights normalizes nothing (it would, for a fresh model).
+    check_cfg.MODEL.WEIGHTS = weights
     missing, unexpected, shapes = _mismatches(build_model(check_cfg), state)
     if missing or unexpected or shapes:
         parts = []

@@ -10,6 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import GeneralizedRCNN, build_model
 
 from conftest import CONFIGS, tiny_overrides
+from kd_det.utils.testing import save_random_detector
 from kd_det.config import get_kd_cfg
 from kd_det.utils.export import (
     ExportError,
@@ -83,3 +84,17 @@ def test_member_state_dict_strips_the_members_prefix():
         member_state_dict(state, "ema0")
     with pytest.raises(ValueError, match="not a member"):
         member_state_dict(state, "student")
+
+
+def test_exporting_a_lite_student_does_not_warn_about_frozen_bn(tmp_path, kd_log):
+    """The export check builds the student without ImageNet weights; its weights are the
+    checkpoint's, so the "FrozenBN with random weights" warning would be false."""
+    lite0 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_lite0_FPN.yaml")
+    ckpt = save_random_detector(lite0, tmp_path, ["MODEL.FPN.OUT_CHANNELS", "32"], name="student")
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(lite0)
+    cfg.merge_from_list(ckpt["opts"])
+    kd_log.clear()
+    out = export_student(cfg, ckpt["path"], str(tmp_path / "export"))
+    assert os.path.exists(out["weights"])
+    assert not [r for r in kd_log if "FrozenBN" in r.getMessage()]
