@@ -146,41 +146,44 @@ def beyond_base(opts, config):
     return out
 
 
-def end_balance(results, name):
-    """Mean over a method's runs of the distillation-to-detection loss ratio over the last tenth
-    of training (``tools/loss_balance.py``), or None when no run directory has a metrics.json.
+def loss_ratios(results, name):
+    """``(start, end)``: the distillation-to-detection loss ratio over the first and the last
+    tenth of training (``tools/loss_balance.py``), each the mean over a method's runs, or None
+    where no run directory has a metrics.json.
 
     A weight carries over to other data only as this ratio, so the table gives it beside the
-    setting."""
+    setting; the start value is the one a user can compare after a few hundred iterations."""
     study_dir = os.path.dirname(os.path.abspath(results["_path"]))
-    vals = []
+    found = {"start": [], "end": []}
     for r in results["methods"][name]["runs"]:
         metrics = os.path.join(study_dir, r.get("out") or "", "metrics.json")
         b = balance(metrics) if r.get("out") and os.path.exists(metrics) else None
-        if b and b["end"] is not None:
-            vals.append(b["end"])
-    return sum(vals) / len(vals) if vals else None
+        for k in found:
+            if b and b[k] is not None:
+                found[k].append(b[k])
+    return tuple(sum(v) / len(v) if v else None for v in found.values())
 
 
 def markdown(written, results):
     lines = [
-        "| method | config | settings (beyond the shipped config) | kd / detection loss at the "
-        "end | test AP |",
+        "| method | config | settings (beyond the shipped config) | kd / detection loss, first / "
+        "last tenth | test AP |",
         "|---|---|---|---|---|",
     ]
     finals = {f.name: f for f in plan.finals()}
     for name, path, mean, opts in written:
         pairs = [f"`{k} {v}`" for k, v in beyond_base(opts, finals[name].config)]
         ap = "n/a" if mean is None else f"{mean:.1f}"
-        ratio = end_balance(results, name)
-        ratio = "n/a" if ratio is None else f"{ratio:.2f}"
+        ratio = " / ".join("n/a" if v is None else f"{v:.2f}" for v in loss_ratios(results, name))
         rel = os.path.relpath(path, REPO)
         lines.append(f"| {results['methods'][name]['label']} | `{rel}` | {' '.join(pairs)} | "
                      f"{ratio} | {ap} |")  # fmt: skip
     lines += ["", "kd / detection loss: the sum of the `loss_kd_*` terms over the sum of the other "
-              "losses in the last tenth of training, mean over the method's runs "
+              "losses in the first and the last tenth of training, mean over the method's runs "
               "(`python tools/loss_balance.py RUN_DIR` gives it for your run). A tuned weight "
-              "carries over to other data as this ratio, not as its number."]  # fmt: skip
+              "carries over to other data as this ratio, not as its number: after a few hundred "
+              "iterations, scale your weight until your first-tenth ratio is near this "
+              "one."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -33,12 +33,14 @@ def test_tuned_configs_load_and_set_the_picks(tmp_path):
         "online": _run("online", ONLINE_OPTS, [29.0]),
         "student": _run("student alone", [], [27.0]),
     }}  # fmt: skip
-    # The SSIM runs' metrics: distillation terms 2.0 against detection losses 1.0 (ratio 2).
+    # The SSIM runs' metrics: 10 rows, detection losses 1.0, distillation terms 1.0 over the
+    # first half and 3.0 over the second: ratio 1 in the first tenth, 3 in the last.
     for r, out in zip(results["methods"]["ssim"]["runs"], ("runs/a", "runs/b")):
         r["out"] = out
         (tmp_path / out).mkdir(parents=True)
-        row = {"iteration": 9, "loss_cls": 0.6, "loss_box_reg": 0.4, "loss_kd_fpn_p2": 2.0}
-        (tmp_path / out / "metrics.json").write_text(json.dumps(row) + "\n")
+        rows = [{"iteration": i, "loss_cls": 0.6, "loss_box_reg": 0.4,
+                 "loss_kd_fpn_p2": 1.0 if i < 5 else 3.0} for i in range(10)]  # fmt: skip
+        (tmp_path / out / "metrics.json").write_text("\n".join(map(json.dumps, rows)) + "\n")
     study = tmp_path / "results.json"
     study.write_text(json.dumps(results))
     out = tmp_path / "tuned"
@@ -62,8 +64,8 @@ def test_tuned_configs_load_and_set_the_picks(tmp_path):
     assert cfg.SOLVER.MAX_ITER == 300 and cfg.MODEL.ONLINE_KD.EMA_WARMUP == 150
     assert "scaled to this config's SOLVER.MAX_ITER (300)" in (out / "online.yaml").read_text()
     table = (out / "README.md").read_text()
-    assert "| + SSIM hints (tuned) | `" in table and "| 2.00 | 31.0 |" in table
-    assert "| n/a | 28.0 |" in table  # mixing: no run directory to read a ratio from
+    assert "| + SSIM hints (tuned) | `" in table and "| 1.00 / 3.00 | 31.0 |" in table
+    assert "| n/a / n/a | 28.0 |" in table  # mixing: no run directory to read a ratio from
     assert "`MODEL.KD.SSIM.WINDOW_SIZE 7`" in table
     # Ranked by mean dev AP (33, 30, 29), the student alone excluded.
     ranked = json.loads((out / "ranking.json").read_text())
