@@ -189,36 +189,3 @@ def markdown_table(rows, metrics=METRICS, extra_cols=()):
         cells = [fmt(bbox.get(m)) for m in metrics] + [extra.get(c, "") for c in extra_cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def evaluate_members(config, opts, out_dir, quiet=True, env=None):
-    """Evaluate every member (peers, EMA teachers) of a finished online-distillation run.
-
-    Runs ``tools/train_net.py --eval-all-peers`` on ``out_dir/model_final.pth`` (peers' own init
-    weights are not loaded: the checkpoint holds everything) and caches the result in
-    ``out_dir/members/members_results.json`` (recomputed when the checkpoint is newer).
-
-    Returns:
-        dict: member name -> COCO results (``{"bbox": {...}}``).
-    """
-    members_dir = os.path.join(out_dir, "members")
-    path = os.path.join(members_dir, "members_results.json")
-    weights = os.path.join(out_dir, "model_final.pth")
-    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(weights):
-        os.makedirs(members_dir, exist_ok=True)
-        cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
-               "--eval-all-peers"] + list(opts) + [
-            "MODEL.WEIGHTS", weights,
-            "MODEL.ONLINE_KD.LOAD_PEER_WEIGHTS", "False",
-            "OUTPUT_DIR", members_dir,
-        ]  # fmt: skip
-        out = open(os.path.join(members_dir, "stdout.txt"), "w") if quiet else None
-        proc = subprocess.run(
-            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if quiet else None, env=env
-        )
-        if out:
-            out.close()
-        if proc.returncode != 0:
-            raise RuntimeError(f"member evaluation failed; see {members_dir}/log.txt")
-    with open(path) as f:
-        return json.load(f)
