@@ -217,7 +217,7 @@ def best_feature(picks: Dict[str, Trial], dev_ap: Dict[str, float]) -> Trial:
 
 
 def longest_first(finals):
-    """``finals`` in the order to start them: online runs (two peers, about 2.3x the time of a
+    """``finals`` in the order to start them: online runs (two peers, about 3x the time of a
     student run) first, the rest in their listed order.
 
     With two workers the study ends on whatever started last; a long run started last leaves one
