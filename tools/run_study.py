@@ -208,26 +208,25 @@ class Study:
             self.event("teacher").set()
 
     def picks(self, families):
-        """Wait for the sweeps of ``families`` and return ``{family: picked Trial}``."""
-        out = {}
-        for fam in families:
-            if fam == plan.FEATURE:
-                fams = [f for f in plan.FEATURE_FAMILIES if f in self.trial_families]
-                for f in fams:
-                    self.event(f"pick:{f}").wait()
-                chosen = {f: self.results["dev"][f]["pick_trial"] for f in fams
-                          if self.results["dev"].get(f, {}).get("pick_trial")}  # fmt: skip
-                if not chosen:
-                    return None
-                dev_ap = {t.key: self.results["dev"][t.family]["pick_ap"] for t in chosen.values()}
-                out[plan.FEATURE] = plan.best_feature(chosen, dev_ap)
-            else:
-                self.event(f"pick:{fam}").wait()
-                trial = self.results["dev"].get(fam, {}).get("pick_trial")
-                if trial is None:
-                    return None
-                out[fam] = trial
-        return out
+        """Wait for the sweeps of ``families`` and return ``{family: picked Trial}``, including
+        the picks that those picks' own options name (the multi-level pick may be "with the best
+        feature loss", ``@pick:feature``), so :func:`study_plan.expand` can resolve every one."""
+        return plan.resolve_picks(families, self._pick)
+
+    def _pick(self, fam):
+        """The picked trial of one family (or of the best feature loss), None if there is none."""
+        if fam == plan.FEATURE:
+            fams = [f for f in plan.FEATURE_FAMILIES if f in self.trial_families]
+            for f in fams:
+                self.event(f"pick:{f}").wait()
+            chosen = {f: self.results["dev"][f]["pick_trial"] for f in fams
+                      if self.results["dev"].get(f, {}).get("pick_trial")}  # fmt: skip
+            if not chosen:
+                return None
+            dev_ap = {t.key: self.results["dev"][t.family]["pick_ap"] for t in chosen.values()}
+            return plan.best_feature(chosen, dev_ap)
+        self.event(f"pick:{fam}").wait()
+        return self.results["dev"].get(fam, {}).get("pick_trial")
 
     def run_trial(self, trial):
         try:

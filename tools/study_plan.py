@@ -18,7 +18,7 @@ Trial options may name other families' picks: ``@pick:<family>`` expands to that
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYN = os.path.join(REPO, "configs", "Synthetic")
@@ -196,6 +196,28 @@ def finals() -> List[Final]:
               + _o("MODEL.ONLINE_KD.EMA_LOGIT_WEIGHT", 1.0, "MODEL.ONLINE_KD.EMA_FEATURE_WEIGHTS",
                    "[1.0]"), False),
     ]  # fmt: skip
+    return out
+
+
+def resolve_picks(families, pick_of) -> Optional[Dict[str, Trial]]:
+    """``{family: picked Trial}`` for ``families`` and, transitively, for every family a picked
+    trial's options name (``@pick:...``), or None when a pick is missing.
+
+    ``pick_of(family)`` returns the family's picked trial (or None). A final built from the
+    multi-level pick needs the feature pick too when that pick is "multi-level with the best
+    feature loss": :func:`expand` replaces both.
+    """
+    out: Dict[str, Trial] = {}
+    todo = list(families)
+    while todo:
+        fam = todo.pop(0)
+        if fam in out:
+            continue
+        trial = pick_of(fam)
+        if trial is None:
+            return None
+        out[fam] = trial
+        todo += [n for n in trial.needs() if n not in out]
     return out
 
 

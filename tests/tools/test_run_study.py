@@ -275,3 +275,21 @@ def test_generalization_table_gives_each_method_a_verdict(monkeypatch):
     assert "| + MSE hints (tuned) | 32.0 +- 1.4 | +1.0 +- 1.4 | no effect shown |" in md
     assert "| teacher (Lite2-FPN) | 50.0 | | | | 49.0 | 1 |" in md
     assert "Partial" not in md
+
+
+def test_picks_resolve_the_picks_a_pick_names(monkeypatch):
+    """The multi-level pick "with the best feature loss" names @pick:feature: a final built from
+    it needs both picks to expand (the study stopped on a KeyError without this)."""
+    from kd_det.utils.testing import load_tool
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    plan = load_tool(REPO, "study_plan.py")
+    pkd = plan.Trial("pkd", "w12.0", plan.KD, ("MODEL.KD.FEATURE.LOSS", "pkd"), True)
+    best = plan.Trial("multilevel", "best_feature", plan.MULTILEVEL, ("@pick:feature",), True)
+    chosen = {"multilevel": best, "feature": pkd}
+    asked = []
+    picks = plan.resolve_picks(["multilevel"], lambda f: asked.append(f) or chosen[f])
+    assert picks == chosen and asked == ["multilevel", "feature"]
+    final = next(f for f in plan.finals() if f.name == "multilevel")
+    assert plan.expand(final.opts, picks) == ["MODEL.KD.FEATURE.LOSS", "pkd"]
+    assert plan.resolve_picks(["multilevel"], {"multilevel": best}.get) is None  # no feature pick
