@@ -53,9 +53,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--methods",
-        nargs="+",
+        nargs="*",
         default=None,
-        help="methods to run beside the student (default: the study's two best by mean dev AP)",
+        help="methods to run beside the student (default: the study's two best by mean dev AP); "
+        "given with no names, only the teacher and the student alone are trained, which need no "
+        "finished study method and so can start while the study still runs",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--jobs", type=int, default=1)
@@ -115,6 +117,14 @@ def best_methods(study, k=2):
     return sorted(dev, key=lambda n: -dev[n])[:k], dev
 
 
+def chosen_methods(names, study):
+    """``(methods, dev AP by method)``: the study's two best when ``names`` is None, else ``names``
+    without repeats and without the student, which always runs (an empty list trains only the
+    teacher and the student alone)."""
+    methods, dev = best_methods(study) if names is None else (names, {})
+    return [m for m in dict.fromkeys(methods) if m != "student"], dev
+
+
 def main(argv=None):
     from runs import schedule_opts, train_and_evaluate
 
@@ -124,7 +134,7 @@ def main(argv=None):
     data_opts, num_classes = dataset_opts(data)
     with open(args.study) as f:
         study = json.load(f)
-    methods, dev = (args.methods, {}) if args.methods else best_methods(study)
+    methods, dev = chosen_methods(args.methods, study)
     finals = {f.name: f for f in plan.finals()}
     unknown = [m for m in methods if m not in finals or not study["methods"].get(m, {}).get("runs")]
     if unknown:

@@ -101,6 +101,11 @@ def test_generalization_takes_the_two_best_methods_by_dev_ap():
                          "mix": runs(10.0, 40.0)}}  # fmt: skip
     best, dev = gen.best_methods(study)
     assert best == ["mse", "mix"] and dev["ssim"] == 21.0
+    assert gen.chosen_methods(None, study)[0] == ["mse", "mix"]
+    # Named methods run as given, once each; the student always runs, so it is not repeated.
+    assert gen.chosen_methods(["ssim", "student", "ssim"], study) == (["ssim"], {})
+    # No names: only the teacher and the student, which can start before the study has finished.
+    assert gen.chosen_methods([], study) == ([], {})
 
 
 def test_run_study_report_only_trains_nothing(tmp_path):
