@@ -50,6 +50,7 @@ PAGES = [
     "export_and_deploy.md",
     "multi_gpu.md",
     "troubleshooting.md",
+    "method_study.md",
 ]
 COMMAND_LANGS = ("bash", "sh", "shell")
 FENCE_RE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
