@@ -178,9 +178,10 @@ def markdown(written, results):
         rel = os.path.relpath(path, REPO)
         lines.append(f"| {results['methods'][name]['label']} | `{rel}` | {' '.join(pairs)} | "
                      f"{ratio} | {ap} |")  # fmt: skip
-    lines += ["", "kd / detection loss: the sum of the `loss_kd_*` terms over the sum of the other "
-              "losses in the first and the last tenth of training, mean over the method's runs "
-              "(`python tools/loss_balance.py RUN_DIR` gives it for your run). A tuned weight "
+    lines += ["", "kd / detection loss: the sum of the `loss_kd_*` terms over the sum of the "
+              "detection losses in the first and the last tenth of training, mean over the "
+              "method's runs (`python tools/loss_balance.py RUN_DIR` gives it for your run; the "
+              "meta-weight network's `loss_hint_meta` counts as neither). A tuned weight "
               "carries over to other data as this ratio, not as its number: after a few hundred "
               "iterations, scale your weight until your first-tenth ratio is near this "
               "one."]  # fmt: skip

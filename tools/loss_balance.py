@@ -7,7 +7,9 @@ another. The method study tuned each weight on its own data, so what carries ove
 *balance* the tuned weight produced, not the number. This tool reads detectron2's ``metrics.json``
 of one or more runs and prints, for the start, middle and end of training, the ratio
 
-    (sum of the ``loss_kd_*`` terms) / (sum of every other ``loss_*`` term)
+    (sum of the ``loss_kd_*`` terms) / (sum of the detection ``loss_*`` terms)
+
+(the meta-weight network's ``loss_hint_meta`` counts as neither: it trains no detector)
 
 plus the largest distillation term at the end. Compare your run's ratio after the first few
 dozen iterations with the study's tuned runs and scale your weight until they are close.
@@ -56,16 +58,40 @@ def loss_rows(metrics_json):
     return sorted(by_iter.items())
 
 
+#: Logged losses that train a side network only, not the detector: hint-dynamic weighting's
+#: meta-weight objective. They count as neither distillation nor detection.
+AUXILIARY = ("loss_hint_meta",)
+
+
+def detection_terms(losses):
+    """``{name: value}`` of a row's detection losses: neither ``loss_kd_*`` nor auxiliary."""
+    return {k: v for k, v in losses.items() if not k.startswith("loss_kd_") and k not in AUXILIARY}
+
+
 def ratio(losses):
     """Distillation terms over detection terms for one row (None without detection terms)."""
     kd = sum(v for k, v in losses.items() if k.startswith("loss_kd_"))
-    det = sum(v for k, v in losses.items() if not k.startswith("loss_kd_"))
+    det = sum(detection_terms(losses).values())
     return kd / det if det > 0 else None
+
+
+def member_detection_loss(losses):
+    """The detection losses (no ``loss_kd_*`` or auxiliary term) of the model a run reports,
+    summed: an online run logs every peer's (``loss_peer<i>_*``), and peer 0 is the one it
+    evaluates by default, so its sum compares with a single detector's."""
+    det = detection_terms(losses)
+    if any(k.startswith("loss_peer") for k in det):
+        det = {k: v for k, v in det.items() if k.startswith("loss_peer0_")}
+    return sum(det.values())
 
 
 def balance(metrics_json, window=0.1):
     """``{"start", "middle", "end": mean ratio, "largest": (term, mean value at the end),
-    "iterations": last iteration}`` of one run, or None when it logged no training row."""
+    "detection_end": mean detection loss of the reported model at the end,
+    "iterations": last iteration}`` of one run, or None when it logged no training row.
+
+    ``detection_end`` tells underfitting from overfitting: a method whose students end with a
+    higher detection loss than the student alone's fits the training data less well."""
     rows = loss_rows(metrics_json)
     if not rows:
         return None
@@ -77,6 +103,7 @@ def balance(metrics_json, window=0.1):
     for name, part in windows.items():
         vals = [r for r in (ratio(losses) for _, losses in part) if r is not None]
         out[name] = statistics.mean(vals) if vals else None
+    out["detection_end"] = statistics.mean(member_detection_loss(v) for _, v in windows["end"])
     kd_terms = {k for _, losses in windows["end"] for k in losses if k.startswith("loss_kd_")}
     means = {k: statistics.mean(losses.get(k, 0.0) for _, losses in windows["end"])
              for k in kd_terms}  # fmt: skip

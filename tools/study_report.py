@@ -9,6 +9,7 @@ import time
 
 import study_plots as plots  # noqa: E402
 import study_verdicts as verdicts  # noqa: E402
+from loss_balance import balance  # noqa: E402
 from runs import fmt  # noqa: E402  (tools/ is on sys.path: this module is run_study's)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,6 +219,14 @@ def summarize(values):
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def detection_loss_end(out_dir):
+    """Mean training detection loss of a run's reported model over its last tenth of training
+    (``tools/loss_balance.py``), or None without a ``metrics.json``."""
+    metrics = os.path.join(out_dir or "", "metrics.json")
+    b = balance(metrics) if out_dir and os.path.exists(metrics) else None
+    return None if b is None else b["detection_end"]
+
+
 def assemble(study, finals, families, preset, args):
     """The study's results as one JSON-able dict (every AP labelled with its split)."""
     res = {"preset": preset, "seeds": args.seeds, "jobs": args.jobs,
@@ -249,6 +258,7 @@ def assemble(study, finals, families, preset, args):
             "runs": [{"seed": s, "test": r.get("test"), "dev": r["dev"], "seconds": r["seconds"],
                       "curve": r["curve"], "opts": r.get("opts"),
                       "reused_dev_trial": r.get("reused_dev_trial"),
+                      "train_detection_loss_end": detection_loss_end(r.get("out")),
                       "out": os.path.relpath(r["out"], args.output) if r.get("out") else None}
                      for s, r in sorted(runs.items())],  # fmt: skip
         }
@@ -361,11 +371,12 @@ def results_markdown(res):
     s_ap = summarize([(r["test"] or {}).get("AP") for r in s_runs])[0]
     lines = ["Test split (never used for a choice); mean +- std over seeds.", "",
              "| method | test AP | vs student alone | verdict | test AP50 | gap closed | dev AP "
-             "| seeds | min / run |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| seeds | min / run | train det. loss, end |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     if t:
         t_ap50 = (t.get("test") or {}).get("AP50")
         lines.append(f"| teacher (Lite2-FPN) | {fmt(t_ap)} | | | {fmt(t_ap50)} | | "
-                     f"{fmt(t['dev']['AP'])} | 1 | {t['seconds'] / 60:.0f} |")  # fmt: skip
+                     f"{fmt(t['dev']['AP'])} | 1 | {t['seconds'] / 60:.0f} | |")  # fmt: skip
     for name, m in res["methods"].items():
         runs = m["runs"]
         ap, sd = summarize([(r["test"] or {}).get("AP") for r in runs])
@@ -375,14 +386,19 @@ def results_markdown(res):
         if None not in (ap, t_ap, s_ap) and t_ap > s_ap and name != "student":
             gap = f"{(ap - s_ap) / (t_ap - s_ap):+.0%}"
         minutes = summarize([r["seconds"] / 60 for r in runs])[0]
+        det_loss = summarize([r.get("train_detection_loss_end") for r in runs])[0]
         cell = lambda a, s: "n/a" if a is None else f"{a:.1f} +- {s:.1f}"  # noqa: E731
         v = "" if name == "student" else verdicts.method_verdict(runs, s_runs)
         lines.append(f"| {m['label']} | {cell(ap, sd)} | {versus_student(runs, s_runs, name)} | "
                      f"{v} | {cell(ap50, sd50)} | {gap} | "
-                     f"{fmt(dev)} | {len(runs)} | {fmt(minutes, 0)} |")  # fmt: skip
+                     f"{fmt(dev)} | {len(runs)} | {fmt(minutes, 0)} | "
+                     f"{fmt(det_loss, 2)} |")  # fmt: skip
     lines += ["", "vs student alone: difference of mean test AP +- its standard error; * = more "
               "than two standard errors. Verdict: pays off / hurts beyond two standard errors, "
-              "else no effect shown."]  # fmt: skip
+              "else no effect shown. Train det. loss, end: the reported model's detection losses "
+              "(no distillation term; peer 0 of an online pair) over the last tenth of training, "
+              "mean over seeds: above the student alone's, a method fits the training data less "
+              "well (underfits); below it, better."]  # fmt: skip
     found = verdicts.answers(res)
     if found:
         lines += ["", "The study's questions (test split):"] + found

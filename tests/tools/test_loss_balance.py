@@ -36,6 +36,22 @@ def test_ratios_per_window_match_a_hand_computation(tmp_path):
     assert b["end"] == pytest.approx(7.0)
     term, value = b["largest"]
     assert term == "loss_kd_fpn_p3" and value == pytest.approx((3 * 8 / 4 + 3 * 12 / 4) / 2)
+    assert b["detection_end"] == pytest.approx((1.0 + 2.0) / 2)  # kd terms left out
+
+
+def test_detection_loss_of_an_online_run_is_peer0s(tmp_path):
+    tool = load_tool(REPO, "loss_balance.py")
+    row = {"iteration": 9, "loss_peer0_cls": 0.5, "loss_peer0_box_reg": 0.25, "loss_peer1_cls": 4.0,
+           "loss_kd_peer0_fpn_p2_from_peer1": 9.0}  # fmt: skip
+    assert tool.member_detection_loss(row) == pytest.approx(0.75)
+    # The meta-weight network's objective trains no detector: neither kd nor detection.
+    dyn = {"loss_cls": 0.5, "loss_hint_meta": 3.0, "loss_kd_fpn_p2": 1.0}
+    assert tool.member_detection_loss(dyn) == pytest.approx(0.5)
+    assert tool.ratio(dyn) == pytest.approx(2.0)
+    _write(tmp_path / "o", [row])
+    assert tool.balance(str(tmp_path / "o" / "metrics.json"))["detection_end"] == pytest.approx(
+        0.75
+    )
 
 
 def test_a_run_without_distillation_has_ratio_zero(tmp_path):

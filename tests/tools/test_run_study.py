@@ -38,6 +38,7 @@ def test_run_study_tiny(tmp_path):
     for m in res["methods"].values():
         assert [r["seed"] for r in m["runs"]] == [0, 1]
         assert all("AP" in r["test"] and "AP" in r["dev"] for r in m["runs"])
+        assert all(r["train_detection_loss_end"] > 0 for r in m["runs"])  # from metrics.json
     # Seed 0 of a tuned method is its dev pick, evaluated on test afterwards; seed 1 is new.
     ssim = res["methods"]["ssim"]["runs"]
     assert ssim[0]["reused_dev_trial"] == "ssim/" + res["dev_sweep"]["ssim"]["pick"]
@@ -54,7 +55,7 @@ def test_run_study_tiny(tmp_path):
         assert test_cfg["DATASETS"]["TEST"] == ["synthetic_study_test"]
     md = (tmp_path / "results.md").read_text()
     assert "Test split" in md and "teacher (Lite2-FPN)" in md and "+ SSIM hints (tuned)" in md
-    assert "Partial" not in md
+    assert "Partial" not in md and "train det. loss, end" in md
     sweep = (tmp_path / "dev_sweep.md").read_text()
     assert "split: dev" in sweep
     assert sum(line.startswith("| ") and "| **" in line for line in sweep.splitlines()) == 2
