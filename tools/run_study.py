@@ -353,8 +353,8 @@ def main(argv=None):
                                                    for fam, ts in families.items()])  # fmt: skip
         closers.start()
         final_jobs.update({(f.name, s): pool.submit(study.run_final, f, s)
-                           for f in plan.longest_first(finals)
-                           if f.name != "student" for s in args.seeds})  # fmt: skip
+                           for f, s in plan.start_order(finals, args.seeds)
+                           if f.name != "student"})  # fmt: skip
         for j in jobs + trial_jobs:
             j.result()
         closers.join()

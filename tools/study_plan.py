@@ -238,12 +238,20 @@ def best_feature(picks: Dict[str, Trial], dev_ap: Dict[str, float]) -> Trial:
     return max(cands, key=lambda tr: (dev_ap[tr.key], -FEATURE_FAMILIES.index(tr.family)))
 
 
-def longest_first(finals):
-    """``finals`` in the order to start them: online runs (two peers, about 3x the time of a
-    student run) first, the rest in their listed order.
+def start_order(finals, seeds):
+    """``[(final, seed)]`` in the order to start them.
 
-    With two workers the study ends on whatever started last; a long run started last leaves one
-    core idle for most of it, while short runs at the end keep both busy. Finals depend only on
-    dev picks, never on each other, so any order keeps the submission topological.
+    1. Seed 0 of each method that no dev trial stands for (e.g. the best hints with mixing): its
+       dev AP completes the ranking by dev AP, which chooses ``make demo``'s method and the
+       generalization's methods, so those can start before the study ends.
+    2. Online runs (two peers, about 3x the time of a student run): with two workers the study
+       ends on whatever started last, and a long run started last leaves one core idle for most
+       of it, while short runs at the end keep both busy.
+    3. The rest in their listed order.
+
+    Finals depend only on dev picks, never on each other, so any order keeps the submission
+    topological.
     """
-    return sorted(finals, key=lambda f: f.config != ONLINE)
+    pairs = [(f, s) for f in finals for s in seeds]
+    completes_ranking = lambda f, s: s == seeds[0] and not f.reuses and f.name != "student"  # noqa
+    return sorted(pairs, key=lambda p: (not completes_ranking(*p), p[0].config != ONLINE))

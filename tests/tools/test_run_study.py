@@ -243,17 +243,35 @@ def test_selection_check_separates_the_dev_pick_from_fresh_seeds(monkeypatch):
     assert v.selection_check({"methods": {"student": res["methods"]["student"]}}) == []
 
 
-def test_online_finals_start_first_and_the_rest_keep_their_order(monkeypatch):
+def test_start_order_completes_the_dev_ranking_then_starts_online_runs(monkeypatch):
     from kd_det.utils.testing import load_tool
 
     monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
     plan = load_tool(REPO, "study_plan.py")
     finals = plan.finals()
-    order = [f.name for f in plan.longest_first(finals)]
-    online = [f.name for f in finals if f.config == plan.ONLINE]
-    assert online == ["online", "online_cutnmix"]
-    assert order[: len(online)] == online
-    assert order[len(online) :] == [f.name for f in finals if f.name not in online]
+    order = [(f.name, s) for f, s in plan.start_order(finals, [0, 1, 2])]
+    assert sorted(order) == sorted((f.name, s) for f in finals for s in [0, 1, 2])
+    # Methods without a dev trial: their seed 0 gives the dev AP the ranking still lacks.
+    untried = [f.name for f in finals if not f.reuses and f.name != "student"]
+    assert untried == ["mix_kd", "online_cutnmix"]
+    assert order[:2] == [("online_cutnmix", 0), ("mix_kd", 0)]  # the longer first
+    # Then the remaining online runs (the longest), then the rest in listed order and by seed.
+    online = [p for p in order[2:] if p[0] in ("online", "online_cutnmix")]
+    assert (
+        order[2 : 2 + len(online)]
+        == online
+        == [
+            ("online", 0),
+            ("online", 1),
+            ("online", 2),
+            ("online_cutnmix", 1),
+            ("online_cutnmix", 2),
+        ]
+    )
+    rest = order[2 + len(online) :]
+    listed = [f.name for f in finals]
+    assert rest == sorted(rest, key=lambda p: (listed.index(p[0]), p[1]))
+    assert ("student", 0) in rest and ("mix_kd", 1) in rest
 
 
 def test_generalization_table_gives_each_method_a_verdict(monkeypatch):
