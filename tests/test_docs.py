@@ -51,6 +51,7 @@ PAGES = [
     "multi_gpu.md",
     "troubleshooting.md",
     "method_study.md",
+    "tuned_settings.md",
 ]
 COMMAND_LANGS = ("bash", "sh", "shell")
 FENCE_RE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")

@@ -199,6 +199,10 @@ def main(argv=None):
     with open(os.path.join(args.output, "ranking.json"), "w") as f:
         json.dump(ranking(results), f, indent=2)
     md = markdown(written, results)
+    done, expected = results.get("finished_runs"), results.get("expected_runs")
+    if done is not None and expected and done < expected:
+        md += (f"\n**Partial**: {done} of the study's {expected} final runs had finished; test AP "
+               "is the mean over a method's finished seeds, n/a before the first.\n")  # fmt: skip
     with open(os.path.join(args.output, "README.md"), "w") as f:
         f.write("# Tuned settings from the method study\n\n" + md)
     print(md)

@@ -71,6 +71,12 @@ def test_tuned_configs_load_and_set_the_picks(tmp_path):
     ranked = json.loads((out / "ranking.json").read_text())
     assert [r["method"] for r in ranked] == ["ssim", "online", "mix"]
     assert ranked[0]["dev_AP"] == 32.0 and ranked[0]["test_AP"] == 31.0
+    assert "Partial" not in table  # no run counts given: nothing to call partial
+
+    # A study still running says so under the table.
+    study.write_text(json.dumps(dict(results, finished_runs=5, expected_runs=12)))
+    tool.main(["--study", str(study), "--output", str(out)])
+    assert "**Partial**: 5 of the study's 12 final runs" in (out / "README.md").read_text()
 
 
 def test_setup_keys_are_not_part_of_a_tuned_setting():
