@@ -221,6 +221,11 @@ def test_verdicts_and_answers_follow_welch(monkeypatch):
         "'+ SSIM' (33.0 dev AP); on test it closes 60% of the teacher-student gap (at least" in text
     )
     assert "+ mixing against the student alone: -4.0 +- 0.8 test AP (hurts)." in text
+    # A partial table: the best by dev has no test run yet, so no lesser method takes its place.
+    res["methods"]["pkd"] = {"label": "+ PKD", "runs": [{"test": None, "dev": {"AP": 35.0}}]}
+    text = "\n".join(v.answers(res))
+    assert "'+ PKD' (35.0 dev AP); it has no test run yet." in text
+    assert "closes" not in text
 
 
 def test_selection_check_separates_the_dev_pick_from_fresh_seeds(monkeypatch):
