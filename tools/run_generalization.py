@@ -212,7 +212,10 @@ def markdown(res, expected, preset, seeds):
     t_ap = (t.get("test") or {}).get("AP")
     s_runs = res["methods"].get("student", {}).get("runs", [])
     s_ap = report.summarize([(r["test"] or {}).get("AP") for r in s_runs])[0]
-    lines = [f"External data ({res['data']}), test split; the study's tuned settings unchanged; "
+    shown = (
+        os.path.relpath(res["data"], REPO) if res["data"].startswith(REPO + os.sep) else res["data"]
+    )
+    lines = [f"External data ({shown}), test split; the study's tuned settings unchanged; "
              f"mean +- std over seeds {seeds}.", "",
              "| method | test AP | vs student alone | verdict | gap closed | dev AP | seeds |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
