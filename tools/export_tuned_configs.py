@@ -158,13 +158,30 @@ def loss_ratios(results, name):
     for r in results["methods"][name]["runs"]:
         metrics = os.path.join(study_dir, r.get("out") or "", "metrics.json")
         b = balance(metrics) if r.get("out") and os.path.exists(metrics) else None
+        if b is None and r.get("kd_detection_ratio"):  # the run's ledger record kept it
+            b = dict(zip(found, r["kd_detection_ratio"]))
         for k in found:
             if b and b[k] is not None:
                 found[k].append(b[k])
     return tuple(sum(v) / len(v) if v else None for v in found.values())
 
 
-def markdown(written, results):
+def previous_ratio_cells(readme):
+    """``{config path: "start / end"}`` from the table an earlier export wrote: runs restored
+    from a results.json that predates the ledger's loss ratios have none, and a regenerated table
+    keeps what it cannot recompute rather than drop it."""
+    cells = {}
+    if os.path.exists(readme):
+        with open(readme) as f:
+            for line in f:
+                parts = [p.strip() for p in line.split("|")]
+                if len(parts) > 5 and parts[2].endswith(".yaml`") and "n/a" not in parts[4]:
+                    cells[parts[2].strip("`")] = parts[4]
+    return cells
+
+
+def markdown(written, results, previous=None):
+    previous = previous or {}
     lines = [
         "| method | config | settings (beyond the shipped config) | kd / detection loss, first / "
         "last tenth | test AP |",
@@ -176,6 +193,8 @@ def markdown(written, results):
         ap = "n/a" if mean is None else f"{mean:.1f}"
         ratio = " / ".join("n/a" if v is None else f"{v:.2f}" for v in loss_ratios(results, name))
         rel = os.path.relpath(path, REPO)
+        if ratio == "n/a / n/a" and rel in previous:
+            ratio = previous[rel]
         lines.append(f"| {results['methods'][name]['label']} | `{rel}` | {' '.join(pairs)} | "
                      f"{ratio} | {ap} |")  # fmt: skip
     lines += ["", "kd / detection loss: the sum of the `loss_kd_*` terms over the sum of the "
@@ -198,7 +217,7 @@ def main(argv=None):
     written = write_configs(results, args.output)
     with open(os.path.join(args.output, "ranking.json"), "w") as f:
         json.dump(ranking(results), f, indent=2)
-    md = markdown(written, results)
+    md = markdown(written, results, previous_ratio_cells(os.path.join(args.output, "README.md")))
     done, expected = results.get("finished_runs"), results.get("expected_runs")
     if done is not None and expected and done < expected:
         md += (f"\n**Partial**: {done} of the study's {expected} final runs had finished; test AP "

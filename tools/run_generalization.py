@@ -11,7 +11,9 @@ test AP), each with ``--seeds`` seeds, evaluated on that dataset's test split.
 The dataset directory holds ``train.json``, ``val.json`` and ``test.json`` (COCO format); each
 split's images are in ``<dir>/<split>/`` or, if that folder does not exist, in ``<dir>/images/``.
 Registration goes through ``DATASETS.COCO``, exactly as a user's own data would. Runs are
-resumable and reused like the study's. Writes ``results.md`` / ``results.json`` into ``--output``.
+resumable and reused like the study's, and kept in a committed ledger like the study's
+(``<output>/ledger/``, ``tools/study_ledger.py``). Writes ``results.md`` / ``results.json`` into
+``--output``.
 
     python tools/run_generalization.py --data datasets/external --jobs 2
 """
@@ -22,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -29,9 +32,10 @@ REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, REPO)
 
+import study_ledger as ledger  # noqa: E402
 import study_plan as plan  # noqa: E402
 import study_report as report  # noqa: E402
-from run_study import PRESETS  # noqa: E402
+from run_study import PRESETS, check_teacher  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 
@@ -62,6 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="retrain finished runs; replace a results.json with more runs")  # fmt: skip
+    p.add_argument("--restore-from", default=None, metavar="RESULTS_JSON",
+                   help="write the ledger records of the runs an earlier results.json holds, "
+                   "then report; trains nothing")  # fmt: skip
     p.add_argument(
         "--opts",
         nargs="+",
@@ -125,10 +134,24 @@ def chosen_methods(names, study):
     return [m for m in dict.fromkeys(methods) if m != "student"], dev
 
 
+def restored_fields(results, out_rel):
+    """The ledger fields of one run (``teacher`` or ``<method>/seed<s>``) as an earlier
+    results.json of this tool holds them, or None."""
+    if out_rel == "teacher":
+        t = results.get("teacher")
+        return t and {"dev": t["bbox"], "test": t.get("test"), "seconds": t["seconds"]}
+    name, _, seed = out_rel.partition("/seed")
+    for r in results.get("methods", {}).get(name, {}).get("runs", []):
+        if str(r["seed"]) == seed:
+            return {"dev": r["dev"], "test": r.get("test"), "seconds": r["seconds"]}
+    return None
+
+
 def main(argv=None):
-    from runs import schedule_opts, train_and_evaluate
+    from runs import finished_run, schedule_opts, train_and_evaluate, with_config_digest
 
     args = parse_args(argv)
+    args.report_only = args.report_only or bool(args.restore_from)
     preset = dict(PRESETS[args.preset])
     data = os.path.abspath(args.data)
     data_opts, num_classes = dataset_opts(data)
@@ -159,16 +182,57 @@ def main(argv=None):
     base = dict(data=data, num_classes=num_classes, preset=preset)
     t_out = os.path.join(args.output, "runs", "teacher")
     t_iters = preset["teacher_iters"]
-    teacher = train_and_evaluate(
-        "teacher", plan.TEACHER, data_opts + sched(t_iters) + ["SEED", "42"], t_out,
-        dict(base, iters=t_iters, seed=42), quiet=True, env=env, finished_only=args.report_only,
-    )  # fmt: skip
-    results = {"data": data, "study": os.path.abspath(args.study), "methods_by_dev_AP": dev,
-               "teacher": None, "methods": {}}  # fmt: skip
-    if teacher is not None:
-        teacher["test"] = test(t_out)
-        results["teacher"] = teacher
+    t_recipe = (plan.TEACHER, data_opts + sched(t_iters) + ["SEED", "42"], t_out,
+                dict(base, iters=t_iters, seed=42))  # fmt: skip
     weights = os.path.join(t_out, "model_final.pth")
+    restored = None
+    if args.restore_from:
+        with open(args.restore_from) as f:
+            restored = json.load(f)
+    lock = threading.Lock()
+
+    def trained(name, config, opts, out, params, needs_teacher=False):
+        """Train a run, or reuse it from its output directory or its ledger record (as the
+        study does, ``tools/study_ledger.py``); a run that must train retrains a lost teacher
+        first, which must reproduce its recorded dev AP."""
+        full = with_config_digest(config, params)
+        rec_path = ledger.record_path(args.output, out)
+        if restored is not None and not os.path.exists(rec_path):
+            fields = restored_fields(
+                restored, os.path.relpath(out, os.path.join(args.output, "runs"))
+            )
+            if fields:
+                ledger.save(rec_path, params=full, source="restored from "
+                            + os.path.relpath(os.path.abspath(args.restore_from), REPO),
+                            **fields)  # fmt: skip
+        rec = None if args.force else ledger.load(rec_path, full)
+        if rec is not None and finished_run(out, full) is None:
+            print(f"[run] {name}: reusing its ledger record {rec_path}", flush=True)
+            return {"bbox": rec["dev"], "test": rec.get("test"), "seconds": rec["seconds"],
+                    "reused": True}  # fmt: skip
+        if needs_teacher and not args.report_only:
+            with lock:
+                if not os.path.exists(weights):
+                    t_rec = ledger.load(ledger.record_path(args.output, t_out))
+                    run = train_and_evaluate("teacher (weights)", *t_recipe, quiet=True,
+                                             env=env)  # fmt: skip
+                    check_teacher(run["bbox"], t_rec)
+        run = train_and_evaluate(name, config, opts, out, params, args.force, quiet=True,
+                                 env=env, finished_only=args.report_only)  # fmt: skip
+        if run is None:
+            return None
+        if name == "teacher":
+            check_teacher(run["bbox"], rec)
+        run["test"] = test(out)
+        source = (rec or {}).get("source", "trained") if run["reused"] else "trained"
+        ledger.save(rec_path, params=full, dev=run["bbox"], test=run["test"],
+                    seconds=run["seconds"], source=source)  # fmt: skip
+        return run
+
+    teacher = trained("teacher", *t_recipe)
+    results = {"data": data, "study": os.path.abspath(args.study), "methods_by_dev_AP": dev,
+               "teacher": teacher, "methods": {}}  # fmt: skip
+    t_id = ledger.identity(with_config_digest(plan.TEACHER, t_recipe[3]))
 
     def one(name, seed):
         final = finals[name]
@@ -181,12 +245,10 @@ def main(argv=None):
             if teacher is None:
                 return None
             run_opts += ["MODEL.KD.TEACHER.WEIGHTS", weights]
-            params["teacher"] = report.file_id(weights)
-        run = train_and_evaluate(f"{name}/seed{seed}", final.config, run_opts, out, params,
-                                 quiet=True, env=env, finished_only=args.report_only)  # fmt: skip
+            params["teacher"] = t_id  # how the teacher was made (the study's rule)
+        run = trained(f"{name}/seed{seed}", final.config, run_opts, out, params, final.teacher)
         if run is not None:
             run["dev"] = run.pop("bbox")
-            run["test"] = test(out)
             run.update(seed=seed, opts=opts)
         return run
 
@@ -199,7 +261,21 @@ def main(argv=None):
             results["methods"].setdefault(name, {"label": finals[name].label, "runs": []})
             results["methods"][name]["runs"].append(run)
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "results.json"), "w") as f:
+    old_path = os.path.join(args.output, "results.json")
+    if os.path.exists(old_path) and not args.force:
+        with open(old_path) as f:
+            old = json.load(f)
+        count = lambda r: bool(r.get("teacher")) + sum(  # noqa: E731
+            len(m["runs"]) for m in r.get("methods", {}).values()
+        )
+        if count(results) < count(old):
+            raise SystemExit(
+                f"Refusing to overwrite {old_path}: it holds {count(old)} finished runs, this "
+                f"report only {count(results)} (are {args.output}/runs and {args.output}/ledger "
+                f"missing?). Rebuild the ledger with `--restore-from {old_path}`, or pass --force "
+                "to replace it."
+            )
+    with open(old_path, "w") as f:
         json.dump(results, f, indent=2)
     md = markdown(results, len(todo), preset, args.seeds)
     with open(os.path.join(args.output, "results.md"), "w") as f:

@@ -3,8 +3,9 @@
 
 One command, resumable (each run is a ``tools/train_net.py`` process whose finished result is
 reused when nothing that defines it changed; an interrupted run resumes bit-identically from its
-last checkpoint). The protocol and the trials are in ``tools/study_plan.py``. Writes into
-``--output``:
+last checkpoint). The protocol and the trials are in ``tools/study_plan.py``. Each finished run
+also leaves a small record in ``<output>/ledger/`` (``tools/study_ledger.py``; committed, unlike
+``runs/``), from which the reports are built and a fresh clone resumes. Writes into ``--output``:
 
 * ``dev_sweep.md``: every trial of every family with its final dev AP, and the pick;
 * ``results.md`` / ``results.json``: test AP (mean +- std over seeds), gap closed, wall time; a
@@ -15,10 +16,12 @@ last checkpoint). The protocol and the trials are in ``tools/study_plan.py``. Wr
 
     python tools/run_study.py --jobs 2                 # the README's study (see its wall time)
     python tools/run_study.py --report-only            # tables of what has finished so far
+    python tools/run_study.py --restore-from study/results.json   # rebuild a lost ledger
     python tools/run_study.py --preset quick --families ssim mix --max-trials 2   # smoke test
 """
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -30,6 +33,7 @@ REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, REPO)
 
+import study_ledger as ledger  # noqa: E402
 import study_plan as plan  # noqa: E402
 import study_report as report  # noqa: E402
 
@@ -68,6 +72,13 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: tabulate the runs that finished")  # fmt: skip
     p.add_argument("--force", action="store_true", help="retrain finished runs")
+    p.add_argument(
+        "--restore-from",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="write the ledger records of the runs an earlier results.json holds (for a study "
+        "whose runs/ is lost), then report; trains nothing",
+    )
     p.add_argument("--opts", nargs="+", default=[],
                    help="KEY VALUE overrides added to every run but the teacher")  # fmt: skip
     p.add_argument("--list", action="store_true", help="print the plan and exit")
@@ -109,6 +120,18 @@ def select(args, preset):
     return trials, finals
 
 
+def check_teacher(dev, record):
+    """Refuse a teacher whose dev results differ from its ledger record: the recorded students
+    were distilled from the recorded teacher."""
+    if record is not None and record.get("dev", {}).get("AP") != dev["AP"]:
+        raise RuntimeError(
+            f"The retrained teacher's dev AP {dev['AP']!r} differs from its ledger record's "
+            f"{record['dev'].get('AP')!r}: training did not reproduce on this machine, so its "
+            "students would mix two teachers. Rerun with --force to retrain every run from one "
+            "teacher."
+        )
+
+
 class Study:
     """Schedules the runs (dependencies by events), remembers their results, writes reports."""
 
@@ -139,6 +162,12 @@ class Study:
         self.results = {"teacher": None, "dev": {}, "final": {}}
         self.t0 = time.time()
         self.progress = {"done": 0, "trained": 0, "total": 0}
+        self.teacher_lock = threading.Lock()
+        self.restore_from, self.restore_name = None, None
+        if args.restore_from:
+            with open(args.restore_from) as f:
+                self.restore_from = json.load(f)
+            self.restore_name = os.path.relpath(os.path.abspath(args.restore_from), REPO)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def event(self, key):
@@ -159,8 +188,11 @@ class Study:
               f"ETA {eta})", flush=True)  # fmt: skip
 
     # -- one run ------------------------------------------------------------------------------
-    def train(self, name, config, opts, out, params, teacher_needed):
-        from runs import train_and_evaluate
+    def train(self, name, config, opts, out, params, teacher_needed, use_record=True):
+        """Train one run, or reuse it: from its output directory (stamp) or from its ledger
+        record (``tools/study_ledger.py``). A run that must train and needs a teacher whose
+        weights are gone (a fresh clone) retrains the teacher first (:meth:`teacher_weights`)."""
+        from runs import finished_run, train_and_evaluate, with_config_digest
 
         if teacher_needed:
             self.event("teacher").wait()
@@ -168,7 +200,20 @@ class Study:
             if not t:
                 return None
             opts = list(opts) + ["MODEL.KD.TEACHER.WEIGHTS", t["weights"]]
-            params = dict(params, teacher=report.file_id(t["weights"]))
+            params = dict(params, teacher=t["identity"])
+        full = with_config_digest(config, params)
+        rec_path = ledger.record_path(self.args.output, out)
+        self.restore(rec_path, out, full)
+        recipe = dict(name=name, config=config, opts=opts, out=out, params=params,
+                      teacher_needed=teacher_needed)  # fmt: skip
+        stamped = not self.args.force and finished_run(out, full) is not None
+        rec = ledger.load(rec_path, full) if use_record and not self.args.force else None
+        if rec is not None and not stamped:
+            print(f"[run] {name}: reusing its ledger record {rec_path}", flush=True)
+            return {"dev": rec["dev"], "seconds": rec["seconds"], "curve": rec.get("curve"),
+                    "reused": True, "out": out, "record": rec, "recipe": recipe}  # fmt: skip
+        if teacher_needed and not stamped and not self.args.report_only:
+            self.teacher_weights()
         run = train_and_evaluate(name, config, opts, out, params, self.args.force, quiet=True,
                                  env=self.env, finished_only=self.args.report_only)  # fmt: skip
         if run is None:
@@ -178,17 +223,74 @@ class Study:
         run["seconds"] = report.log_seconds(os.path.join(out, "log.txt")) or run["seconds"]
         run["curve"] = report.ap_curve(os.path.join(out, "metrics.json"))
         run["out"] = out
+        run["recipe"] = recipe
+        if name == "teacher":
+            check_teacher(run["dev"], ledger.load(rec_path, full))
+        fresh = {} if run["reused"] else {"test": None, "test_bootstrap_std": None}
+        run["record"] = ledger.save(
+            rec_path, params=full, dev=run["dev"], seconds=run["seconds"], curve=run["curve"],
+            train_detection_loss_end=report.detection_loss_end(out),
+            kd_detection_ratio=report.kd_detection_ratio(out),
+            source=(ledger.load(rec_path) or {}).get("source", "trained") if run["reused"]
+            else "trained", **fresh)  # fmt: skip
         return run
+
+    def restore(self, rec_path, out, params):
+        """``--restore-from``: write the record of a run that an earlier results.json holds."""
+        if self.restore_from is None or os.path.exists(rec_path):
+            return
+        rel = os.path.relpath(out, os.path.join(self.args.output, "runs"))
+        fields = ledger.restored_fields(self.restore_from, rel)
+        if fields:
+            ledger.save(rec_path, params=params, source=f"restored from {self.restore_name}",
+                        **fields)  # fmt: skip
+
+    def teacher_weights(self):
+        """Make sure the teacher's weights exist: retrain a teacher known only from its record,
+        once, and check it reproduces the recorded dev AP bit for bit (its students were
+        distilled from that teacher)."""
+        from runs import STAMP, train_and_evaluate
+
+        with self.teacher_lock:
+            t = self.results["teacher"]
+            if os.path.exists(t["weights"]):
+                return
+            print("[study] the teacher's weights are missing (its ledger record has no weights); "
+                  "retraining it before the first student that must train", flush=True)  # fmt: skip
+            r = t["recipe"]
+            run = train_and_evaluate("teacher (weights)", r["config"], r["opts"], r["out"],
+                                     r["params"], force=os.path.exists(os.path.join(
+                                         r["out"], STAMP)), quiet=True, env=self.env)  # fmt: skip
+            check_teacher(run["bbox"], t["record"])
 
     def test(self, run):
         """Evaluate a finished run on the test split with its own config (cached next to its
-        weights)."""
+        weights, and in its ledger record). A run known only from its record and without a test
+        result is retrained first (outside ``--report-only``)."""
         if run is None:
             return None
+        rec = run.get("record") or {}
+        weights = os.path.join(run["out"], "model_final.pth")
+        if not os.path.exists(weights):
+            if rec.get("test") is not None or self.args.report_only:
+                run["test"] = rec.get("test")
+                return run
+            r = run["recipe"]
+            print(f"[run] {r['name']}: its record has no test result and its weights are gone; "
+                  "retraining it", flush=True)  # fmt: skip
+            keep = {k: run[k] for k in ("reused_dev_trial", "seed", "opts", "trial") if k in run}
+            run = dict(self.train(**r, use_record=False), **keep)
+            if run["dev"]["AP"] != rec.get("dev", {}).get("AP"):
+                print(f"[run] {r['name']}: WARNING: retrained, its dev AP {run['dev']['AP']!r} "
+                      f"differs from its record's {rec.get('dev', {}).get('AP')!r}; training did "
+                      "not reproduce", flush=True)  # fmt: skip
         root = ["DATASETS.SYNTHETIC_ROOT", self.data_opts[1]]  # the data where it is now
         run["test"] = report.evaluate_on_test(run["out"], DATA_NAMES["test"], env=self.env,
                                               finished_only=self.args.report_only,
                                               opts=root)  # fmt: skip
+        if run["test"] is not None:
+            rec_path = ledger.record_path(self.args.output, run["out"])
+            run["record"] = ledger.save(rec_path, test=run["test"])
         return run
 
     # -- stages -------------------------------------------------------------------------------
@@ -201,7 +303,11 @@ class Study:
                              False)  # fmt: skip
             if run is not None:
                 run["weights"] = os.path.join(out, "model_final.pth")
-                self.test(run)
+                # Students are keyed by how their teacher was made, not by its file: training is
+                # bit-reproducible (tests/engine/test_resume.py), so a teacher retrained from the
+                # same recipe (:meth:`teacher_weights` checks it) is the same teacher.
+                run["identity"] = ledger.identity(run["record"]["params"])
+                run = self.test(run)
                 self.report("teacher", run)
             self.results["teacher"] = run
         finally:
@@ -311,6 +417,7 @@ class Study:
 def main(argv=None):
     args = parse_args(argv)
     args.output = os.path.abspath(args.output)
+    args.report_only = args.report_only or bool(args.restore_from)
     preset = dict(PRESETS[args.preset])
     for k in FULL:
         if getattr(args, k) is not None:
@@ -363,7 +470,7 @@ def main(argv=None):
             if run is not None:
                 study.results["final"].setdefault(name, {})[seed] = run
     results = report.assemble(study, finals, families, preset, args)
-    report.write_all(results, args.output)
+    report.write_all(results, args.output, allow_fewer=args.force)
     print(open(os.path.join(args.output, "dev_sweep.md")).read())
     print(open(os.path.join(args.output, "results.md")).read())
 

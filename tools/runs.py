@@ -106,6 +106,11 @@ def config_digest(config):
     return h.hexdigest()
 
 
+def with_config_digest(config, params):
+    """``params`` as :func:`train_and_evaluate` stamps them: with the digest of the config files."""
+    return dict(params, config_digest=config_digest(config))
+
+
 def finished_run(out_dir, params):
     """The stamp of a finished run with exactly these parameters, else None."""
     stamp = os.path.join(out_dir, STAMP)
@@ -136,7 +141,7 @@ def train_and_evaluate(
     Returns:
         dict: ``{"bbox": {...}, "seconds": float, "reused": bool}`` (None: see ``finished_only``).
     """
-    params = dict(params, config_digest=config_digest(config))
+    params = with_config_digest(config, params)
     done = None if force else finished_run(out_dir, params)
     if done is not None:
         with open(os.path.join(out_dir, "final_results.json")) as f:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import study_ledger as ledger  # noqa: E402
 import study_plots as plots  # noqa: E402
 import study_verdicts as verdicts  # noqa: E402
 from loss_balance import balance  # noqa: E402
@@ -219,12 +220,28 @@ def summarize(values):
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def _balance(out_dir):
+    metrics = os.path.join(out_dir or "", "metrics.json")
+    return balance(metrics) if out_dir and os.path.exists(metrics) else None
+
+
 def detection_loss_end(out_dir):
     """Mean training detection loss of a run's reported model over its last tenth of training
     (``tools/loss_balance.py``), or None without a ``metrics.json``."""
-    metrics = os.path.join(out_dir or "", "metrics.json")
-    b = balance(metrics) if out_dir and os.path.exists(metrics) else None
+    b = _balance(out_dir)
     return None if b is None else b["detection_end"]
+
+
+def kd_detection_ratio(out_dir):
+    """``[first tenth, last tenth]`` distillation-to-detection loss ratio of a run
+    (``tools/loss_balance.py``), or None without a ``metrics.json``."""
+    b = _balance(out_dir)
+    return None if b is None else [b["start"], b["end"]]
+
+
+def _recorded(run, key, measured):
+    """``measured`` from the run's directory, else the value its ledger record kept."""
+    return measured if measured is not None else (run.get("record") or {}).get(key)
 
 
 def assemble(study, finals, families, preset, args):
@@ -258,7 +275,10 @@ def assemble(study, finals, families, preset, args):
             "runs": [{"seed": s, "test": r.get("test"), "dev": r["dev"], "seconds": r["seconds"],
                       "curve": r["curve"], "opts": r.get("opts"),
                       "reused_dev_trial": r.get("reused_dev_trial"),
-                      "train_detection_loss_end": detection_loss_end(r.get("out")),
+                      "train_detection_loss_end": _recorded(r, "train_detection_loss_end",
+                                                            detection_loss_end(r.get("out"))),
+                      "kd_detection_ratio": _recorded(r, "kd_detection_ratio",
+                                                      kd_detection_ratio(r.get("out"))),
                       "out": os.path.relpath(r["out"], args.output) if r.get("out") else None}
                      for s, r in sorted(runs.items())],  # fmt: skip
         }
@@ -280,6 +300,9 @@ def assemble(study, finals, families, preset, args):
                             "coco_instances_results.json")  # fmt: skip
         if os.path.exists(dets) and os.path.exists(data):
             noise[seed] = cached_bootstrap_ap(data, dets)
+            ledger.save(ledger.record_path(args.output, r["out"]), test_bootstrap_std=noise[seed])
+        elif (r.get("record") or {}).get("test_bootstrap_std") is not None:
+            noise[seed] = r["record"]["test_bootstrap_std"]
     res["eval_noise"] = {"student_test_AP_bootstrap_std": noise}
     return res
 
@@ -323,8 +346,29 @@ def regime_checks(res):
     return out
 
 
-def write_all(res, output):
+def finished_count(res):
+    """Finished dev trials and final runs in a results dict (the teacher counts as one)."""
+    trials = sum(t.get("dev_AP") is not None for e in res.get("dev_sweep", {}).values()
+                 for t in e.get("trials", []))  # fmt: skip
+    return bool(res.get("teacher")) + trials + res.get("finished_runs", 0)
+
+
+def write_all(res, output, allow_fewer=False):
+    """Write the reports; refuse to replace a results.json that holds more finished runs than
+    ``res`` (a study whose ``runs/`` and ledger are gone would otherwise overwrite its evidence
+    with an empty table) unless ``allow_fewer``."""
     os.makedirs(output, exist_ok=True)
+    old_path = os.path.join(output, "results.json")
+    if os.path.exists(old_path) and not allow_fewer:
+        with open(old_path) as f:
+            old = finished_count(json.load(f))
+        if finished_count(res) < old:
+            raise SystemExit(
+                f"Refusing to overwrite {old_path}: it holds {old} finished runs, this report "
+                f"only {finished_count(res)} (are {output}/runs and {output}/ledger missing?). "
+                f"Rebuild the ledger with `--restore-from {old_path}`, or pass --force to "
+                "replace it."
+            )
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
     with open(os.path.join(output, "dev_sweep.md"), "w") as f:

@@ -97,3 +97,25 @@ def test_settings_column_lists_each_key_once_with_the_value_trained():
     got = tool.beyond_base(opts, plan.KD)
     assert got == [("MODEL.KD.SSIM.WINDOW_SIZE", "7"), ("MODEL.KD.FEATURE.WEIGHTS", "[3.0]")]
     assert tool.beyond_base(["MODEL.KD.FEATURE.WEIGHTS", "[1.0]"], plan.KD) == []
+
+
+def test_loss_ratios_come_from_the_ledger_or_the_previous_table(tmp_path):
+    """A fresh clone has no run directories: the ratio comes from the run's ledger record
+    (results.json), else the earlier table's cell is kept, never replaced by n/a."""
+    tool = load_tool(REPO, "export_tuned_configs.py")
+    results = {"preset": {"iters": 1000}, "methods": {
+        "ssim": _run("+ SSIM hints (tuned)", SSIM_OPTS, [30.0, 32.0]),
+        "mix": _run("student + mixing", MIX_OPTS, [28.0]),
+    }}  # fmt: skip
+    for r, ratio in zip(results["methods"]["ssim"]["runs"], ([1.0, 2.0], [3.0, 4.0])):
+        r["out"], r["kd_detection_ratio"] = "runs/gone", ratio
+    study, out = tmp_path / "results.json", tmp_path / "tuned"
+    study.write_text(json.dumps(results))
+    tool.main(["--study", str(study), "--output", str(out)])
+    assert "| 2.00 / 3.00 | 31.0 |" in (out / "README.md").read_text()  # means over the runs
+    for r in results["methods"]["ssim"]["runs"]:
+        del r["kd_detection_ratio"]  # restored from a results.json without ratios
+    study.write_text(json.dumps(results))
+    tool.main(["--study", str(study), "--output", str(out)])
+    table = (out / "README.md").read_text()
+    assert "| 2.00 / 3.00 | 31.0 |" in table and "| n/a / n/a | 28.0 |" in table

@@ -65,6 +65,7 @@ def test_run_study_tiny(tmp_path):
     # Everything finished is reused by the next call: no training, no test evaluation.
     again = _study(tmp_path, ARGS)
     assert ": training; log in" not in again.stdout and ": resuming; log in" not in again.stdout
+    _ledger_keeps_the_study(tmp_path)
 
     # Generalization: the tuned settings, unchanged, on COCO data registered via DATASETS.COCO
     # (here the study's own splits, which have the layout the tool expects).
@@ -91,6 +92,39 @@ def test_run_study_tiny(tmp_path):
     assert test_cfg["DATASETS"]["TEST"] == ["external_test"]
     assert test_cfg["INPUT"]["MIN_SIZE_TEST"] == run_cfg["INPUT"]["MIN_SIZE_TEST"] == size
     assert "Partial" not in (gen / "results.md").read_text()
+
+
+def _ledger_keeps_the_study(tmp_path):
+    """A fresh clone has the committed ledger but no runs/: the reports, the resume and a lost
+    teacher all come back from the ledger."""
+    import shutil
+
+    _study(tmp_path, ARGS + ["--report-only"])  # the report from runs/ (and no wall time)
+    md = (tmp_path / "results.md").read_text()
+    runs, ledger = tmp_path / "runs", tmp_path / "ledger"
+    # The teacher, 2 trials of 2 families, the student 2 seeds, ssim and mix seed 1, mix_kd 2.
+    assert len(list(ledger.rglob("*.json"))) == 1 + 2 * 2 + 2 + 2 + 2
+    shutil.move(str(runs), str(tmp_path / "runs.lost"))
+    _study(tmp_path, ARGS + ["--report-only"])
+    assert (tmp_path / "results.md").read_text() == md  # the same evidence, from the ledger
+
+    # Without runs/ and ledger, the report would be empty: refused, the results stay.
+    shutil.move(str(ledger), str(tmp_path / "ledger.lost"))
+    proc = _study(tmp_path, ARGS + ["--report-only"], ok=False)
+    assert "Refusing to overwrite" in proc.stderr and "--restore-from" in proc.stderr
+    assert (tmp_path / "results.md").read_text() == md
+    # An earlier results.json rebuilds the ledger.
+    _study(tmp_path, ARGS + ["--restore-from", str(tmp_path / "results.json")])
+    assert (tmp_path / "results.md").read_text() == md
+    assert json.loads((ledger / "teacher.json").read_text())["source"].startswith("restored from")
+
+    # A lost run trains again; its teacher's weights are gone, so the teacher is retrained first
+    # and must reproduce its recorded dev AP bit for bit.
+    (ledger / "final" / "ssim" / "seed1.json").unlink()
+    proc = _study(tmp_path, ARGS)
+    assert "the teacher's weights are missing" in proc.stdout
+    assert proc.stdout.count(": training; log in") == 2  # the teacher and ssim seed 1 only
+    assert json.loads((ledger / "final" / "ssim" / "seed1.json").read_text())["source"] == "trained"
 
 
 def test_generalization_takes_the_two_best_methods_by_dev_ap():

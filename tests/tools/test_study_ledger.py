@@ -1,0 +1,79 @@
+"""tools/study_ledger.py: records mirror runs/, reuse needs equal parameters, restores are exact."""
+
+import json
+
+import pytest
+from conftest import REPO
+
+from kd_det.utils.testing import load_tool
+
+
+@pytest.fixture(scope="module")
+def ledger():
+    return load_tool(REPO, "study_ledger.py")
+
+
+def test_record_path_mirrors_runs(ledger, tmp_path):
+    out = tmp_path / "runs" / "dev" / "ssim" / "win7" / "seed0"
+    assert ledger.record_path(str(tmp_path), str(out)) == str(
+        tmp_path / "ledger" / "dev" / "ssim" / "win7" / "seed0.json"
+    )
+    with pytest.raises(ValueError, match="not under"):
+        ledger.record_path(str(tmp_path), str(tmp_path / "elsewhere"))
+
+
+def test_save_merges_and_load_checks_params(ledger, tmp_path):
+    path = str(tmp_path / "ledger" / "final" / "mse" / "seed1.json")
+    ledger.save(path, params={"seed": 1}, dev={"AP": 31.5}, seconds=900.0)
+    rec = ledger.save(path, test={"AP": 32.8})  # a later test evaluation keeps the rest
+    assert rec == {"params": {"seed": 1}, "dev": {"AP": 31.5}, "seconds": 900.0,
+                   "test": {"AP": 32.8}}  # fmt: skip
+    assert ledger.load(path, {"seed": 1}) == rec
+    assert ledger.load(path, {"seed": 2}) is None  # other parameters: not this run
+    assert ledger.load(str(tmp_path / "missing.json")) is None
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically, nothing left behind
+    with pytest.raises(ValueError, match="unknown ledger fields"):
+        ledger.save(path, weights="model_final.pth")
+
+
+def test_identity_is_stable_and_order_free(ledger):
+    a = ledger.identity({"seed": 42, "iters": 3000})
+    assert a == ledger.identity({"iters": 3000, "seed": 42}) and len(a) == 16
+    assert a != ledger.identity({"seed": 43, "iters": 3000})
+
+
+def test_restored_fields_from_results_json(ledger):
+    results = {
+        "teacher": {"dev": {"AP": 39.6}, "test": {"AP": 38.2}, "seconds": 4230.0, "curve": [[1, 2]],
+                    "extra": 1},
+        "dev_sweep": {"ssim": {"trials": [
+            {"name": "win7", "dev_AP": 31.9, "seconds": 1200.0, "curve": [[1000, 31.9]]},
+            {"name": "win3", "dev_AP": None, "seconds": None, "curve": None}]}},
+        "methods": {
+            "ssim": {"runs": [
+                {"seed": 0, "out": "runs/dev/ssim/win7/seed0", "reused_dev_trial": "ssim/win7",
+                 "dev": {"AP": 31.9, "AP50": 50.0}, "test": {"AP": 31.4},
+                 "train_detection_loss_end": 0.91}]},
+            "student": {"runs": [
+                {"seed": 2, "out": "runs/final/student/seed2", "dev": {"AP": 29.6},
+                 "test": {"AP": 30.9}, "seconds": 700.0, "curve": [], "reused_dev_trial": None,
+                 "train_detection_loss_end": 0.87}]}},
+        "eval_noise": {"student_test_AP_bootstrap_std": {"2": 0.71}},
+    }  # fmt: skip
+    assert ledger.restored_fields(results, "teacher") == {
+        "dev": {"AP": 39.6},
+        "test": {"AP": 38.2},
+        "seconds": 4230.0,
+        "curve": [[1, 2]],
+    }
+    # A dev trial that a method reused as seed 0 takes that method's dev and test results.
+    trial = ledger.restored_fields(results, "dev/ssim/win7/seed0")
+    assert trial["dev"] == {"AP": 31.9, "AP50": 50.0} and trial["test"] == {"AP": 31.4}
+    assert trial["seconds"] == 1200.0 and trial["train_detection_loss_end"] == 0.91
+    student = ledger.restored_fields(results, "final/student/seed2")
+    assert student["test"] == {"AP": 30.9} and student["test_bootstrap_std"] == 0.71
+    # Unfinished or unknown runs have nothing to restore.
+    assert ledger.restored_fields(results, "dev/ssim/win3/seed0") is None
+    assert ledger.restored_fields(results, "final/student/seed0") is None
+    assert ledger.restored_fields(results, "final/mse/seed1") is None
+    json.dumps(student)  # a record is plain JSON
