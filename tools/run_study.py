@@ -470,6 +470,13 @@ def main(argv=None):
             if run is not None:
                 study.results["final"].setdefault(name, {})[seed] = run
     results = report.assemble(study, finals, families, preset, args)
+    if args.families and report.drops_methods(results, args.output) and not args.force:
+        # A subset invocation (e.g. to train the best methods first) adds its runs to the ledger;
+        # the study's full report stays as it is until a call over every family rewrites it.
+        print(f"[study] --families {' '.join(args.families)}: the runs are in the ledger; "
+              f"{args.output}/results.md is left as it is (a subset report would drop the other "
+              "families): `python tools/run_study.py --report-only` rewrites it.")  # fmt: skip
+        return
     report.write_all(results, args.output, allow_fewer=args.force)
     print(open(os.path.join(args.output, "dev_sweep.md")).read())
     print(open(os.path.join(args.output, "results.md")).read())

@@ -353,22 +353,40 @@ def finished_count(res):
     return bool(res.get("teacher")) + trials + res.get("finished_runs", 0)
 
 
+def fewer_than_written(res, output):
+    """Whether ``<output>/results.json`` holds more finished runs than ``res``."""
+    path = os.path.join(output, "results.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return finished_count(res) < finished_count(json.load(f))
+
+
+def drops_methods(res, output):
+    """Whether ``<output>/results.json`` reports methods that ``res`` does not (a ``--families``
+    subset of the study)."""
+    path = os.path.join(output, "results.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return bool(set(json.load(f).get("methods", {})) - set(res["methods"]))
+
+
 def write_all(res, output, allow_fewer=False):
     """Write the reports; refuse to replace a results.json that holds more finished runs than
     ``res`` (a study whose ``runs/`` and ledger are gone would otherwise overwrite its evidence
     with an empty table) unless ``allow_fewer``."""
     os.makedirs(output, exist_ok=True)
     old_path = os.path.join(output, "results.json")
-    if os.path.exists(old_path) and not allow_fewer:
+    if not allow_fewer and fewer_than_written(res, output):
         with open(old_path) as f:
             old = finished_count(json.load(f))
-        if finished_count(res) < old:
-            raise SystemExit(
-                f"Refusing to overwrite {old_path}: it holds {old} finished runs, this report "
-                f"only {finished_count(res)} (are {output}/runs and {output}/ledger missing?). "
-                f"Rebuild the ledger with `--restore-from {old_path}`, or pass --force to "
-                "replace it."
-            )
+        raise SystemExit(
+            f"Refusing to overwrite {old_path}: it holds {old} finished runs, this report "
+            f"only {finished_count(res)} (are {output}/runs and {output}/ledger missing?). "
+            f"Rebuild the ledger with `--restore-from {old_path}`, or pass --force to "
+            "replace it."
+        )
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
     with open(os.path.join(output, "dev_sweep.md"), "w") as f:

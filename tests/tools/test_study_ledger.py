@@ -77,3 +77,24 @@ def test_restored_fields_from_results_json(ledger):
     assert ledger.restored_fields(results, "final/student/seed0") is None
     assert ledger.restored_fields(results, "final/mse/seed1") is None
     json.dumps(student)  # a record is plain JSON
+
+
+def test_report_never_replaces_more_evidence(tmp_path):
+    import sys
+
+    sys.path.insert(0, f"{REPO}/tools")
+    report = load_tool(REPO, "study_report.py")
+    written = {"teacher": {"dev": {}}, "finished_runs": 3, "methods": {"student": {}, "mse": {}},
+               "dev_sweep": {"mse": {"trials": [{"dev_AP": 31.0}, {"dev_AP": None}]}}}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(written))
+    assert report.finished_count(written) == 1 + 1 + 3
+    fewer = dict(written, finished_runs=2)
+    assert report.fewer_than_written(fewer, str(tmp_path))
+    assert not report.fewer_than_written(written, str(tmp_path))
+    with pytest.raises(SystemExit, match="Refusing to overwrite .* holds 5 finished runs, this "
+                                         "report only 4 .*--restore-from"):  # fmt: skip
+        report.write_all(fewer, str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text()) == written  # untouched
+    # A --families subset drops methods (run_study then leaves the report alone).
+    assert report.drops_methods(dict(written, methods={"student": {}}), str(tmp_path))
+    assert not report.drops_methods(written, str(tmp_path))
