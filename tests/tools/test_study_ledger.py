@@ -98,3 +98,15 @@ def test_report_never_replaces_more_evidence(tmp_path):
     # A --families subset drops methods (run_study then leaves the report alone).
     assert report.drops_methods(dict(written, methods={"student": {}}), str(tmp_path))
     assert not report.drops_methods(written, str(tmp_path))
+
+
+def test_a_teacher_that_does_not_reproduce_its_record_is_refused():
+    import sys
+
+    sys.path.insert(0, f"{REPO}/tools")
+    study = load_tool(REPO, "run_study.py")
+    record = {"dev": {"AP": 39.55171057697107}}
+    study.check_teacher({"AP": 39.55171057697107}, record)  # bit-identical: accepted
+    study.check_teacher({"AP": 12.0}, None)  # no record: nothing to reproduce
+    with pytest.raises(RuntimeError, match="differs from its ledger record's .*--force"):
+        study.check_teacher({"AP": 39.551710576971}, record)
