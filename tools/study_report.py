@@ -239,9 +239,17 @@ def kd_detection_ratio(out_dir):
     return None if b is None else [b["start"], b["end"]]
 
 
-def _recorded(run, key, measured):
-    """``measured`` from the run's directory, else the value its ledger record kept."""
-    return measured if measured is not None else (run.get("record") or {}).get(key)
+def _recorded(run, key, measure):
+    """The value the run's ledger record kept (written from its metrics.json when it finished),
+    else ``measure(out)`` on a finished run's directory (a run being retrained has a partial
+    metrics.json, whose values would be wrong)."""
+    from runs import STAMP
+
+    kept = (run.get("record") or {}).get(key)
+    out = run.get("out")
+    if kept is not None or not out or not os.path.exists(os.path.join(out, STAMP)):
+        return kept
+    return measure(out)
 
 
 def assemble(study, finals, families, preset, args):
@@ -276,9 +284,9 @@ def assemble(study, finals, families, preset, args):
                       "curve": r["curve"], "opts": r.get("opts"),
                       "reused_dev_trial": r.get("reused_dev_trial"),
                       "train_detection_loss_end": _recorded(r, "train_detection_loss_end",
-                                                            detection_loss_end(r.get("out"))),
+                                                            detection_loss_end),
                       "kd_detection_ratio": _recorded(r, "kd_detection_ratio",
-                                                      kd_detection_ratio(r.get("out"))),
+                                                      kd_detection_ratio),
                       "out": os.path.relpath(r["out"], args.output) if r.get("out") else None}
                      for s, r in sorted(runs.items())],  # fmt: skip
         }
