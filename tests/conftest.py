@@ -4,14 +4,23 @@ the mixed-sample mapper tests."""
 import itertools
 import os
 
-import cv2
-import numpy as np
-import pytest
-import torch
-from skimage import data as skdata
+#: Kernels capped at AVX2 for the whole suite, before torch loads (the same caps as the demo and the
+#: study, ``ISA_CAP`` in tools/runs.py). The golden values compare floats with ``==``; on a machine
+#: of the same kind with AVX-512, torch, oneDNN and MKL would otherwise pick wider kernels whose
+#: round-off differs in the last bits (README, "Reproducibility"). A caller's own settings win.
+ISA_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip
+for _key, _value in ISA_CAP.items():
+    os.environ.setdefault(_key, _value)
 
-from detectron2.structures import BoxMode
-from kd_det.utils.testing import save_random_detector, tiny_overrides
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from skimage import data as skdata  # noqa: E402
+
+from detectron2.structures import BoxMode  # noqa: E402
+from kd_det.utils.testing import save_random_detector, tiny_overrides  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")

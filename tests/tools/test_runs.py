@@ -57,3 +57,15 @@ def test_schedule_relative_keys_move_with_the_schedule(tmp_path):
     # A config that leaves the key at its default gets no override.
     student = os.path.join(REPO, "configs", "Synthetic", "faster_rcnn_lite0_FPN.yaml")
     assert runs.schedule_relative_opts(student, 250) == []
+
+
+def test_suite_runs_with_the_kernel_caps_of_the_demo_and_the_study():
+    """The golden tests compare floats with ==: the suite caps kernels as tools/runs.py does."""
+    import torch
+    from conftest import ISA_CAP
+
+    from runs import ISA_CAP as RUNS_CAP
+
+    assert ISA_CAP == RUNS_CAP
+    # The cap holds in this process (torch was imported after conftest set it).
+    assert torch.backends.cpu.get_cpu_capability() != "AVX512"
