@@ -134,6 +134,13 @@ def chosen_methods(names, study):
     return [m for m in dict.fromkeys(methods) if m != "student"], dev
 
 
+def finished_count(results):
+    """The teacher and the finished runs in a results dict of this tool."""
+    return bool(results.get("teacher")) + sum(
+        len(m["runs"]) for m in results.get("methods", {}).values()
+    )
+
+
 def restored_fields(results, out_rel):
     """The ledger fields of one run (``teacher`` or ``<method>/seed<s>``) as an earlier
     results.json of this tool holds them, or None."""
@@ -224,6 +231,10 @@ def main(argv=None):
         if name == "teacher":
             check_teacher(run["bbox"], rec)
         run["test"] = test(out)
+        if run["test"] is None and run["reused"] and rec is not None:
+            # A reused run whose test evaluation is not cached beside its weights (a teacher
+            # retrained for its students): keep the recorded test result, never erase it.
+            run["test"] = rec.get("test")
         source = (rec or {}).get("source", "trained") if run["reused"] else "trained"
         ledger.save(rec_path, params=full, dev=run["bbox"], test=run["test"],
                     seconds=run["seconds"], source=source)  # fmt: skip
@@ -262,19 +273,8 @@ def main(argv=None):
             results["methods"][name]["runs"].append(run)
     os.makedirs(args.output, exist_ok=True)
     old_path = os.path.join(args.output, "results.json")
-    if os.path.exists(old_path) and not args.force:
-        with open(old_path) as f:
-            old = json.load(f)
-        count = lambda r: bool(r.get("teacher")) + sum(  # noqa: E731
-            len(m["runs"]) for m in r.get("methods", {}).values()
-        )
-        if count(results) < count(old):
-            raise SystemExit(
-                f"Refusing to overwrite {old_path}: it holds {count(old)} finished runs, this "
-                f"report only {count(results)} (are {args.output}/runs and {args.output}/ledger "
-                f"missing?). Rebuild the ledger with `--restore-from {old_path}`, or pass --force "
-                "to replace it."
-            )
+    if not args.force:
+        ledger.refuse_to_shrink(old_path, results, finished_count)
     with open(old_path, "w") as f:
         json.dump(results, f, indent=2)
     md = markdown(results, len(todo), preset, args.seeds)

@@ -291,6 +291,8 @@ class Study:
         if run["test"] is not None:
             rec_path = ledger.record_path(self.args.output, run["out"])
             run["record"] = ledger.save(rec_path, test=run["test"])
+        else:  # --report-only and no evaluation cached beside the weights: the recorded one
+            run["test"] = (run.get("record") or {}).get("test")
         return run
 
     # -- stages -------------------------------------------------------------------------------

@@ -63,12 +63,20 @@ def identity(params):
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def count(output):
-    """How many records the ledger of ``output`` holds."""
-    root = os.path.join(output, "ledger")
-    return sum(
-        f.endswith(".json") for _, _, files in os.walk(root) for f in files
-    )  # fmt: skip
+def refuse_to_shrink(path, res, count):
+    """Stop before ``res`` replaces a results file at ``path`` that holds more finished runs
+    (``count(results) -> int``): a study whose ``runs/`` and ledger are gone would otherwise
+    overwrite its evidence with an empty table."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = count(json.load(f))
+    if count(res) < old:
+        raise SystemExit(
+            f"Refusing to overwrite {path}: it holds {old} finished runs, this report only "
+            f"{count(res)} (are runs/ and ledger/ beside it missing?). Rebuild the ledger with "
+            f"`--restore-from {path}`, or pass --force to replace it."
+        )
 
 
 def restored_fields(results, out_rel):

@@ -16,12 +16,6 @@ from runs import fmt  # noqa: E402  (tools/ is on sys.path: this module is run_s
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def file_id(path):
-    """Path, size and mtime of the teacher's weights: a retrained teacher retrains its students."""
-    st = os.stat(path)
-    return [path, st.st_size, int(st.st_mtime)]
-
-
 def ap_curve(metrics_json):
     """``[[iteration, dev AP], ...]`` from a run's periodic evaluations (the last value logged
     for an iteration wins, so a resumed run's repeated evaluations are drawn once)."""
@@ -361,15 +355,6 @@ def finished_count(res):
     return bool(res.get("teacher")) + trials + res.get("finished_runs", 0)
 
 
-def fewer_than_written(res, output):
-    """Whether ``<output>/results.json`` holds more finished runs than ``res``."""
-    path = os.path.join(output, "results.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return finished_count(res) < finished_count(json.load(f))
-
-
 def drops_methods(res, output):
     """Whether ``<output>/results.json`` reports methods that ``res`` does not (a ``--families``
     subset of the study)."""
@@ -385,16 +370,8 @@ def write_all(res, output, allow_fewer=False):
     ``res`` (a study whose ``runs/`` and ledger are gone would otherwise overwrite its evidence
     with an empty table) unless ``allow_fewer``."""
     os.makedirs(output, exist_ok=True)
-    old_path = os.path.join(output, "results.json")
-    if not allow_fewer and fewer_than_written(res, output):
-        with open(old_path) as f:
-            old = finished_count(json.load(f))
-        raise SystemExit(
-            f"Refusing to overwrite {old_path}: it holds {old} finished runs, this report "
-            f"only {finished_count(res)} (are {output}/runs and {output}/ledger missing?). "
-            f"Rebuild the ledger with `--restore-from {old_path}`, or pass --force to "
-            "replace it."
-        )
+    if not allow_fewer:
+        ledger.refuse_to_shrink(os.path.join(output, "results.json"), res, finished_count)
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
     with open(os.path.join(output, "dev_sweep.md"), "w") as f:
