@@ -10,6 +10,8 @@ the README's sentences come from a command.
 
 import statistics
 
+from study_plan import FEATURE_FAMILIES
+
 #: Offline methods, for "the best offline method": distillation from a trained teacher.
 OFFLINE = ("ssim", "mse", "l1", "pkd", "cwd", "multilevel", "dynamic", "mix_kd")
 
@@ -49,6 +51,18 @@ def method_verdict(runs, student_runs):
 def _dev_mean(m):
     devs = [r["dev"]["AP"] for r in m["runs"] if r.get("dev")]
     return statistics.mean(devs) if devs else None
+
+
+def feature_pick(res):
+    """The feature-loss family whose dev pick had the best dev AP (what ``@pick:feature`` chose),
+    or None before those sweeps have picks. Ties go to the earlier family, as in the plan."""
+    best = None
+    for fam in FEATURE_FAMILIES:
+        sweep = (res.get("dev_sweep") or {}).get(fam) or {}
+        ap = {t["name"]: t.get("dev_AP") for t in sweep.get("trials", [])}.get(sweep.get("pick"))
+        if ap is not None and (best is None or ap > best[1]):
+            best = (fam, ap)
+    return best and best[0]
 
 
 def answers(res):
@@ -102,6 +116,14 @@ def answers(res):
         v = verdict(d, se) or "too few seeds to tell"
         out.append(f"- {methods[key]['label']} against the student alone: {txt} test AP "
                    f"({v}).")  # fmt: skip
+    # What mixing adds to distillation: the same tuned hints with and without it.
+    fam = feature_pick(res)
+    r = vs("mix_kd", fam) if fam in methods and "mix_kd" in methods else None
+    if r is not None:
+        d, se, txt = r
+        v = verdict(d, se) or "too few seeds to tell"
+        out.append(f"- {methods['mix_kd']['label']} against the same hints without mixing "
+                   f"({methods[fam]['label']}): {txt} test AP ({v}).")  # fmt: skip
     return out
 
 

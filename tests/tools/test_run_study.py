@@ -255,6 +255,17 @@ def test_verdicts_and_answers_follow_welch(monkeypatch):
         "'+ SSIM' (33.0 dev AP); on test it closes 60% of the teacher-student gap (at least" in text
     )
     assert "+ mixing against the student alone: -4.0 +- 0.8 test AP (hurts)." in text
+    # Mixing on top of hints is compared with the hints family the dev sweeps picked (MSE here,
+    # 31.5 dev AP against SSIM's 31.0), not with the student alone only.
+    sweep = lambda ap: {"pick": "a", "trials": [{"name": "a", "dev_AP": ap}]}  # noqa
+    res["dev_sweep"] = {"ssim": sweep(31.0), "mse": sweep(31.5)}
+    res["methods"]["mix_kd"] = {"label": "+ hints + mixing", "runs": runs(32.0, 33.0, 34.0)}
+    text = "\n".join(v.answers(res))
+    # 33 - 31 = 2 +- sqrt(1/3 + 4/3) = 1.29 -> no effect shown.
+    assert (
+        "+ hints + mixing against the same hints without mixing (+ MSE): +2.0 +- 1.3 test AP "
+        "(no effect shown)." in text
+    )
     # A partial table: the best by dev has no test run yet, so no lesser method takes its place.
     res["methods"]["pkd"] = {"label": "+ PKD", "runs": [{"test": None, "dev": {"AP": 35.0}}]}
     text = "\n".join(v.answers(res))
