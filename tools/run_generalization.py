@@ -63,7 +63,7 @@ def parse_args(argv=None):
         "given with no names, only the teacher and the student alone are trained, which need no "
         "finished study method and so can start while the study still runs",
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])  # as the study
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--force", action="store_true",
