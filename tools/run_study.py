@@ -331,8 +331,7 @@ class Study:
                       if self.results["dev"].get(f, {}).get("pick_trial")}  # fmt: skip
             if not chosen:
                 return None
-            dev_ap = {t.key: self.results["dev"][t.family]["pick_ap"] for t in chosen.values()}
-            return plan.best_feature(chosen, dev_ap)
+            return chosen[plan.best_feature({f: self.results["dev"][f]["pick_ap"] for f in chosen})]
         self.event(f"pick:{fam}").wait()
         return self.results["dev"].get(fam, {}).get("pick_trial")
 

@@ -232,10 +232,12 @@ def expand(opts, picks: Dict[str, Trial]) -> List[str]:
     return out
 
 
-def best_feature(picks: Dict[str, Trial], dev_ap: Dict[str, float]) -> Trial:
-    """The feature-loss pick with the best dev AP (earlier family in FEATURE_FAMILIES on ties)."""
-    cands = [picks[f] for f in FEATURE_FAMILIES if f in picks]
-    return max(cands, key=lambda tr: (dev_ap[tr.key], -FEATURE_FAMILIES.index(tr.family)))
+def best_feature(pick_ap: Dict[str, float]) -> str:
+    """The feature-loss family whose pick has the best dev AP (``pick_ap``: family -> its pick's
+    dev AP; the earlier family in FEATURE_FAMILIES on ties). The study resolves ``@pick:feature``
+    with it and the report names that family, so both follow one rule."""
+    fams = [f for f in FEATURE_FAMILIES if f in pick_ap]
+    return max(fams, key=lambda f: (pick_ap[f], -FEATURE_FAMILIES.index(f)))
 
 
 def start_order(finals, seeds):

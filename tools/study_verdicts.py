@@ -10,7 +10,7 @@ the README's sentences come from a command.
 
 import statistics
 
-from study_plan import FEATURE_FAMILIES
+from study_plan import FEATURE_FAMILIES, best_feature
 
 #: Offline methods, for "the best offline method": distillation from a trained teacher.
 OFFLINE = ("ssim", "mse", "l1", "pkd", "cwd", "multilevel", "dynamic", "mix_kd")
@@ -54,15 +54,15 @@ def _dev_mean(m):
 
 
 def feature_pick(res):
-    """The feature-loss family whose dev pick had the best dev AP (what ``@pick:feature`` chose),
-    or None before those sweeps have picks. Ties go to the earlier family, as in the plan."""
-    best = None
+    """The family ``@pick:feature`` chose (:func:`study_plan.best_feature` on the picks' dev AP
+    in ``res``), or None before the feature sweeps have picks."""
+    pick_ap = {}
     for fam in FEATURE_FAMILIES:
         sweep = (res.get("dev_sweep") or {}).get(fam) or {}
         ap = {t["name"]: t.get("dev_AP") for t in sweep.get("trials", [])}.get(sweep.get("pick"))
-        if ap is not None and (best is None or ap > best[1]):
-            best = (fam, ap)
-    return best and best[0]
+        if ap is not None:
+            pick_ap[fam] = ap
+    return best_feature(pick_ap) if pick_ap else None
 
 
 def answers(res):

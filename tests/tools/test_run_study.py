@@ -266,6 +266,9 @@ def test_verdicts_and_answers_follow_welch(monkeypatch):
         "+ hints + mixing against the same hints without mixing (+ MSE): +2.0 +- 1.3 test AP "
         "(no effect shown)." in text
     )
+    # A tie goes to the earlier family of the plan, in the study's choice and in the report.
+    res["dev_sweep"]["mse"] = sweep(31.0)
+    assert v.feature_pick(res) == "ssim"
     # A partial table: the best by dev has no test run yet, so no lesser method takes its place.
     res["methods"]["pkd"] = {"label": "+ PKD", "runs": [{"test": None, "dev": {"AP": 35.0}}]}
     text = "\n".join(v.answers(res))
