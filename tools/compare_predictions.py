@@ -26,7 +26,6 @@ this picture shows where (missed objects, duplicates, confused classes).
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -166,7 +165,6 @@ def compare_predictions(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import kd_det  # noqa: F401  (registers kd_det's components)
 
     path, shape = compare_predictions(args)

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(REPO, "configs", "Synthetic")
+SHIPPED_SSIM = os.path.join(CFG, "distill_lite2_to_lite0_ssim.yaml")
 
 
 def parse_args(argv=None):
@@ -54,19 +55,25 @@ def parse_args(argv=None):
     p.add_argument(
         "--tuned",
         default=os.path.join(CFG, "tuned"),
-        help="the study's tuned configs and ranking.json (tools/export_tuned_configs.py)",
+        help="the method study's tuned configs and its ranking.json",
     )
     p.add_argument("--teacher-min-ap", type=float, default=None,
                    help="MODEL.KD.TEACHER.MIN_AP of the distillation run (0 only logs the "
                         "teacher check's AP; default: the config's)")  # fmt: skip
+    p.add_argument("--list", action="store_true",
+                   help="print the students the demo trains (from --tuned) and exit")  # fmt: skip
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.list:
+        for name, (label, config, needs_teacher) in demo_methods(args.tuned).items():
+            teacher = "teacher" if needs_teacher else "-"
+            print(f"{name:12s} {teacher:8s} {os.path.relpath(config, REPO)}  {label}")
+        return
     t0 = time.time()
     os.makedirs(args.output, exist_ok=True)
-    sys.path.insert(0, REPO)
     from kd_det.data.synthetic import generate_dataset
     from runs import markdown_table, schedule_opts, schedule_relative_opts, train_and_evaluate
 
@@ -173,28 +180,40 @@ def main(argv=None):
 def demo_methods(tuned):
     """``{name: (label, config, needs a teacher)}``: the student alone first, then the study's
     best method by dev AP, then SSIM (if not the best), from the tuned configs in ``tuned``;
-    without them (the study has not finished), the shipped student and SSIM configs."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import study_plan as plan
+    without them (the study has not finished), the shipped student and SSIM configs.
 
-    finals = {f.name: f for f in plan.finals()}
+    The study's output is data here: ``ranking.json`` (methods by mean dev AP, with their labels)
+    and one config per method. A config whose meta-architecture is ``DistillationRCNN`` needs the
+    teacher the demo trains."""
     ranking = os.path.join(tuned, "ranking.json")
     if not os.path.exists(ranking):
         return {
             "student": ("student alone: Lite0-FPN", os.path.join(CFG, "faster_rcnn_lite0_FPN.yaml"),
                         False),
-            "ssim": ("student + SSIM KD (shipped setting)", plan.KD, True),
+            "ssim": ("student + SSIM KD (shipped setting)", SHIPPED_SSIM, True),
         }  # fmt: skip
     with open(ranking) as f:
-        best = json.load(f)[0]["method"]
+        ranked = json.load(f)
+    labels = {r["method"]: r["label"] for r in ranked}
+    best = ranked[0]["method"]
     out = {"student": ("student alone (study size)", os.path.join(tuned, "student.yaml"), False)}
     for name in dict.fromkeys([best, "ssim"]):
-        label = f"{finals[name].label}" + (" [best in the study]" if name == best else "")
-        out[name] = (label, os.path.join(tuned, f"{name}.yaml"), finals[name].teacher)
-    for name, (_, config, _) in out.items():
+        label = labels.get(name, name) + (" [best in the study]" if name == best else "")
+        out[name] = (label, os.path.join(tuned, f"{name}.yaml"), None)
+    for name, (label, config, _) in out.items():
         if not os.path.exists(config):
-            raise SystemExit(f"{config} is missing: run tools/export_tuned_configs.py.")
+            raise SystemExit(f"{config} is missing: the study's tuned configs are incomplete.")
+        out[name] = (label, config, needs_teacher(config))
     return out
+
+
+def needs_teacher(config):
+    """Whether ``config`` distills from a trained teacher (a ``DistillationRCNN``)."""
+    from kd_det.config import get_kd_cfg
+
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(config)
+    return cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN"
 
 
 def draw_comparison(args, data_opts, teacher_dir, student_cfg, distilled_cfg, distilled_dir):

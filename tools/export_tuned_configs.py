@@ -22,7 +22,7 @@ REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
 
 import study_plan as plan  # noqa: E402
-from loss_balance import balance  # noqa: E402
+from kd_det.utils.loss_balance import balance  # noqa: E402
 from runs import SCHEDULE_RELATIVE, rescale_schedule  # noqa: E402
 
 sys.path.insert(0, REPO)

@@ -154,10 +154,17 @@ def main(argv=None):
         help=f"force one of {PATHS} (default: automatic; env KD_DET_D2_INSTALL)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the decision only")
+    parser.add_argument(
+        "--probe",
+        default="github.com:443",
+        metavar="HOST:PORT",
+        help="where GitHub's reachability is tested (decides source or pypi)",
+    )
     args = parser.parse_args(argv)
 
     importable = detectron2_importable(args.python)
-    reachable = False if importable and not args.path else github_reachable()
+    host, _, port = args.probe.rpartition(":")
+    reachable = False if importable and not args.path else github_reachable(host, int(port))
     path = choose_path(importable, reachable, args.path)
     reasons = {
         "keep": "detectron2 already imports; keeping it",

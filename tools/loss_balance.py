@@ -22,17 +22,16 @@ middle and last ``--window`` fraction of the logged training rows.
 """
 
 import argparse
-import glob
-import json
 import os
-import statistics
 import sys
+
+from kd_det.utils.loss_balance import study_runs, table
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", help="run directories (each with a metrics.json)")
-    p.add_argument("--study", help="a tools/run_study.py output directory: every dev trial")
+    p.add_argument("--study", help="a method-study output directory: every dev trial")
     p.add_argument("--window", type=float, default=0.1, help="fraction of rows per window")
     args = p.parse_args(argv)
     if not args.runs and not args.study:
@@ -40,108 +39,6 @@ def parse_args(argv=None):
     if not 0 < args.window <= 1 / 3:
         p.error(f"--window must be in (0, 1/3], got {args.window}: the three windows overlap.")
     return args
-
-
-def loss_rows(metrics_json):
-    """The training rows of a ``metrics.json``: ``(iteration, {loss name: value})``, in order; a
-    resumed run's repeated iterations keep their last value."""
-    by_iter = {}
-    with open(metrics_json) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            d = json.loads(line)
-            losses = {k: v for k, v in d.items() if k.startswith("loss_")}
-            if losses and "iteration" in d:
-                by_iter[d["iteration"]] = losses
-    return sorted(by_iter.items())
-
-
-#: Logged losses that train a side network only, not the detector: hint-dynamic weighting's
-#: meta-weight objective. They count as neither distillation nor detection.
-AUXILIARY = ("loss_hint_meta",)
-
-
-def detection_terms(losses):
-    """``{name: value}`` of a row's detection losses: neither ``loss_kd_*`` nor auxiliary."""
-    return {k: v for k, v in losses.items() if not k.startswith("loss_kd_") and k not in AUXILIARY}
-
-
-def ratio(losses):
-    """Distillation terms over detection terms for one row (None without detection terms)."""
-    kd = sum(v for k, v in losses.items() if k.startswith("loss_kd_"))
-    det = sum(detection_terms(losses).values())
-    return kd / det if det > 0 else None
-
-
-def member_detection_loss(losses):
-    """The detection losses (no ``loss_kd_*`` or auxiliary term) of the model a run reports,
-    summed: an online run logs every peer's (``loss_peer<i>_*``), and peer 0 is the one it
-    evaluates by default, so its sum compares with a single detector's."""
-    det = detection_terms(losses)
-    if any(k.startswith("loss_peer") for k in det):
-        det = {k: v for k, v in det.items() if k.startswith("loss_peer0_")}
-    return sum(det.values())
-
-
-def balance(metrics_json, window=0.1):
-    """``{"start", "middle", "end": mean ratio, "largest": (term, mean value at the end),
-    "detection_end": mean detection loss of the reported model at the end,
-    "iterations": last iteration}`` of one run, or None when it logged no training row.
-
-    ``detection_end`` tells underfitting from overfitting: a method whose students end with a
-    higher detection loss than the student alone's fits the training data less well."""
-    rows = loss_rows(metrics_json)
-    if not rows:
-        return None
-    n = max(1, int(round(window * len(rows))))
-    mid = len(rows) // 2
-    windows = {"start": rows[:n], "middle": rows[mid - n // 2 : mid - n // 2 + n],
-               "end": rows[-n:]}  # fmt: skip
-    out = {"iterations": rows[-1][0] + 1}
-    for name, part in windows.items():
-        vals = [r for r in (ratio(losses) for _, losses in part) if r is not None]
-        out[name] = statistics.mean(vals) if vals else None
-    out["detection_end"] = statistics.mean(member_detection_loss(v) for _, v in windows["end"])
-    kd_terms = {k for _, losses in windows["end"] for k in losses if k.startswith("loss_kd_")}
-    means = {k: statistics.mean(losses.get(k, 0.0) for _, losses in windows["end"])
-             for k in kd_terms}  # fmt: skip
-    out["largest"] = max(means.items(), key=lambda kv: kv[1]) if means else None
-    return out
-
-
-def study_runs(study_dir):
-    """``[(label, run dir)]`` for every dev trial of a study, the family's pick marked with *."""
-    picks = {}
-    results = os.path.join(study_dir, "results.json")
-    if os.path.exists(results):
-        with open(results) as f:
-            sweep = json.load(f).get("dev_sweep", {})
-        picks = {fam: e.get("pick") for fam, e in sweep.items()}
-    out = []
-    for path in sorted(glob.glob(os.path.join(study_dir, "runs", "dev", "*", "*", "seed0"))):
-        trial_dir = os.path.dirname(path)
-        fam, trial = os.path.basename(os.path.dirname(trial_dir)), os.path.basename(trial_dir)
-        mark = " *" if picks.get(fam) == trial else ""
-        out.append((f"{fam}/{trial}{mark}", path))
-    return out
-
-
-def table(labelled, window=0.1):
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = ["| run | iterations | kd / detection: start | middle | end | largest kd term at end |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for label, run in labelled:
-        path = os.path.join(run, "metrics.json")
-        b = balance(path, window) if os.path.exists(path) else None
-        if b is None:
-            lines.append(f"| {label} | (no training rows in {path}) | | | | |")
-            continue
-        big = "none" if b["largest"] is None else f"{b['largest'][0]} {b['largest'][1]:.3f}"
-        lines.append(f"| {label} | {b['iterations']} | {fmt(b['start'])} | {fmt(b['middle'])} | "
-                     f"{fmt(b['end'])} | {big} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

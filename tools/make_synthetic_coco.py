@@ -15,11 +15,7 @@ import argparse
 import os
 import sys
 
-try:
-    import kd_det.data.synthetic as synthetic
-except ImportError:  # running from a checkout without ``pip install -e .``
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import kd_det.data.synthetic as synthetic
+import kd_det.data.synthetic as synthetic
 
 
 def parse_args(argv=None):

@@ -10,7 +10,7 @@ import time
 import study_ledger as ledger  # noqa: E402
 import study_plots as plots  # noqa: E402
 import study_verdicts as verdicts  # noqa: E402
-from loss_balance import balance  # noqa: E402
+from kd_det.utils.loss_balance import balance  # noqa: E402
 from runs import fmt  # noqa: E402  (tools/ is on sys.path: this module is run_study's)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,6 @@ width) and checks it with onnxruntime the same way.
 import argparse
 import json
 import os
-import sys
 
 
 def build_parser():
@@ -32,7 +31,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from detectron2.data.detection_utils import read_image
 
     from kd_det.utils.deploy import export_onnx, export_torchscript

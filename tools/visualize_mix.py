@@ -22,19 +22,16 @@ Examples::
 import argparse
 import copy
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data import get_detection_dataset_dicts  # noqa: E402
-from detectron2.data import detection_utils as utils  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
-from kd_det.config import get_kd_cfg  # noqa: E402
-from kd_det.data.mixed_sample_mapper import MIX_TYPES, MixedSampleDatasetMapper  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import detection_utils as utils
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.visualizer import Visualizer
+from kd_det.config import get_kd_cfg
+from kd_det.data.mixed_sample_mapper import MIX_TYPES, MixedSampleDatasetMapper
 
 DEFAULT_ROOT = "datasets/synthetic"
 

@@ -2,9 +2,9 @@
 
 Tiny CPU models need a config small enough to build and step in seconds (:func:`tiny_overrides`),
 inputs shaped like a ``DatasetMapper``'s output (:func:`random_batch`), a saved detector to serve
-as a teacher (:func:`save_random_detector`) and a way to run or import the scripts in ``tools/``
-(:func:`run_tool`, :func:`load_tool`). Paths to the repository are always passed in: an installed
-kd_det has no repository to guess.
+as a teacher (:func:`save_random_detector`) and a way to run the repository's scripts as a user
+does, in a subprocess (:func:`run_script`; :func:`run_tool` for the user commands in ``tools/``).
+Paths to the repository are always passed in: an installed kd_det has no repository to guess.
 """
 
 import importlib.util
@@ -19,6 +19,7 @@ __all__ = [
     "model_overrides",
     "perturb_online_peers",
     "random_batch",
+    "run_script",
     "run_tool",
     "save_random_detector",
     "tiny_overrides",
@@ -108,8 +109,9 @@ def save_random_detector(config_file, output_dir, opts=(), seed=123, name="teach
     return {"path": os.path.join(str(output_dir), f"{name}.pth"), "opts": list(opts)}
 
 
-def run_tool(repo, tool, args, timeout=600, threads=1, **kwargs):
-    """Run ``<repo>/tools/<tool>`` with this interpreter from ``repo`` (one thread per process).
+def run_script(repo, script, args, timeout=600, threads=1, **kwargs):
+    """Run the script ``<repo>/<script>`` (e.g. ``dev/benchmark.py``) with this interpreter from
+    ``repo``, one thread per process: a command line exactly as a user types it.
 
     Returns:
         subprocess.CompletedProcess: with text ``stdout`` / ``stderr``.
@@ -117,7 +119,7 @@ def run_tool(repo, tool, args, timeout=600, threads=1, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     env.update(kwargs.pop("env", {}))
     return subprocess.run(
-        [sys.executable, os.path.join(repo, "tools", tool)] + [str(a) for a in args],
+        [sys.executable, os.path.join(repo, script)] + [str(a) for a in args],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -125,6 +127,11 @@ def run_tool(repo, tool, args, timeout=600, threads=1, **kwargs):
         timeout=timeout,
         **kwargs,
     )
+
+
+def run_tool(repo, tool, args, timeout=600, threads=1, **kwargs):
+    """Run the user command ``<repo>/tools/<tool>``: :func:`run_script` of ``tools/<tool>``."""
+    return run_script(repo, os.path.join("tools", tool), args, timeout, threads, **kwargs)
 
 
 def load_tool(repo, tool):

@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from conftest import CONFIGS, REPO, tiny_overrides, write_coco_dataset
 from kd_det.config import get_kd_cfg
 from kd_det.data.builtin import register_datasets_from_config
-from kd_det.utils.testing import load_tool, run_tool
+from kd_det.utils.testing import run_tool
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 
@@ -137,9 +137,10 @@ def test_train_net_trains_and_evaluates_on_own_coco_json(coco_data, tmp_path):
 
 
 def test_visualize_mix_reads_datasets_coco(coco_data, tmp_path):
-    tool = load_tool(REPO, "visualize_mix.py")
     json_file, image_root = coco_data["train"]
-    tool.main(["--num", "2", "--output", str(tmp_path), "--type", "cutmix"]
-              + _entry_opts("owncoco_vis_train", json_file, image_root)
-              + ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"])  # fmt: skip
+    proc = run_tool(REPO, "visualize_mix.py",
+                    ["--num", "2", "--output", tmp_path, "--type", "cutmix"]
+                    + _entry_opts("owncoco_vis_train", json_file, image_root)
+                    + ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["000_cutmix.png", "001_cutmix.png"]

@@ -1,14 +1,27 @@
 """tools/benchmark_data.py: a smoke test at tiny size (plain mapper vs one mix type with cache)."""
 
 from conftest import REPO
-from kd_det.utils.testing import load_tool
+from kd_det.utils.testing import run_tool
 
 
-def test_benchmark_tool(capsys):
-    tool = load_tool(REPO, "benchmark_data.py")
-    tool.main(
-        ["--num-images", "3", "--image-size", "48", "--repeats", "1", "--types", "cutmix"]
-        + ["--cache-size", "2", "INPUT.MIN_SIZE_TRAIN", "(48,)", "INPUT.MAX_SIZE_TRAIN", "64"]
-    )
-    out = capsys.readouterr().out
+def test_benchmark_tool():
+    args = [
+        "--num-images",
+        "3",
+        "--image-size",
+        "48",
+        "--repeats",
+        "1",
+        "--types",
+        "cutmix",
+        "--cache-size",
+        "2",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(48,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "64",
+    ]
+    proc = run_tool(REPO, "benchmark_data.py", args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     assert "plain DatasetMapper" in out and "cutmix (cache 2)" in out and "ratio to plain" in out

@@ -1,6 +1,5 @@
 """tools/compare_predictions.py on tiny random-weight models: one PNG, one column per model."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -12,17 +11,17 @@ from PIL import Image
 
 from conftest import CONFIGS, REPO, tiny_overrides
 from kd_det.config import get_kd_cfg
+from kd_det.utils.testing import run_tool
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
+#: Height in pixels of the tool's title row (``HEADER`` in tools/compare_predictions.py).
+HEADER = 28
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "compare_predictions", os.path.join(REPO, "tools", "compare_predictions.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _compare(args):
+    proc = run_tool(REPO, "compare_predictions.py", args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +55,8 @@ def models(tmp_path_factory, synthetic_root):
 
 
 def test_grid_of_ground_truth_teacher_student_and_distilled(tmp_path, models):
-    tool = _tool()
     out = tmp_path / "cmp" / "compare.png"
-    tool.main([
+    _compare([
         "--distilled-config", models["distill_config"],
         "--distilled-weights", models["distilled"],
         "--student-config", R18, "--student-weights", models["student"],
@@ -67,8 +65,8 @@ def test_grid_of_ground_truth_teacher_student_and_distilled(tmp_path, models):
     ] + models["opts"])  # fmt: skip
     img = np.asarray(Image.open(out).convert("RGB"))
     # 64 px validation images drawn at scale 2: 2 rows of 4 columns of 128 px under the titles.
-    assert img.shape == (tool.HEADER + 2 * 128, 4 * 128, 3)
-    header, cells = img[: tool.HEADER], img[tool.HEADER :]
+    assert img.shape == (HEADER + 2 * 128, 4 * 128, 3)
+    header, cells = img[:HEADER], img[HEADER:]
     for col in range(4):  # every column has a title (dark text on white)
         assert (header[:, col * 128 : (col + 1) * 128] < 100).any()
     gt = cells[:128, :128].astype(int)
@@ -79,14 +77,15 @@ def test_grid_of_ground_truth_teacher_student_and_distilled(tmp_path, models):
 
 
 def test_a_single_model_gives_two_columns(tmp_path, models):
-    tool = _tool()
     out = tmp_path / "one.png"
-    tool.main(["--student-config", R18, "--student-weights", models["student"],
-               "--dataset", "synthetic_val", "--num-images", "3", "--scale", "1",
-               "--output", str(out)] + models["opts"])  # fmt: skip
-    assert Image.open(out).size == (2 * 64, tool.HEADER + 3 * 64)
+    _compare(["--student-config", R18, "--student-weights", models["student"],
+              "--dataset", "synthetic_val", "--num-images", "3", "--scale", "1",
+              "--output", str(out)] + models["opts"])  # fmt: skip
+    assert Image.open(out).size == (2 * 64, HEADER + 3 * 64)
 
 
 def test_config_without_weights_is_refused(tmp_path, models):
-    with pytest.raises(SystemExit, match="--student-config and --student-weights go together"):
-        _tool().main(["--student-config", R18, "--output", str(tmp_path / "x.png")])
+    args = ["--student-config", R18, "--output", tmp_path / "x.png"]
+    proc = run_tool(REPO, "compare_predictions.py", args, timeout=300)
+    assert proc.returncode != 0
+    assert "--student-config and --student-weights go together" in proc.stderr

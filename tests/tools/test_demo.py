@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from conftest import REPO
+from kd_det.utils.testing import run_tool
 
 # A 2-iteration teacher is useless: --teacher-min-ap 0 makes the teacher check only log its AP.
 ARGS = ["--num-train", "8", "--num-val", "4", "--image-size", "64", "--teacher-iters", "2",
@@ -42,24 +43,27 @@ def test_demo_tiny(tmp_path):
     assert again.stdout.count("reusing the finished run") == 3
 
 
-def test_demo_shows_the_studys_best_method_and_ssim(tmp_path, monkeypatch):
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
-    export = load_tool(REPO, "export_tuned_configs.py")
-    demo = load_tool(REPO, "demo.py")
-    size = ["MODEL.FPN.OUT_CHANNELS", "64"]
-    run = lambda opts, dev: {"runs": [{"opts": size + opts, "dev": {"AP": dev}}]}  # noqa: E731
-    results = {"methods": {
-        "student": dict(run([], 20.0), label="student alone"),
-        "multilevel": dict(run(["MODEL.KD.ROI.CLS_WEIGHT", "0.5"], 25.0), label="+ multi-level"),
-        "ssim": dict(run(["MODEL.KD.SSIM.WINDOW_SIZE", "7"], 22.0), label="+ SSIM"),
-    }}  # fmt: skip
-    (tmp_path / "results.json").write_text(json.dumps(results))
+def test_demo_shows_the_studys_best_method_and_ssim(tmp_path):
+    """The demo reads the study's output as data (ranking.json, one config per method): the
+    student alone, the best method by dev AP, then SSIM."""
+    syn = os.path.join(REPO, "configs", "Synthetic")
     tuned = tmp_path / "tuned"
-    export.main(["--study", str(tmp_path / "results.json"), "--output", str(tuned)])
-    methods = demo.demo_methods(str(tuned))
-    assert list(methods) == ["student", "multilevel", "ssim"]  # the best by dev AP, then SSIM
-    assert methods["multilevel"][1] == str(tuned / "multilevel.yaml") and methods["ssim"][2]
-    assert "best in the study" in methods["multilevel"][0]
-    assert methods["student"][1] == str(tuned / "student.yaml")
+    tuned.mkdir()
+    for name, base in (("student", "faster_rcnn_lite0_FPN.yaml"),
+                       ("multilevel", "distill_lite2_to_lite0_multilevel.yaml"),
+                       ("ssim", "distill_lite2_to_lite0_ssim.yaml"),
+                       ("mix", "faster_rcnn_lite0_FPN.yaml")):  # fmt: skip
+        (tuned / f"{name}.yaml").write_text(f"_BASE_: {os.path.join(syn, base)}\n")
+    ranking = [{"method": "multilevel", "label": "+ multi-level", "dev_AP": 25.0},
+               {"method": "mix", "label": "+ mixing", "dev_AP": 23.0},
+               {"method": "ssim", "label": "+ SSIM", "dev_AP": 22.0}]  # fmt: skip
+    (tuned / "ranking.json").write_text(json.dumps(ranking))
+    proc = run_tool(REPO, "demo.py", ["--tuned", tuned, "--list"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(None, 3) for line in proc.stdout.splitlines()]
+    # name, teacher needed, config, label: the best by dev AP, then SSIM; mixing is not shown.
+    assert [r[:2] for r in rows] == [["student", "-"], ["multilevel", "teacher"],
+                                     ["ssim", "teacher"]]  # fmt: skip
+    assert rows[1][2] == os.path.relpath(tuned / "multilevel.yaml", REPO)
+    assert rows[1][3] == "+ multi-level [best in the study]" and rows[2][3] == "+ SSIM"
+    assert rows[0][2] == os.path.relpath(tuned / "student.yaml", REPO)

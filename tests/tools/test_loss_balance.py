@@ -1,10 +1,12 @@
-"""tools/loss_balance.py: distillation-to-detection ratios from a run's metrics.json, by hand."""
+"""kd_det.utils.loss_balance and tools/loss_balance.py: distillation-to-detection ratios from a
+run's metrics.json, checked by hand."""
 
 import json
 
 import pytest
 from conftest import REPO
-from kd_det.utils.testing import load_tool, run_tool
+from kd_det.utils import loss_balance as lb
+from kd_det.utils.testing import run_tool
 
 
 def _write(path, rows):
@@ -21,13 +23,12 @@ def _row(it, kd, det=1.0):
 
 
 def test_ratios_per_window_match_a_hand_computation(tmp_path):
-    tool = load_tool(REPO, "loss_balance.py")
     rows = [{"iteration": 0, "teacher_check/AP": 40.0}]  # no loss: skipped
     rows += [_row(it, kd=float(k)) for k, it in enumerate(range(19, 200, 20))]  # 10 rows, kd 0..9
     rows += [{"iteration": 199, "bbox/AP": 30.0}]
     rows += [_row(199, kd=12.0, det=2.0)]  # a resumed run logged iteration 199 again: it wins
     _write(tmp_path / "run", rows)
-    b = tool.balance(str(tmp_path / "run" / "metrics.json"), window=0.2)
+    b = lb.balance(str(tmp_path / "run" / "metrics.json"), window=0.2)
     # Two rows per window: start kd 0, 1 (ratios 0, 1); middle rows 4, 5 (kd 4, 5); end rows 8
     # (kd 8, det 1) and the re-logged 199 (12 / 2 = 6).
     assert b["iterations"] == 200
@@ -40,24 +41,20 @@ def test_ratios_per_window_match_a_hand_computation(tmp_path):
 
 
 def test_detection_loss_of_an_online_run_is_peer0s(tmp_path):
-    tool = load_tool(REPO, "loss_balance.py")
     row = {"iteration": 9, "loss_peer0_cls": 0.5, "loss_peer0_box_reg": 0.25, "loss_peer1_cls": 4.0,
            "loss_kd_peer0_fpn_p2_from_peer1": 9.0}  # fmt: skip
-    assert tool.member_detection_loss(row) == pytest.approx(0.75)
+    assert lb.member_detection_loss(row) == pytest.approx(0.75)
     # The meta-weight network's objective trains no detector: neither kd nor detection.
     dyn = {"loss_cls": 0.5, "loss_hint_meta": 3.0, "loss_kd_fpn_p2": 1.0}
-    assert tool.member_detection_loss(dyn) == pytest.approx(0.5)
-    assert tool.ratio(dyn) == pytest.approx(2.0)
+    assert lb.member_detection_loss(dyn) == pytest.approx(0.5)
+    assert lb.ratio(dyn) == pytest.approx(2.0)
     _write(tmp_path / "o", [row])
-    assert tool.balance(str(tmp_path / "o" / "metrics.json"))["detection_end"] == pytest.approx(
-        0.75
-    )
+    assert lb.balance(str(tmp_path / "o" / "metrics.json"))["detection_end"] == pytest.approx(0.75)
 
 
 def test_a_run_without_distillation_has_ratio_zero(tmp_path):
-    tool = load_tool(REPO, "loss_balance.py")
     _write(tmp_path / "s", [{"iteration": i, "loss_cls": 1.0} for i in range(5)])
-    b = tool.balance(str(tmp_path / "s" / "metrics.json"))
+    b = lb.balance(str(tmp_path / "s" / "metrics.json"))
     assert b["start"] == b["end"] == 0.0 and b["largest"] is None
 
 
