@@ -5,9 +5,9 @@ import itertools
 import os
 
 #: Kernels capped at AVX2 for the whole suite, before torch loads (the same caps as the demo and the
-#: study, ``ISA_CAP`` in tools/runs.py): an AVX2 and an AVX-512 machine of one vendor then compute
-#: the same bits. Across vendors MKL and oneDNN still differ in the last bits, so the golden tests
-#: compare within a measured tolerance (tests/modeling/test_golden_losses.py). A caller's own
+#: study, ``ISA_CAP`` in kd_det/utils/runs.py): an AVX2 and an AVX-512 machine of one vendor then
+#: compute the same bits. Across vendors MKL and oneDNN still differ in the last bits, so the golden
+#: tests compare within a measured tolerance (tests/modeling/test_golden_losses.py). A caller's own
 #: settings win.
 ISA_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip

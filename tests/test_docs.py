@@ -58,7 +58,7 @@ FENCE_RE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
 TAG_RE = re.compile(r"<!--\s*tested:\s*(.+?)\s*-->")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 # Where ``make demo`` (its set-up included) runs tools: a tool named here is run by the demo.
-DEMO_SOURCES = ("Makefile", "tools/demo.py", "tools/runs.py")
+DEMO_SOURCES = ("Makefile", "tools/demo.py", "kd_det/utils/runs.py")
 # Config keys written in inline code, e.g. `MODEL.KD.FEATURE.LEVELS` or `INPUT.MIX.TYPE`.
 ROOTS = "MODEL|INPUT|SOLVER|DATASETS|DATALOADER|KD_TRAINER|TEST"
 KEY_RE = re.compile(r"(?<![\w.])((?:%s)(?:\.[A-Z][A-Z0-9_]*)+)" % ROOTS)

@@ -4,9 +4,9 @@
 A restructure that claims "behaviour unchanged" must show it end to end, not only in unit tests:
 this tool checks out ``--base`` in a temporary git worktree, runs the same ``tools/train_net.py``
 commands with the base's code and with this checkout's code (one thread, data loaded in-process,
-kernels capped as in ``tools/runs.py``), and compares every run's final weights tensor by tensor
-and its final COCO AP. Both trees read the same generated dataset and, for distillation runs, the
-same teacher checkpoint (trained once, with this checkout's code).
+kernels capped as in ``kd_det/utils/runs.py``), and compares every run's final weights tensor by
+tensor and its final COCO AP. Both trees read the same generated dataset and, for distillation runs,
+the same teacher checkpoint (trained once, with this checkout's code).
 
 Each row of the table is one method with every setting held fixed; "identical" means every tensor
 of ``model_final.pth`` is ``torch.equal``. Writes ``equivalence.md`` and ``equivalence.json``.
@@ -24,9 +24,8 @@ import time
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
-sys.path.insert(0, TOOLS)
 
-from runs import ISA_CAP  # noqa: E402
+from kd_det.utils.runs import ISA_CAP  # noqa: E402
 
 SYN = "configs/Synthetic"
 #: name -> (config relative to the repository, extra overrides, needs the teacher)

@@ -23,9 +23,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from runs import ISA_CAP  # noqa: E402
+from kd_det.utils.runs import ISA_CAP  # noqa: E402
 
 #: Environment of each variant (on top of OMP_NUM_THREADS=1 and NUM_WORKERS 0).
 VARIANTS = {

@@ -19,8 +19,8 @@ finished stage is skipped on the next ``make demo`` (``--force`` retrains everyt
 
 Every run uses one compute thread and loads data in its own process, and runs train two at a
 time: on a 2-core machine that is faster than one run on both cores, and a fixed thread count
-(with the kernel caps of ``tools/runs.py``) gives the same numbers on every machine of the kind,
-whatever its core count (``tools/check_reproducibility.py``).
+(with the kernel caps of ``kd_det/utils/runs.py``) gives the same numbers on every machine of the
+kind, whatever its core count (``tools/check_reproducibility.py``).
 """
 
 import argparse
@@ -75,7 +75,12 @@ def main(argv=None):
     t0 = time.time()
     os.makedirs(args.output, exist_ok=True)
     from kd_det.data.synthetic import generate_dataset
-    from runs import markdown_table, schedule_opts, schedule_relative_opts, train_and_evaluate
+    from kd_det.utils.runs import (
+        markdown_table,
+        schedule_opts,
+        schedule_relative_opts,
+        train_and_evaluate,
+    )
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 

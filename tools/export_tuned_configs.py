@@ -23,7 +23,7 @@ sys.path.insert(0, TOOLS)
 
 import study_plan as plan  # noqa: E402
 from kd_det.utils.loss_balance import balance  # noqa: E402
-from runs import SCHEDULE_RELATIVE, rescale_schedule  # noqa: E402
+from kd_det.utils.runs import SCHEDULE_RELATIVE, rescale_schedule  # noqa: E402
 
 sys.path.insert(0, REPO)
 from kd_det.config import get_kd_cfg  # noqa: E402

@@ -155,7 +155,12 @@ def restored_fields(results, out_rel):
 
 
 def main(argv=None):
-    from runs import finished_run, schedule_opts, train_and_evaluate, with_config_digest
+    from kd_det.utils.runs import (
+        finished_run,
+        schedule_opts,
+        train_and_evaluate,
+        with_config_digest,
+    )
 
     args = parse_args(argv)
     args.report_only = args.report_only or bool(args.restore_from)

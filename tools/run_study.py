@@ -136,7 +136,7 @@ class Study:
     """Schedules the runs (dependencies by events), remembers their results, writes reports."""
 
     def __init__(self, args, preset, trial_families):
-        from runs import schedule_opts
+        from kd_det.utils.runs import schedule_opts
 
         self.args, self.preset = args, preset
         self.trial_families = set(trial_families)
@@ -192,7 +192,7 @@ class Study:
         """Train one run, or reuse it: from its output directory (stamp) or from its ledger
         record (``tools/study_ledger.py``). A run that must train and needs a teacher whose
         weights are gone (a fresh clone) retrains the teacher first (:meth:`teacher_weights`)."""
-        from runs import finished_run, train_and_evaluate, with_config_digest
+        from kd_det.utils.runs import finished_run, train_and_evaluate, with_config_digest
 
         if teacher_needed:
             self.event("teacher").wait()
@@ -249,7 +249,7 @@ class Study:
         """Make sure the teacher's weights exist: retrain a teacher known only from its record,
         once, and check it reproduces the recorded dev AP bit for bit (its students were
         distilled from that teacher)."""
-        from runs import STAMP, train_and_evaluate
+        from kd_det.utils.runs import STAMP, train_and_evaluate
 
         with self.teacher_lock:
             t = self.results["teacher"]

@@ -11,7 +11,7 @@ import study_ledger as ledger  # noqa: E402
 import study_plots as plots  # noqa: E402
 import study_verdicts as verdicts  # noqa: E402
 from kd_det.utils.loss_balance import balance  # noqa: E402
-from runs import fmt  # noqa: E402  (tools/ is on sys.path: this module is run_study's)
+from kd_det.utils.runs import fmt  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -237,7 +237,7 @@ def _recorded(run, key, measure):
     """The value the run's ledger record kept (written from its metrics.json when it finished),
     else ``measure(out)`` on a finished run's directory (a run being retrained has a partial
     metrics.json, whose values would be wrong)."""
-    from runs import STAMP
+    from kd_det.utils.runs import STAMP
 
     kept = (run.get("record") or {}).get(key)
     out = run.get("out")

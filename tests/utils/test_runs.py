@@ -1,13 +1,11 @@
-"""tools/runs.py: a run is reused only when nothing that defines it changed."""
+"""kd_det.utils.runs: a run is reused only when nothing that defines it changed."""
 
 import json
 import os
-import sys
 
 from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "tools"))
-from runs import STAMP, config_digest, finished_run  # noqa: E402
+from kd_det.utils import runs
+from kd_det.utils.runs import STAMP, config_digest, finished_run
 
 
 def _write(path, text):
@@ -16,7 +14,7 @@ def _write(path, text):
 
 
 def test_config_digest_follows_base_and_peers(tmp_path, monkeypatch):
-    monkeypatch.setattr("runs.REPO", str(tmp_path))
+    monkeypatch.setattr("kd_det.utils.runs.REPO", str(tmp_path))
     base = _write(tmp_path / "Base.yaml", "SOLVER:\n  BASE_LR: 0.02\n")
     peer = _write(tmp_path / "peer.yaml", "_BASE_: Base.yaml\n")
     child = _write(
@@ -43,8 +41,6 @@ def test_finished_run_needs_identical_params(tmp_path):
 
 
 def test_schedule_relative_keys_move_with_the_schedule(tmp_path):
-    import runs
-
     opts = ["MODEL.ONLINE_KD.EMA_WARMUP", "500", "MODEL.KD.WARMUP_ITERS", "100"]
     # Half of 1000 is half of 250; an absolute warm-up stays as it is.
     assert runs.rescale_schedule(opts, 1000, 250) == [
@@ -60,12 +56,10 @@ def test_schedule_relative_keys_move_with_the_schedule(tmp_path):
 
 
 def test_suite_runs_with_the_kernel_caps_of_the_demo_and_the_study():
-    """The golden tests compare floats with ==: the suite caps kernels as tools/runs.py does."""
+    """The golden tests compare floats with ==: the suite caps kernels as kd_det.utils.runs does."""
     import torch
     from conftest import ISA_CAP
 
-    from runs import ISA_CAP as RUNS_CAP
-
-    assert ISA_CAP == RUNS_CAP
+    assert ISA_CAP == runs.ISA_CAP
     # The cap holds in this process (torch was imported after conftest set it).
     assert torch.backends.cpu.get_cpu_capability() != "AVX512"

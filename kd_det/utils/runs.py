@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: Kernel instruction-set caps for the runs of the demo and the study: CPUs of one machine kind can
 #: differ in their widest vector unit (AVX2 vs AVX-512), and torch, oneDNN and MKL then pick other
