@@ -87,7 +87,7 @@ def main(argv=None):
     def run_stage(name, out_dir, config, opts, params, quiet=False):
         try:
             r = train_and_evaluate(
-                name, config, opts, out_dir, params, force=args.force, quiet=quiet, env=env
+                name, config, opts, out_dir, params, args.force, quiet, env, repo=REPO
             )
         except RuntimeError as e:
             raise SystemExit(f"[demo] {e}")

@@ -207,7 +207,7 @@ def main(argv=None):
         """Train a run, or reuse it from its output directory or its ledger record (as the
         study does, ``tools/study_ledger.py``); a run that must train retrains a lost teacher
         first, which must reproduce its recorded dev AP."""
-        full = with_config_digest(config, params)
+        full = with_config_digest(config, params, REPO)
         rec_path = ledger.record_path(args.output, out)
         if restored is not None and not os.path.exists(rec_path):
             fields = restored_fields(
@@ -227,10 +227,10 @@ def main(argv=None):
                 if not os.path.exists(weights):
                     t_rec = ledger.load(ledger.record_path(args.output, t_out))
                     run = train_and_evaluate("teacher (weights)", *t_recipe, quiet=True,
-                                             env=env)  # fmt: skip
+                                             env=env, repo=REPO)  # fmt: skip
                     check_teacher(run["bbox"], t_rec)
         run = train_and_evaluate(name, config, opts, out, params, args.force, quiet=True,
-                                 env=env, finished_only=args.report_only)  # fmt: skip
+                                 env=env, finished_only=args.report_only, repo=REPO)  # fmt: skip
         if run is None:
             return None
         if name == "teacher":
@@ -248,7 +248,7 @@ def main(argv=None):
     teacher = trained("teacher", *t_recipe)
     results = {"data": data, "study": os.path.abspath(args.study), "methods_by_dev_AP": dev,
                "teacher": teacher, "methods": {}}  # fmt: skip
-    t_id = ledger.identity(with_config_digest(plan.TEACHER, t_recipe[3]))
+    t_id = ledger.identity(with_config_digest(plan.TEACHER, t_recipe[3], REPO))
 
     def one(name, seed):
         final = finals[name]

@@ -201,7 +201,7 @@ class Study:
                 return None
             opts = list(opts) + ["MODEL.KD.TEACHER.WEIGHTS", t["weights"]]
             params = dict(params, teacher=t["identity"])
-        full = with_config_digest(config, params)
+        full = with_config_digest(config, params, REPO)
         rec_path = ledger.record_path(self.args.output, out)
         self.restore(rec_path, out, full)
         recipe = dict(name=name, config=config, opts=opts, out=out, params=params,
@@ -215,7 +215,8 @@ class Study:
         if teacher_needed and not stamped and not self.args.report_only:
             self.teacher_weights()
         run = train_and_evaluate(name, config, opts, out, params, self.args.force, quiet=True,
-                                 env=self.env, finished_only=self.args.report_only)  # fmt: skip
+                                 env=self.env, finished_only=self.args.report_only,
+                                 repo=REPO)  # fmt: skip
         if run is None:
             return None
         run["dev"] = run.pop("bbox")
@@ -260,7 +261,8 @@ class Study:
             r = t["recipe"]
             run = train_and_evaluate("teacher (weights)", r["config"], r["opts"], r["out"],
                                      r["params"], force=os.path.exists(os.path.join(
-                                         r["out"], STAMP)), quiet=True, env=self.env)  # fmt: skip
+                                         r["out"], STAMP)), quiet=True, env=self.env,
+                                     repo=REPO)  # fmt: skip
             check_teacher(run["bbox"], t["record"])
 
     def test(self, run):

@@ -1,11 +1,19 @@
 """Run ``tools/train_net.py`` as a resumable, skippable stage, and tabulate COCO results.
 
-Orchestration for the repository's own tools (it lives in ``tools/``, next to the ``train_net.py``
-it runs, not in the kd_det package). Shared by ``tools/demo.py`` and ``tools/run_study.py``: each
-training run is a subprocess (so a run is exactly what a user would type, with detectron2's own
-logging, metrics.json and TensorBoard files in its output directory) whose parameters are stamped
-next to its results. A later call with the same parameters reuses the finished run; an interrupted
-run resumes from its last checkpoint.
+The concepts, shared by ``tools/demo.py`` and the method study (``projects/MethodStudy``):
+
+* a **run** is one ``tools/train_net.py`` subprocess of a kd_det checkout (``repo``): exactly what
+  a user would type, with detectron2's own logging, ``metrics.json`` and TensorBoard files in its
+  output directory, and kernels capped by :data:`ISA_CAP` so machines of one kind agree;
+* its **stamp** (:data:`STAMP`): the parameters that define it, with a digest of its config files
+  (:func:`config_digest`), written next to its results. A later call with the same parameters
+  reuses the finished run (:func:`finished_run`); an interrupted run resumes from its last
+  checkpoint;
+* the **schedule** of a run (:func:`schedule_opts`), and the keys that scale with it
+  (:data:`SCHEDULE_RELATIVE`);
+* a **table** of COCO results (:func:`markdown_table`).
+
+The checkout is always passed in (``repo``): an installed kd_det has no repository to guess.
 """
 
 import hashlib
@@ -15,7 +23,6 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: Kernel instruction-set caps for the runs of the demo and the study: CPUs of one machine kind can
 #: differ in their widest vector unit (AVX2 vs AVX-512), and torch, oneDNN and MKL then pick other
@@ -78,11 +85,13 @@ def schedule_relative_opts(config, iters):
     return rescale_schedule(opts, cfg.SOLVER.MAX_ITER, iters)
 
 
-def config_digest(config):
+def config_digest(config, repo):
     """SHA-1 over a config file, its ``_BASE_`` chain and its online peers' files.
 
     Stamped with every run so that editing a config (or a file it inherits from) retrains the runs
-    that used it instead of silently reusing results of the old settings.
+    that used it instead of silently reusing results of the old settings. Paths enter the digest
+    relative to the checkout ``repo``, where peer paths are resolved too (``train_net.py`` runs
+    there).
     """
     import yaml
 
@@ -96,19 +105,19 @@ def config_digest(config):
             text = f.read()
         # Paths relative to the repository: a study resumed from another checkout of the same
         # commit (e.g. a git worktree) reuses its finished runs.
-        h.update(os.path.relpath(path, REPO).encode() + b"\0" + text)
+        h.update(os.path.relpath(path, repo).encode() + b"\0" + text)
         data = yaml.safe_load(text) or {}
         base = data.get("_BASE_")
         if base:
             todo.append(os.path.join(os.path.dirname(path), base))
         peers = ((data.get("MODEL") or {}).get("ONLINE_KD") or {}).get("PEERS") or []
-        todo += [p if os.path.isabs(p) else os.path.join(REPO, p) for p in peers]
+        todo += [p if os.path.isabs(p) else os.path.join(repo, p) for p in peers]
     return h.hexdigest()
 
 
-def with_config_digest(config, params):
+def with_config_digest(config, params, repo):
     """``params`` as :func:`train_and_evaluate` stamps them: with the digest of the config files."""
-    return dict(params, config_digest=config_digest(config))
+    return dict(params, config_digest=config_digest(config, repo))
 
 
 def finished_run(out_dir, params):
@@ -122,9 +131,20 @@ def finished_run(out_dir, params):
 
 
 def train_and_evaluate(
-    name, config, opts, out_dir, params, force=False, quiet=False, env=None, finished_only=False
+    name,
+    config,
+    opts,
+    out_dir,
+    params,
+    force=False,
+    quiet=False,
+    env=None,
+    finished_only=False,
+    *,
+    repo,
 ):
-    """Train + evaluate one model through tools/train_net.py unless an identical run finished.
+    """Train + evaluate one model through ``<repo>/tools/train_net.py`` (run from ``repo``) unless
+    an identical run finished.
 
     Args:
         name (str): label for progress messages.
@@ -137,11 +157,12 @@ def train_and_evaluate(
         quiet (bool): send train_net's console output to ``out_dir/stdout.txt``.
         env (dict): environment of the subprocess (e.g. ``OMP_NUM_THREADS`` for parallel runs).
         finished_only (bool): never train; return None unless an identical run finished.
+        repo (str): the kd_det checkout whose ``tools/train_net.py`` trains.
 
     Returns:
         dict: ``{"bbox": {...}, "seconds": float, "reused": bool}`` (None: see ``finished_only``).
     """
-    params = with_config_digest(config, params)
+    params = with_config_digest(config, params, repo)
     done = None if force else finished_run(out_dir, params)
     if done is not None:
         with open(os.path.join(out_dir, "final_results.json")) as f:
@@ -160,7 +181,7 @@ def train_and_evaluate(
     resume = ["--resume"] if (resumable and same_params and not force) else []
     with open(stamp_prev, "w") as f:
         json.dump({"params": params}, f)
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
+    cmd = [sys.executable, os.path.join(repo, "tools", "train_net.py"), "--config-file", config]
     cmd += resume + list(opts) + ["OUTPUT_DIR", out_dir]
     env = {**ISA_CAP, **(env if env is not None else os.environ)}  # a caller's own caps win
     how = "resuming" if resume else "training"
@@ -168,9 +189,9 @@ def train_and_evaluate(
     start = time.time()
     if quiet:
         with open(os.path.join(out_dir, "stdout.txt"), "a") as log:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.run(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
     else:
-        proc = subprocess.run(cmd, cwd=REPO, env=env)
+        proc = subprocess.run(cmd, cwd=repo, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {out_dir}/log.txt")
     seconds = time.time() - start

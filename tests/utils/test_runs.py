@@ -13,21 +13,20 @@ def _write(path, text):
     return str(path)
 
 
-def test_config_digest_follows_base_and_peers(tmp_path, monkeypatch):
-    monkeypatch.setattr("kd_det.utils.runs.REPO", str(tmp_path))
+def test_config_digest_follows_base_and_peers(tmp_path):
     base = _write(tmp_path / "Base.yaml", "SOLVER:\n  BASE_LR: 0.02\n")
     peer = _write(tmp_path / "peer.yaml", "_BASE_: Base.yaml\n")
     child = _write(
         tmp_path / "child.yaml",
         "_BASE_: Base.yaml\nMODEL:\n  ONLINE_KD:\n    PEERS: ['peer.yaml', 'peer.yaml']\n",
     )
-    d0 = config_digest(child)
-    assert d0 == config_digest(child)  # deterministic
+    d0 = config_digest(child, str(tmp_path))
+    assert d0 == config_digest(child, str(tmp_path))  # deterministic
     _write(tmp_path / "Base.yaml", "SOLVER:\n  BASE_LR: 0.01\n")  # an inherited file changed
-    d1 = config_digest(child)
+    d1 = config_digest(child, str(tmp_path))
     assert d1 != d0
     _write(tmp_path / "peer.yaml", "_BASE_: Base.yaml\nSEED: 3\n")  # a peer's file changed
-    assert config_digest(child) != d1
+    assert config_digest(child, str(tmp_path)) != d1
     assert base and peer
 
 
