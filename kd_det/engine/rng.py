@@ -49,7 +49,26 @@ def restore_global_rng(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.random.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _restore_cuda_rng(state["cuda"])
+
+
+def _restore_cuda_rng(saved) -> None:
+    """Restore one generator per visible GPU from ``saved`` (one state per GPU of the saving host).
+
+    ``torch.cuda.set_rng_state_all`` indexes the devices by the saved list, so a checkpoint written
+    on a host with more visible GPUs (8) than this one (1) would raise for device 1. Devices
+    present in both are restored; the others keep their seeds, with a warning (draws on those
+    devices then differ from an uninterrupted run).
+    """
+    present = torch.cuda.device_count()
+    for device, rng_state in enumerate(saved[:present]):
+        torch.cuda.set_rng_state(rng_state, device)
+    if len(saved) != present:
+        logger.warning(
+            f"The checkpoint holds the random state of {len(saved)} GPU(s) and this process sees "
+            f"{present}; restored {min(len(saved), present)}. Random draws on CUDA may differ "
+            "from an uninterrupted run."
+        )
 
 
 @contextlib.contextmanager

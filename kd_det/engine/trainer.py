@@ -79,14 +79,23 @@ class KDSimpleTrainer(LossReportMixin, SimpleTrainer):
 
 
 class CPUAMPTrainer(LossReportMixin, AMPTrainer):
-    """``AMPTrainer`` that also runs without CUDA: bfloat16 autocast on CPU, no grad scaler.
+    """``AMPTrainer`` that also runs CPU models: bfloat16 autocast on CPU, no grad scaler.
 
     bfloat16 has float32's exponent range, so the loss scaling that float16 needs is unnecessary.
-    On a CUDA device it behaves exactly like detectron2's ``AMPTrainer``.
+    The path follows the device of the model's parameters, not whether a GPU exists: a CPU model
+    on a machine with CUDA would otherwise run under CUDA autocast, which leaves every CPU op in
+    float32. For a CUDA model it behaves exactly like detectron2's ``AMPTrainer``.
     """
 
+    def __init__(self, model, data_loader, optimizer, **kwargs):
+        self.device_type = next(model.parameters()).device.type
+        if self.device_type != "cuda" and kwargs.get("grad_scaler") is None:
+            # detectron2 builds a CUDA GradScaler by default; a CPU model never scales.
+            kwargs["grad_scaler"] = torch.amp.GradScaler("cuda", enabled=False)
+        super().__init__(model, data_loader, optimizer, **kwargs)
+
     def run_step(self):
-        if torch.cuda.is_available():
+        if self.device_type == "cuda":
             return super().run_step()
         assert self.model.training, "[CPUAMPTrainer] model was changed to eval mode!"
         start = time.perf_counter()
@@ -94,7 +103,7 @@ class CPUAMPTrainer(LossReportMixin, AMPTrainer):
         data_time = time.perf_counter() - start
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
             loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):
                 losses = loss_dict

@@ -9,7 +9,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["HintInput", "agreement_cosine", "gradient_agreement", "hint_cosines"]
+__all__ = ["FP16_GRAD_SCALE", "HintInput", "agreement_cosine", "gradient_agreement", "hint_cosines"]
+
+#: Both losses are multiplied by this before their gradients are taken when a student tensor is
+#: float16 (fp16 autocast), and the gradients divided by it in float32 afterwards. Per-element
+#: gradients of a mean over an FPN level are about 1e-8, below float16's smallest subnormal
+#: (6e-8): unscaled they flush to zero and every cosine becomes 0. 2**16 is the initial scale of
+#: ``GradScaler``, i.e. what the training step's own backward runs at.
+FP16_GRAD_SCALE = 2.0**16
 
 #: ``(student tensor, alias read by the hint, per-image row counts or None)``: what
 #: ``DistillationRCNN`` records for each hint. ``None`` counts mean dim 0 is the image index.
@@ -29,6 +36,16 @@ def _per_image(x: torch.Tensor, num_images: int, counts: Optional[Sequence[int]]
     return x.new_zeros(num_images).index_add_(0, index, x)
 
 
+def _unscaled(grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """A gradient of a scaled loss, in float32, divided by the scale. A non-finite gradient (the
+    scaled backward overflowed, as GradScaler would detect) counts as no gradient: zeros, so the
+    hint has no say this step rather than a NaN cosine; checked on the device, without a sync."""
+    grad = grad.float()
+    if scale == 1.0:
+        return grad
+    return torch.nan_to_num(grad / scale, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def gradient_agreement(
     terms: Dict[str, tuple],
     hint_inputs: Dict[str, List[HintInput]],
@@ -41,7 +58,9 @@ def gradient_agreement(
     Two backward passes through the graph that the training step keeps anyway
     (``retain_graph=True``, nothing accumulated into ``.grad``): one of ``sum_k weight_k *
     sum_i(valid_ik * value_ik)`` w.r.t. the hints' aliases, giving each hint its own gradient on
-    its own tensor, and one of the detection loss w.r.t. the same student tensors.
+    its own tensor, and one of the detection loss w.r.t. the same student tensors. Under float16
+    both run on losses scaled by :data:`FP16_GRAD_SCALE`, as the training step's own backward
+    runs under ``GradScaler``; the returned quantities are unscaled.
 
     Returns:
         tuple[Tensor, Tensor, Tensor]: ``dot, g2, d2``, each ``(N, K)`` float32 and detached:
@@ -69,19 +88,21 @@ def gradient_agreement(
         return dot, g2, d2
     if not detection_loss.requires_grad:
         return dot, g2, d2
+    half = any(torch.float16 in (orig.dtype, alias.dtype) for _, orig, alias, _ in entries)
+    scale = FP16_GRAD_SCALE if half else 1.0
     g_all = torch.autograd.grad(
-        hint_total, [e[2] for e in entries], retain_graph=True, allow_unused=True
+        hint_total * scale, [e[2] for e in entries], retain_graph=True, allow_unused=True
     )
     d_all = torch.autograd.grad(
-        detection_loss, [e[1] for e in entries], retain_graph=True, allow_unused=True
+        detection_loss * scale, [e[1] for e in entries], retain_graph=True, allow_unused=True
     )
     for (k, _, _, counts), g, d in zip(entries, g_all, d_all):
         if g is None:
             continue
-        g = g.float()
+        g = _unscaled(g, scale)
         g2[:, k] += _per_image(g * g, num_images, counts)
         if d is not None:
-            d = d.float()
+            d = _unscaled(d, scale)
             dot[:, k] += _per_image(g * d, num_images, counts)
             d2[:, k] += _per_image(d * d, num_images, counts)
     return dot, g2, d2

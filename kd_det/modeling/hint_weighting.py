@@ -335,9 +335,7 @@ class HintWeighting(nn.Module):
     def _update_input_stats(self, values, valid):
         validf = valid.float()
         count = validf.sum(dim=0)
-        present = count > 0
-        if not present.any():
-            return
+        present = count > 0  # hints absent from this batch keep their statistics (torch.where)
         log_v = torch.log(values.clamp_min(0) + _EPS)
         mean = (log_v * validf).sum(dim=0) / count.clamp_min(1)
         blended = INPUT_MOMENTUM * self.ema_log_value + (1 - INPUT_MOMENTUM) * mean
@@ -389,9 +387,13 @@ class HintWeighting(nn.Module):
         if learning and iteration % self.meta_period == 0:
             dot, g2, d2 = gradient_agreement(terms, hint_inputs, detection_loss, self.hint_names, n)
             cos, defined = agreement_cosine(weights, dot, g2, d2)
-            if defined.any():
-                prior = self.prior_weight * kl_from_uniform(logits, valid)
-                meta_loss = self.meta_loss_weight * (1.0 - cos + prior)[defined].mean()
+            # The mean over the images where the cosine is defined, as a masked mean: selecting
+            # them (or testing ``defined.any()``) would wait for the GPU every step.
+            prior = self.prior_weight * kl_from_uniform(logits, valid)
+            per_image = torch.where(defined, 1.0 - cos + prior, torch.zeros_like(cos))
+            meta_loss = meta_loss + self.meta_loss_weight * per_image.sum() / defined.sum().clamp(
+                min=1
+            )
             # Per-hint cosines, for logging and the agreement input.
             per_hint, per_hint_def = hint_cosines(dot, g2, d2)
             count = per_hint_def.float().sum(dim=0)
@@ -423,15 +425,17 @@ class HintWeighting(nn.Module):
             return
         mean = (used * validf).sum(dim=0) / count.clamp_min(1)
         var = ((used - mean) ** 2 * validf).sum(dim=0) / count.clamp_min(1)
-        stats = torch.stack([mean, var.sqrt()], dim=1).tolist()
-        present = (count > 0).tolist()
-        agree = agreement.tolist() if agreement is not None else None
+        if agreement is None:
+            agreement = torch.full_like(mean, float("nan"))
+        # One device-to-host copy for everything logged (each .tolist() waits for the GPU).
+        rows = torch.stack([mean, var.sqrt(), (count > 0).float(), agreement.float()]).tolist()
+        stats_mean, stats_std, present, agree = rows
         for k, name in enumerate(self.short_names):
             # A hint with no valid image this batch has no weight to report (not a fake 0/NaN).
             if present[k]:
-                storage.put_scalar(f"hint_weight/{name}/mean", stats[k][0], smoothing_hint=False)
-                storage.put_scalar(f"hint_weight/{name}/std", stats[k][1], smoothing_hint=False)
-            if agree is not None and agree[k] == agree[k]:  # not NaN
+                storage.put_scalar(f"hint_weight/{name}/mean", stats_mean[k], smoothing_hint=False)
+                storage.put_scalar(f"hint_weight/{name}/std", stats_std[k], smoothing_hint=False)
+            if agree[k] == agree[k]:  # not NaN
                 storage.put_scalar(f"hint_agreement/{name}", agree[k], smoothing_hint=False)
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import CONFIGS, REPO, tiny_overrides
 from kd_det.utils.testing import run_tool
@@ -130,3 +131,43 @@ def test_unreadable_image_stops_before_training(tmp_path, synthetic_root):
     cfg = _setup_cfg(opts)
     with pytest.raises(ValueError, match=f"{victim.name}' cannot be read.*Replace the file"):
         KDTrainer(cfg)
+
+
+class _AutocastProbe(torch.nn.Module):
+    """Records which autocast is on during forward and returns a loss dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(4, 4))
+        self.seen = []
+
+    def forward(self, data):
+        self.seen.append(
+            (
+                torch.is_autocast_enabled("cpu"),
+                torch.get_autocast_dtype("cpu"),
+                (data @ self.w).dtype,
+            )
+        )
+        return {"loss": (data @ self.w).float().pow(2).mean()}
+
+
+def test_amp_trainer_follows_the_model_device(monkeypatch):
+    """A CPU model runs bfloat16 CPU autocast even where CUDA is available (it used to pick CUDA
+    autocast, which leaves CPU ops in float32), and builds no CUDA grad scaler."""
+    from kd_det.engine.trainer import CPUAMPTrainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = _AutocastProbe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = CPUAMPTrainer(model, iter([torch.ones(2, 4)] * 3), opt)
+    assert trainer.device_type == "cpu"
+    assert not trainer.grad_scaler.is_enabled()
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        trainer.iter = 0
+        trainer.run_step()
+    assert model.seen == [(True, torch.bfloat16, torch.bfloat16)]
+    assert not torch.equal(model.w.detach(), torch.ones(4, 4))  # the step updated the weights

@@ -31,18 +31,26 @@ def feature_hint_per_image(loss, student, target, adapter=None, weight_map=None)
 
 
 def foreground_maps(instances, shape, stride, device):
-    """``(N, 1, H, W)`` maps that are 1 inside any ground-truth box (at feature ``stride``)."""
+    """``(N, 1, H, W)`` maps that are 1 inside any ground-truth box (at feature ``stride``).
+
+    Built on the device without reading the boxes back to the host (which would wait for the GPU
+    once per image): each box is a row mask ``(B, H)`` times a column mask ``(B, W)``, and the
+    product of the two over boxes counts the boxes covering each pixel (exact small integers).
+    """
     n = len(instances)
     h, w = shape
     out = torch.zeros((n, 1, h, w), device=device)
+    rows = torch.arange(h, device=device, dtype=torch.float32)
+    cols = torch.arange(w, device=device, dtype=torch.float32)
     for i, inst in enumerate(instances):
-        boxes = inst.gt_boxes.tensor
-        if boxes.numel() == 0:
+        boxes = inst.gt_boxes.tensor.to(device=device, dtype=torch.float32)
+        if boxes.shape[0] == 0:
             continue
-        x0 = (boxes[:, 0] / stride).floor().clamp(0, w).long()
-        y0 = (boxes[:, 1] / stride).floor().clamp(0, h).long()
-        x1 = (boxes[:, 2] / stride).ceil().clamp(0, w).long()
-        y1 = (boxes[:, 3] / stride).ceil().clamp(0, h).long()
-        for a, b, c, d in zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist()):
-            out[i, 0, b:d, a:c] = 1.0
+        x0 = (boxes[:, 0] / stride).floor().clamp(0, w)
+        y0 = (boxes[:, 1] / stride).floor().clamp(0, h)
+        x1 = (boxes[:, 2] / stride).ceil().clamp(0, w)
+        y1 = (boxes[:, 3] / stride).ceil().clamp(0, h)
+        in_rows = ((rows >= y0[:, None]) & (rows < y1[:, None])).float()  # (B, H)
+        in_cols = ((cols >= x0[:, None]) & (cols < x1[:, None])).float()  # (B, W)
+        out[i, 0] = (in_rows.t() @ in_cols).clamp_(max=1.0)
     return out

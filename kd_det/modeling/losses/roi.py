@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "class_specific",
+    "per_image_mean",
     "log_probs",
     "mean_log_probs",
     "roi_box_per_image",
@@ -39,6 +40,35 @@ def class_specific(deltas, classes, box_dim=4):
     return deltas.gather(1, idx)
 
 
+def per_image_mean(values, counts, denominators=None):
+    """Per-image means of a per-proposal quantity, without a host synchronization.
+
+    A Python loop over ``values.split(counts)`` launches kernels per image, and building the
+    validity from ``counts`` on the host copies it to the device, which waits for the GPU. Here
+    the image index is made on the device (one ``full`` per image, no copy) and summed with
+    ``index_add_``.
+
+    Args:
+        values (Tensor): ``(R,)`` float values of all images' proposals, image after image.
+        counts (list[int]): proposals per image (``R = sum(counts)``).
+        denominators (Tensor or None): ``(R,)`` per-proposal counts to divide by (e.g. a
+            foreground mask); ``None`` counts every proposal.
+
+    Returns:
+        tuple(Tensor, Tensor): ``(N,)`` sums divided by the per-image denominator (0 where it is
+        0) and ``(N,)`` validity (denominator > 0).
+    """
+    device = values.device
+    index = torch.cat(
+        [torch.full((c,), i, dtype=torch.long, device=device) for i, c in enumerate(counts)]
+    )
+    sums = values.new_zeros(len(counts)).index_add_(0, index, values)
+    if denominators is None:
+        denominators = torch.ones_like(values)
+    den = values.new_zeros(len(counts)).index_add_(0, index, denominators.to(values.dtype))
+    return sums / den.clamp(min=1), den > 0
+
+
 def roi_kl_per_image(s_scores, t_logp, counts, temperature):
     """KL(target || student) of the class distributions at ``temperature``, times T^2 (Hinton et
     al., so gradients keep their scale across temperatures), averaged over each image's proposals.
@@ -56,9 +86,7 @@ def roi_kl_per_image(s_scores, t_logp, counts, temperature):
     kl = F.kl_div(
         F.log_softmax(s_scores.float() / T, dim=1), t_logp, reduction="none", log_target=True
     ).sum(1) * (T * T)
-    vals = [k.mean() if len(k) else kl.sum() * 0.0 for k in kl.split(counts)]
-    valid = torch.tensor([c > 0 for c in counts], device=kl.device)
-    return torch.stack(vals), valid
+    return per_image_mean(kl, counts)
 
 
 def roi_box_per_image(s_scores, s_deltas, t_deltas_list, sampled):
@@ -85,9 +113,4 @@ def roi_box_per_image(s_scores, s_deltas, t_deltas_list, sampled):
     else:
         t_d = torch.stack([class_specific(t.float(), cls) for t in t_deltas_list]).mean(0)
     box = F.smooth_l1_loss(s_d, t_d, beta=0.0, reduction="none").mean(1) * fg.float()
-    vals, valid = [], []
-    for b, f in zip(box.split(counts), fg.split(counts)):
-        nf = f.sum()
-        vals.append(b.sum() / nf.clamp(min=1))
-        valid.append(nf > 0)
-    return torch.stack(vals), torch.stack(valid)
+    return per_image_mean(box, counts, fg)

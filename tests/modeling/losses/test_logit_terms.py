@@ -69,3 +69,51 @@ def test_masked_mean_over_valid_images_never_nan():
     assert masked_mean(v, torch.tensor([True, True, False])) == 2.0
     zero = masked_mean(v, torch.tensor([False, False, False]))
     assert zero == 0 and zero.requires_grad
+
+
+def test_per_image_mean_matches_a_loop_and_marks_empty_images():
+    """The device-side per-image mean equals the per-image loop it replaced; an image without
+    proposals (or without foreground) gets 0, is invalid, and keeps a graph (DDP needs one)."""
+    from kd_det.modeling.losses.roi import per_image_mean
+
+    values = torch.rand(9, requires_grad=True)
+    counts = [4, 0, 5]
+    means, valid = per_image_mean(values, counts)
+    expected = [values[:4].mean(), torch.tensor(0.0), values[4:].mean()]
+    torch.testing.assert_close(means, torch.stack(expected).detach(), rtol=1e-6, atol=0)
+    assert valid.tolist() == [True, False, True]
+    fg = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    means, valid = per_image_mean(values * fg, counts, fg)
+    torch.testing.assert_close(means[0], (values[0] + values[3]).detach() / 2)
+    assert valid.tolist() == [True, False, False] and means[2] == 0
+    means.sum().backward()
+    assert values.grad is not None
+
+
+def test_foreground_maps_equal_box_by_box_painting():
+    """The masks built by row x column products equal painting each box's covered cells (floor
+    of the start, ceil of the end at the stride, clipped), boxes overlapping or outside."""
+    from detectron2.structures import Boxes
+
+    from kd_det.modeling.losses import foreground_maps
+
+    gen = torch.Generator().manual_seed(0)
+    instances = []
+    for n in (5, 0, 3):
+        inst = Instances((64, 80))
+        xy = torch.rand(n, 2, generator=gen) * torch.tensor([90.0, 70.0]) - 5
+        wh = torch.rand(n, 2, generator=gen) * 30
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        instances.append(inst)
+    for stride in (4, 8):
+        h, w = 64 // stride, 80 // stride
+        got = foreground_maps(instances, (h, w), stride, "cpu")
+        want = torch.zeros(3, 1, h, w)
+        for i, inst in enumerate(instances):
+            for x0, y0, x1, y1 in inst.gt_boxes.tensor.tolist():
+                a, b = max(0, min(w, int(x0 // stride))), max(0, min(h, int(y0 // stride)))
+                c, d = -(-x1 // stride), -(-y1 // stride)
+                c, d = max(0, min(w, int(c))), max(0, min(h, int(d)))
+                want[i, 0, b:d, a:c] = 1.0
+        assert torch.equal(got, want), stride
+        assert got[1].sum() == 0 and got.sum() > 0
