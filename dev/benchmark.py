@@ -3,37 +3,33 @@
 
 Two parts, measured in the same run so every ratio has a baseline measured alongside it:
 
-1. Training step (``tools/benchmark_kd.py``): per-iteration time (median over ``--iters``
+1. Training step (``dev/benchmark_kd.py``): per-iteration time (median over ``--iters``
    iterations after ``--warmup``) and peak memory of every method -- the student alone, the
    teacher's forward, MSE / SSIM / multi-level / dynamic-weight distillation and online
    distillation of two peers -- each in its own process, as ratios to the student alone; then
    ``--jobs`` student runs side by side (the throughput ``tools/run_study.py --jobs`` gets).
-2. Data (``tools/benchmark_data.py``): images per second of detectron2's ``DatasetMapper`` and of
+2. Data (``dev/benchmark_data.py``): images per second of detectron2's ``DatasetMapper`` and of
    ``MixedSampleDatasetMapper`` for every mix type (fresh partners and the partner cache), as
    ratios to the plain mapper.
 
 It records the device (a GPU when there is one, else the CPU, and the thread count), torch and
 detectron2 versions, and writes ``<output>/benchmark.json`` and ``<output>/benchmark.md``.
 
-    python tools/benchmark.py                                  # defaults used for the README
-    python tools/benchmark.py --iters 3 --warmup 1 --data-images 8 --data-repeats 1   # smoke
+    python dev/benchmark.py                                    # defaults used for the README
+    python dev/benchmark.py --iters 3 --warmup 1 --data-images 8 --data-repeats 1   # smoke
 """
 
 import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TOOLS)
-sys.path.insert(0, TOOLS)
-sys.path.insert(0, REPO)
+import benchmark_data  # a sibling script: dev/ is on sys.path when this file runs
+import benchmark_kd
+import profile_step
 
-import benchmark_data  # noqa: E402
-import benchmark_kd  # noqa: E402
-import profile_step  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):

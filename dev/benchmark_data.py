@@ -12,13 +12,12 @@ the partner cache (``partner_cache_size``, partners reused from recently mapped 
 
 Example::
 
-    python tools/benchmark_data.py --num-images 32 --image-size 256 --repeats 2
+    python dev/benchmark_data.py --num-images 32 --image-size 256 --repeats 2
 """
 
 import argparse
 import copy
 import os
-import sys
 import tempfile
 import time
 
@@ -27,12 +26,10 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from detectron2.data import DatasetMapper  # noqa: E402
-from detectron2.data.datasets import load_coco_json  # noqa: E402
-from kd_det.config import get_kd_cfg  # noqa: E402
-from kd_det.data.mixed_sample_mapper import MIX_TYPES, MixedSampleDatasetMapper  # noqa: E402
+from detectron2.data import DatasetMapper
+from detectron2.data.datasets import load_coco_json
+from kd_det.config import get_kd_cfg
+from kd_det.data.mixed_sample_mapper import MIX_TYPES, MixedSampleDatasetMapper
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
 

@@ -19,7 +19,7 @@ Each variant runs in its own subprocess so that its peak memory (max RSS on CPU,
 iterations after ``--warmup``; the teacher has random weights (cost does not depend on them).
 Writes JSON and a Markdown table.
 
-    python tools/benchmark_kd.py --output output/benchmark_kd
+    python dev/benchmark_kd.py --output output/benchmark_kd
 """
 
 import argparse

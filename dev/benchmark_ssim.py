@@ -9,27 +9,20 @@ alternative ways to compute the same SSIM map, and checks that every variant equ
 
 Example::
 
-    python tools/benchmark_ssim.py --height 512 --width 640 --repeats 3
+    python dev/benchmark_ssim.py --height 512 --width 640 --repeats 3
 """
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytorch_msssim
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-try:
-    import kd_det  # noqa: F401
-except ImportError:  # run from a checkout that is not pip-installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kd_det.modeling.losses.ssim import (  # noqa: E402
+from kd_det.modeling.losses.ssim import (
     SSIMFeatureLoss,
     gaussian_valid,
     gaussian_window,

@@ -11,7 +11,7 @@ the same teacher checkpoint (trained once, with this checkout's code).
 Each row of the table is one method with every setting held fixed; "identical" means every tensor
 of ``model_final.pth`` is ``torch.equal``. Writes ``equivalence.md`` and ``equivalence.json``.
 
-    python tools/check_equivalence.py --base d154d86   # the last commit before the restructure
+    python dev/check_equivalence.py --base d154d86   # the last commit before the restructure
 """
 
 import argparse
@@ -22,8 +22,7 @@ import subprocess
 import sys
 import time
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TOOLS)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from kd_det.utils.runs import ISA_CAP  # noqa: E402
 

@@ -11,7 +11,7 @@ process, and compares the final weights with the reference run bit for bit:
 * ``isa_avx2_cap``: capped at AVX2 (``ISA_CAP``; on an AVX2 machine the same as the reference, on
   an AVX-512 machine what kd_det's demo and study use so both kinds of machine agree).
 
-    python tools/check_reproducibility.py --output output/repro
+    python dev/check_reproducibility.py --output output/repro
 """
 
 import argparse
@@ -22,7 +22,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from kd_det.utils.runs import ISA_CAP  # noqa: E402
 

@@ -11,8 +11,8 @@ teacher and the distillation terms. The teacher has random weights unless ``--te
 given (cost does not depend on the weights). Prints a Markdown table of medians (seconds per
 iteration) and writes ``<output>/profile.json``.
 
-    python tools/profile_step.py --output output/profile
-    python tools/profile_step.py --methods ssim --workers 0 2 --iters 5 --warmup 1   # quick look
+    python dev/profile_step.py --output output/profile
+    python dev/profile_step.py --methods ssim --workers 0 2 --iters 5 --warmup 1   # quick look
 """
 
 import argparse
@@ -25,7 +25,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 SYN = os.path.join(REPO, "configs", "Synthetic")
 CONFIGS = {
     "student": os.path.join(SYN, "faster_rcnn_lite0_FPN.yaml"),

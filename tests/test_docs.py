@@ -142,7 +142,7 @@ def _python_argv(text):
         tokens = tokens[1:]
     if len(tokens) < 2 or os.path.basename(tokens[0]) not in ("python", "python3"):
         return None
-    if tokens[1].startswith("tools/"):
+    if tokens[1].startswith(("tools/", "dev/")):
         return tokens[1:]
     if tokens[1] == "-m" and len(tokens) > 2 and tokens[2].split(".")[0] == "kd_det":
         return tokens[1:]
@@ -313,7 +313,7 @@ def test_documented_command(cmd):
         stem = target.rsplit(".", 1)[-1]
     else:
         target, args = cmd.argv[0], cmd.argv[1:]
-        assert re.fullmatch(r"tools/\w+\.py", target), f"{cmd.id}: {target} is not tools/<x>.py"
+        assert re.fullmatch(r"(tools|dev)/\w+\.py", target), f"{cmd.id}: {target} is not a script"
         assert os.path.isfile(os.path.join(REPO, target)), f"{cmd.id}: {target} does not exist"
         stem = os.path.basename(target)[:-3]
     # (d) before anything heavy: the cheapest check fails first
@@ -403,7 +403,7 @@ def test_links_and_repository_paths_exist():
             elif anchor and full.startswith(DOCS) and anchor not in _anchors(full):
                 bad.append(f"{page}: anchor {target}")
         for rel in re.findall(
-            r"(?<![\w/.])((?:tools|configs|kd_det|tests)/[\w./-]+\.(?:py|yaml))", text
+            r"(?<![\w/.])((?:tools|dev|configs|kd_det|tests)/[\w./-]+\.(?:py|yaml))", text
         ):
             if not os.path.exists(os.path.join(REPO, rel)):
                 bad.append(f"{page}: path {rel}")

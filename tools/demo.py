@@ -20,7 +20,7 @@ finished stage is skipped on the next ``make demo`` (``--force`` retrains everyt
 Every run uses one compute thread and loads data in its own process, and runs train two at a
 time: on a 2-core machine that is faster than one run on both cores, and a fixed thread count
 (with the kernel caps of ``kd_det/utils/runs.py``) gives the same numbers on every machine of the
-kind, whatever its core count (``tools/check_reproducibility.py``).
+kind, whatever its core count (``dev/check_reproducibility.py``).
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""tools/benchmark.py: one run covers every requested method and the mappers (no timing asserts)."""
+"""dev/benchmark.py: one run covers every requested method and the mappers (no timing asserts)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from conftest import REPO
 
 def test_benchmark_smoke(tmp_path):
     cmd = [
-        sys.executable, os.path.join(REPO, "tools", "benchmark.py"),
+        sys.executable, os.path.join(REPO, "dev", "benchmark.py"),
         "--image-size", "64", "--batch", "1", "--iters", "1", "--warmup", "0",
         "--variants", "student", "dynamic", "online",
         "--data-images", "4", "--data-size", "64", "--data-repeats", "1",

@@ -1,7 +1,7 @@
-"""tools/benchmark_data.py: a smoke test at tiny size (plain mapper vs one mix type with cache)."""
+"""dev/benchmark_data.py: a smoke test at tiny size (plain mapper vs one mix type with cache)."""
 
 from conftest import REPO
-from kd_det.utils.testing import run_tool
+from kd_det.utils.testing import run_script
 
 
 def test_benchmark_tool():
@@ -21,7 +21,7 @@ def test_benchmark_tool():
         "INPUT.MAX_SIZE_TRAIN",
         "64",
     ]
-    proc = run_tool(REPO, "benchmark_data.py", args, timeout=300)
+    proc = run_script(REPO, "dev/benchmark_data.py", args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "plain DatasetMapper" in out and "cutmix (cache 2)" in out and "ratio to plain" in out

@@ -1,4 +1,4 @@
-"""tools/benchmark_kd.py runs end to end at tiny size and reports every variant (no timing
+"""dev/benchmark_kd.py runs end to end at tiny size and reports every variant (no timing
 asserts)."""
 
 import json
@@ -11,7 +11,7 @@ from conftest import REPO
 
 def test_benchmark_kd_smoke(tmp_path):
     cmd = [
-        sys.executable, os.path.join(REPO, "tools", "benchmark_kd.py"),
+        sys.executable, os.path.join(REPO, "dev", "benchmark_kd.py"),
         "--image-size", "64", "--batch", "1", "--iters", "1", "--warmup", "0",
         "--variants", "student", "teacher_forward", "ssim",
         "--output", str(tmp_path),

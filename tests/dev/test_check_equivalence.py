@@ -1,4 +1,4 @@
-"""tools/check_equivalence.py end to end at tiny size: a base commit in a git worktree against this
+"""dev/check_equivalence.py end to end at tiny size: a base commit in a git worktree against this
 checkout, weights compared tensor by tensor, the worktree removed afterwards."""
 
 import json
@@ -14,7 +14,7 @@ from conftest import REPO
 def test_head_against_itself_is_identical(tmp_path):
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode:
         pytest.skip("not a git checkout")
-    cmd = [sys.executable, os.path.join(REPO, "tools", "check_equivalence.py"), "--base", "HEAD",
+    cmd = [sys.executable, os.path.join(REPO, "dev", "check_equivalence.py"), "--base", "HEAD",
            "--runs", "student", "--iters", "2", "--image-size", "64", "--batch", "2",
            "--num-train", "4", "--num-val", "2", "--output", str(tmp_path)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,4 +1,4 @@
-"""tools/check_reproducibility.py: the loader's worker count must not change a run's bits."""
+"""dev/check_reproducibility.py: the loader's worker count must not change a run's bits."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from conftest import REPO
 
 
 def test_workers_do_not_change_the_weights(tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "check_reproducibility.py"), "--output",
+    cmd = [sys.executable, os.path.join(REPO, "dev", "check_reproducibility.py"), "--output",
            str(tmp_path), "--iters", "3", "--variants", "reference", "workers2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
