@@ -17,11 +17,12 @@ Mistakes that would otherwise surface deep in a data-loader worker, or never (a 
 wrong number of classes trains happily), fail here with the key and the fix named.
 """
 
-import json
 import logging
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .catalog import file_key, read_coco_categories
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +57,14 @@ def coco_entries(cfg):
 def coco_category_names(json_file):
     """Category names of a COCO json in id order (detectron2's ``thing_classes`` order).
 
-    Reads the file once per (path, mtime): for COCO-sized files this costs what one load costs.
+    Decodes only the json's ``"categories"`` array (:func:`~kd_det.data.catalog.
+    read_coco_categories`), once per (path, mtime): the one full parse of the file is left to
+    detectron2's loader.
     """
-    key = (os.path.abspath(json_file), os.path.getmtime(json_file))
+    key = file_key(json_file)
     if key not in _CATEGORY_CACHE:
-        with open(json_file) as f:
-            cats = json.load(f).get("categories") or []
-        _CATEGORY_CACHE[key] = [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+        cats = read_coco_categories(json_file)
+        _CATEGORY_CACHE[key] = [c.get("name") for c in sorted(cats, key=lambda c: c["id"])]
     return list(_CATEGORY_CACHE[key])
 
 

@@ -38,6 +38,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from kd_det.config_validation import validate_kd_config
+from kd_det.data.catalog import parse_each_dataset_once
 from kd_det.data.checks import check_dataset_files
 from kd_det.data.loader import ResumableTrainLoader, build_resumable_train_loader
 
@@ -209,11 +210,13 @@ class KDTrainer(DefaultTrainer):
         setup_kd_logger(cfg.OUTPUT_DIR)
         validate_kd_config(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        check_inputs(cfg)
-
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        # The checks, the loader and the mixing mapper each ask for the training set: parse each
+        # json once (kd_det/data/catalog.py).
+        with parse_each_dataset_once():
+            check_inputs(cfg)
+            model = self.build_model(cfg)
+            optimizer = self.build_optimizer(cfg, model)
+            data_loader = self.build_train_loader(cfg)
 
         model = self.wrap_ddp(cfg, model)
         trainer_cls = CPUAMPTrainer if cfg.SOLVER.AMP.ENABLED else KDSimpleTrainer
