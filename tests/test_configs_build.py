@@ -55,3 +55,59 @@ def test_config_builds_and_trains_one_step(path, tmp_path, monkeypatch):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+COCO_RUNNABLE = [p for p in RUNNABLE if os.sep + "COCO-Distillation" + os.sep in p]
+
+
+def _load(path):
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(path)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "path", COCO_RUNNABLE, ids=[os.path.relpath(p, CONFIGS) for p in COCO_RUNNABLE]
+)
+def test_coco_configs_are_resumable_amp_and_check_headers(path):
+    """Every COCO config uses kd_det's resumable loader (a fixed SEED), AMP, and header-only image
+    checks (a full decode of COCO costs minutes per start); peers' own files are not runs."""
+    if os.sep + "peers" + os.sep in path:
+        pytest.skip("a peer's own config, read by the online config")
+    cfg = _load(path)
+    from kd_det.engine.trainer import _why_not_resumable
+
+    assert cfg.SEED >= 0 and _why_not_resumable(cfg) == ""
+    assert cfg.SOLVER.AMP.ENABLED
+    assert cfg.KD_TRAINER.CHECK_IMAGES == "header"
+
+
+def test_coco_ssim_configs_use_the_ssim_kd_papers_setting():
+    """Per-level min-max, 11x11 window, sigma 1.5, K (0.01, 0.03), (1 - SSIM) / 2, lambda 3."""
+    ssim = [
+        p
+        for p in COCO_RUNNABLE
+        if _load(p).MODEL.META_ARCHITECTURE == "DistillationRCNN"
+        and _load(p).MODEL.KD.FEATURE.LOSS == "ssim"
+    ]
+    assert len(ssim) >= 4
+    for path in ssim:
+        kd = _load(path).MODEL.KD
+        got = (kd.FEATURE.RANGE_POLICY, kd.SSIM.WINDOW_SIZE, kd.SSIM.SIGMA, list(kd.SSIM.K))
+        assert got == ("minmax", 11, 1.5, [0.01, 0.03]), path
+        assert (kd.SSIM.LOSS_FORM, list(kd.FEATURE.WEIGHTS)) == ("(1-ssim)/2", [3.0]), path
+
+
+def test_coco_multilevel_carries_the_studys_tuned_recipe():
+    """The COCO multi-level config has the knowledge keys of the study's tuned multi-level config
+    (its model-size keys, FPN width and FC dim, stay the COCO models')."""
+    coco = _load(os.path.join(CONFIGS, "COCO-Distillation",
+                              "faster_rcnn_R101_to_R50_FPN_1x_multilevel.yaml")).MODEL.KD  # fmt: skip
+    tuned = _load(os.path.join(CONFIGS, "Synthetic", "tuned", "multilevel.yaml")).MODEL.KD
+    for key in ("FEATURE.LOSS", "FEATURE.WEIGHTS", "FEATURE.LEVELS", "BACKBONE.LEVELS",
+                "BACKBONE.WEIGHTS", "RPN.OBJECTNESS_WEIGHT", "RPN.DELTAS_WEIGHT",
+                "ROI.CLS_WEIGHT", "ROI.TEMPERATURE", "ROI.BOX_WEIGHT", "HINT_WEIGHTING"):  # fmt: skip
+        a, b = coco, tuned
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        assert a == b, key
