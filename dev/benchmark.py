@@ -7,7 +7,7 @@ Two parts, measured in the same run so every ratio has a baseline measured along
    iterations after ``--warmup``) and peak memory of every method -- the student alone, the
    teacher's forward, MSE / SSIM / multi-level / dynamic-weight distillation and online
    distillation of two peers -- each in its own process, as ratios to the student alone; then
-   ``--jobs`` student runs side by side (the throughput ``tools/run_study.py --jobs`` gets).
+   ``--jobs`` student runs side by side (the throughput ``method_study.run_study --jobs`` gets).
 2. Data (``dev/benchmark_data.py``): images per second of detectron2's ``DatasetMapper`` and of
    ``MixedSampleDatasetMapper`` for every mix type (fresh partners and the partner cache), as
    ratios to the plain mapper.
@@ -117,7 +117,7 @@ def main(argv=None):
                f"{max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each: "
                + ", ".join(f"{m:.3f}" for m in medians)
                + f" s / iter, i.e. x{gain:.2f} the iterations per second of one run alone "
-               "(`tools/run_study.py --jobs`)."]  # fmt: skip
+               "(`method_study.run_study --jobs`)."]  # fmt: skip
     data = None
     if not args.skip_data:
         d_args = benchmark_data.parse_args(

@@ -57,6 +57,10 @@ COMMAND_LANGS = ("bash", "sh", "shell")
 FENCE_RE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
 TAG_RE = re.compile(r"<!--\s*tested:\s*(.+?)\s*-->")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+#: Packages whose modules docs may run with ``python -m``: kd_det and the method study's.
+MODULE_ROOTS = ("kd_det", "method_study")
+#: Where the tests that ``tested:`` tags name live.
+TEST_DIRS = ("tests/", "projects/MethodStudy/tests/")
 # Where ``make demo`` (its set-up included) runs tools: a tool named here is run by the demo.
 DEMO_SOURCES = ("Makefile", "tools/demo.py", "kd_det/utils/runs.py")
 # Config keys written in inline code, e.g. `MODEL.KD.FEATURE.LEVELS` or `INPUT.MIX.TYPE`.
@@ -144,7 +148,7 @@ def _python_argv(text):
         return None
     if tokens[1].startswith(("tools/", "dev/")):
         return tokens[1:]
-    if tokens[1] == "-m" and len(tokens) > 2 and tokens[2].split(".")[0] == "kd_det":
+    if tokens[1] == "-m" and len(tokens) > 2 and tokens[2].split(".")[0] in MODULE_ROOTS:
         return tokens[1:]
     return None
 
@@ -281,7 +285,7 @@ def check_tags(cmd, tool_stem):
             continue
         assert "::" in tag, f"{cmd.id}: tag {tag!r} is not 'tests/<file>.py::<test>'"
         relpath, name = tag.split("::", 1)
-        assert relpath.startswith("tests/") and relpath.endswith(".py"), f"{cmd.id}: {tag!r}"
+        assert relpath.startswith(TEST_DIRS) and relpath.endswith(".py"), f"{cmd.id}: {tag!r}"
         assert os.path.isfile(os.path.join(REPO, relpath)), f"{cmd.id}: no file {relpath}"
         source = _read(relpath)
         assert re.search(
@@ -403,7 +407,7 @@ def test_links_and_repository_paths_exist():
             elif anchor and full.startswith(DOCS) and anchor not in _anchors(full):
                 bad.append(f"{page}: anchor {target}")
         for rel in re.findall(
-            r"(?<![\w/.])((?:tools|dev|configs|kd_det|tests)/[\w./-]+\.(?:py|yaml))", text
+            r"(?<![\w/.])((?:tools|dev|configs|kd_det|tests|projects)/[\w./-]+\.(?:py|yaml))", text
         ):
             if not os.path.exists(os.path.join(REPO, rel)):
                 bad.append(f"{page}: path {rel}")

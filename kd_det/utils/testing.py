@@ -2,8 +2,9 @@
 
 Tiny CPU models need a config small enough to build and step in seconds (:func:`tiny_overrides`),
 inputs shaped like a ``DatasetMapper``'s output (:func:`random_batch`), a saved detector to serve
-as a teacher (:func:`save_random_detector`) and a way to run the repository's scripts as a user
-does, in a subprocess (:func:`run_script`; :func:`run_tool` for the user commands in ``tools/``).
+as a teacher (:func:`save_random_detector`), digests that show files did not change
+(:func:`file_digests`) and a way to run the repository's scripts as a user does, in a subprocess
+(:func:`run_script`; :func:`run_tool` for the user commands in ``tools/``).
 Paths to the repository are always passed in: an installed kd_det has no repository to guess.
 """
 
@@ -15,6 +16,7 @@ import sys
 import torch
 
 __all__ = [
+    "file_digests",
     "load_tool",
     "model_overrides",
     "perturb_online_peers",
@@ -107,6 +109,19 @@ def save_random_detector(config_file, output_dir, opts=(), seed=123, name="teach
     model = build_model(cfg)
     DetectionCheckpointer(model, save_dir=str(output_dir)).save(name)
     return {"path": os.path.join(str(output_dir), f"{name}.pth"), "opts": list(opts)}
+
+
+def file_digests(directory):
+    """``{name: sha256}`` of the files in ``directory`` (not recursive): shows nothing changed."""
+    import hashlib
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 def run_script(repo, script, args, timeout=600, threads=1, **kwargs):

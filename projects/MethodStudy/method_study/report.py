@@ -1,4 +1,5 @@
-"""Tables, curves and evaluation noise of ``tools/run_study.py`` (every number names its split)."""
+"""Tables, curves and evaluation noise of :mod:`method_study.run_study` (every number names its
+split)."""
 
 import json
 import os
@@ -7,13 +8,10 @@ import subprocess
 import sys
 import time
 
-import study_ledger as ledger  # noqa: E402
-import study_plots as plots  # noqa: E402
-import study_verdicts as verdicts  # noqa: E402
-from kd_det.utils.loss_balance import balance  # noqa: E402
-from kd_det.utils.runs import fmt  # noqa: E402
+from kd_det.utils.loss_balance import balance
+from kd_det.utils.runs import fmt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import REPO, ledger, plots, verdicts
 
 
 def ap_curve(metrics_json):
@@ -221,14 +219,14 @@ def _balance(out_dir):
 
 def detection_loss_end(out_dir):
     """Mean training detection loss of a run's reported model over its last tenth of training
-    (``tools/loss_balance.py``), or None without a ``metrics.json``."""
+    (:mod:`kd_det.utils.loss_balance`), or None without a ``metrics.json``."""
     b = _balance(out_dir)
     return None if b is None else b["detection_end"]
 
 
 def kd_detection_ratio(out_dir):
     """``[first tenth, last tenth]`` distillation-to-detection loss ratio of a run
-    (``tools/loss_balance.py``), or None without a ``metrics.json``."""
+    (:mod:`kd_det.utils.loss_balance`), or None without a ``metrics.json``."""
     b = _balance(out_dir)
     return None if b is None else [b["start"], b["end"]]
 

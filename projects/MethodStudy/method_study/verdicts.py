@@ -10,7 +10,7 @@ the README's sentences come from a command.
 
 import statistics
 
-from study_plan import FEATURE_FAMILIES, best_feature
+from .plan import FEATURE_FAMILIES, best_feature
 
 #: Offline methods, for "the best offline method": distillation from a trained teacher.
 OFFLINE = ("ssim", "mse", "l1", "pkd", "cwd", "multilevel", "dynamic", "mix_kd")

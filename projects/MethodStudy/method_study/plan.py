@@ -1,4 +1,4 @@
-"""What ``tools/run_study.py`` trains: the dev sweep of every method and the final runs on test.
+"""What :mod:`method_study.run_study` trains: the dev sweep of every method, the final runs on test.
 
 Protocol (README, "Method study"):
 
@@ -20,7 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import REPO
+
 SYN = os.path.join(REPO, "configs", "Synthetic")
 STUDENT = os.path.join(SYN, "faster_rcnn_lite0_FPN.yaml")
 TEACHER = os.path.join(SYN, "faster_rcnn_lite2_FPN.yaml")
@@ -31,7 +32,7 @@ ONLINE = os.path.join(SYN, "online_lite0_x2.yaml")
 
 #: The study's student is cheaper than the shipped Lite0 config: a 64-channel FPN (the teacher's
 #: has 128) and a 256-d box head. With the shipped student the teacher-student gap on this data is
-#: under the 8 AP the study needs (study/regime.md). The channel mismatch means every feature
+#: under the 8 AP the study needs (results/regime.md). The channel mismatch means every feature
 #: hint goes through a 1x1 adapter, so ``ADAPTER auto`` and ``always`` train the same model and
 #: the sweeps spend no trial on that choice.
 STUDENT_SIZE = ("MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "256")

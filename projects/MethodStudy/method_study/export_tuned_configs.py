@@ -1,32 +1,25 @@
-#!/usr/bin/env python
 """Write the study's tuned settings as config files users start from.
 
-The method study (``tools/run_study.py``) picks each method's setting on the dev split. This tool
-turns every method's picked options (from the study's ``results.json``) into a YAML config that
-inherits the method's shipped config (``_BASE_``) and sets only what the study changed, plus a
-Markdown table of those settings with the study's test AP beside them. A user starts from
+The method study (:mod:`method_study.run_study`) picks each method's setting on the dev split.
+This tool turns every method's picked options (from the study's ``results.json``) into a YAML
+config that inherits the method's shipped config (``_BASE_``) and sets only what the study changed,
+plus a Markdown table of those settings with the study's test AP beside them. A user starts from
 ``configs/Synthetic/tuned/<method>.yaml`` (or copies its keys into their own config) instead of
 re-running the sweep.
 
-    python tools/export_tuned_configs.py                 # study/results.json -> configs/.../tuned
+    python -m method_study.export_tuned_configs     # results/results.json -> configs/.../tuned
 """
 
 import argparse
 import ast
 import json
 import os
-import sys
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TOOLS)
-sys.path.insert(0, TOOLS)
+from kd_det.config import get_kd_cfg
+from kd_det.utils.loss_balance import balance
+from kd_det.utils.runs import SCHEDULE_RELATIVE, rescale_schedule
 
-import study_plan as plan  # noqa: E402
-from kd_det.utils.loss_balance import balance  # noqa: E402
-from kd_det.utils.runs import SCHEDULE_RELATIVE, rescale_schedule  # noqa: E402
-
-sys.path.insert(0, REPO)
-from kd_det.config import get_kd_cfg  # noqa: E402
+from . import REPO, RESULTS, plan
 
 #: Keys that describe the study's setup (data, schedule, seed, teacher weights), not a method.
 SETUP_PREFIXES = ("DATASETS.", "SOLVER.", "INPUT.MIN_SIZE", "SEED", "OUTPUT_DIR", "TEST.",
@@ -35,7 +28,7 @@ SETUP_PREFIXES = ("DATASETS.", "SOLVER.", "INPUT.MIN_SIZE", "SEED", "OUTPUT_DIR"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", default=os.path.join(REPO, "study", "results.json"))
+    p.add_argument("--study", default=os.path.join(RESULTS, "results.json"))
     p.add_argument("--output", default=os.path.join(REPO, "configs", "Synthetic", "tuned"))
     return p.parse_args(argv)
 
@@ -210,7 +203,7 @@ def markdown(written, results, previous=None):
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.exists(args.study):
-        raise SystemExit(f"{args.study} not found: run tools/run_study.py first.")
+        raise SystemExit(f"{args.study} not found: run python -m method_study.run_study first.")
     with open(args.study) as f:
         results = json.load(f)
     results["_path"] = args.study

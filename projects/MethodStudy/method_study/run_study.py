@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """The method study: a dev sweep of every kd_det method, then three seeds of each on test.
 
 One command, resumable (each run is a ``tools/train_net.py`` process whose finished result is
 reused when nothing that defines it changed; an interrupted run resumes bit-identically from its
-last checkpoint). The protocol and the trials are in ``tools/study_plan.py``. Each finished run
-also leaves a small record in ``<output>/ledger/`` (``tools/study_ledger.py``; committed, unlike
+last checkpoint). The protocol and the trials are in :mod:`method_study.plan`. Each finished run
+also leaves a small record in ``<output>/ledger/`` (:mod:`method_study.ledger`; committed, unlike
 ``runs/``), from which the reports are built and a fresh clone resumes. Writes into ``--output``:
 
 * ``dev_sweep.md``: every trial of every family with its final dev AP, and the pick;
@@ -14,33 +13,25 @@ also leaves a small record in ``<output>/ledger/`` (``tools/study_ledger.py``; c
 * ``dev_sweep.png``: dev AP against iteration for every trial of the dev sweep, by family;
 * ``eval_noise``: the bootstrap spread of test AP over test images, next to the seed spread.
 
-    python tools/run_study.py --jobs 2                 # the README's study (see its wall time)
-    python tools/run_study.py --report-only            # tables of what has finished so far
-    python tools/run_study.py --restore-from study/results.json   # rebuild a lost ledger
-    python tools/run_study.py --preset quick --families ssim mix --max-trials 2   # smoke test
+    python -m method_study.run_study --jobs 2          # the README's study (see its wall time)
+    python -m method_study.run_study --report-only     # tables of what has finished so far
+    python -m method_study.run_study --restore-from projects/MethodStudy/results/results.json
+    python -m method_study.run_study --preset quick --families ssim mix --max-trials 2   # smoke
 """
 
 import argparse
 import json
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TOOLS)
-sys.path.insert(0, TOOLS)
-sys.path.insert(0, REPO)
-
-import study_ledger as ledger  # noqa: E402
-import study_plan as plan  # noqa: E402
-import study_report as report  # noqa: E402
+from . import REPO, RESULTS, ledger, plan, report
 
 #: The README's study: generated scenes of 128 px (README, "Method study", for why these sizes).
 FULL = dict(num_train=400, num_dev=300, num_test=300, image_size=128, teacher_iters=3000,
             iters=1000, batch=8, evals=5)  # fmt: skip
-#: A smoke-test size (tests/tools/test_run_study.py).
+#: A smoke-test size (projects/MethodStudy/tests/test_run_study.py).
 QUICK = dict(num_train=8, num_dev=4, num_test=4, image_size=64, teacher_iters=2, iters=2,
              batch=2, evals=1)  # fmt: skip
 PRESETS = {"full": FULL, "quick": QUICK}
@@ -50,7 +41,7 @@ DATA_NAMES = {"train": "synthetic_study_train", "dev": "synthetic_study_val",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default=os.path.join(REPO, "study"))
+    p.add_argument("--output", default=RESULTS)
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     for k in FULL:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
@@ -190,7 +181,7 @@ class Study:
     # -- one run ------------------------------------------------------------------------------
     def train(self, name, config, opts, out, params, teacher_needed, use_record=True):
         """Train one run, or reuse it: from its output directory (stamp) or from its ledger
-        record (``tools/study_ledger.py``). A run that must train and needs a teacher whose
+        record (:mod:`method_study.ledger`). A run that must train and needs a teacher whose
         weights are gone (a fresh clone) retrains the teacher first (:meth:`teacher_weights`)."""
         from kd_det.utils.runs import finished_run, train_and_evaluate, with_config_digest
 
@@ -478,7 +469,8 @@ def main(argv=None):
         # the study's full report stays as it is until a call over every family rewrites it.
         print(f"[study] --families {' '.join(args.families)}: the runs are in the ledger; "
               f"{args.output}/results.md is left as it is (a subset report would drop the other "
-              "families): `python tools/run_study.py --report-only` rewrites it.")  # fmt: skip
+              "families): `python -m method_study.run_study --report-only` rewrites "
+              "it.")  # fmt: skip
         return
     report.write_all(results, args.output, allow_fewer=args.force)
     print(open(os.path.join(args.output, "dev_sweep.md")).read())

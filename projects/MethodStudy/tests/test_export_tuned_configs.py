@@ -1,11 +1,11 @@
-"""tools/export_tuned_configs.py: the study's picks become configs that load in detectron2 and set
-exactly the picked values on top of the shipped config."""
+"""method_study.export_tuned_configs: the study's picks become configs that load in detectron2 and
+set exactly the picked values on top of the shipped config."""
 
 import json
 
-from conftest import REPO
 from kd_det.config import get_kd_cfg
-from kd_det.utils.testing import load_tool
+from method_study import export_tuned_configs as tool
+from method_study import plan
 
 SSIM_OPTS = [
     "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "256",
@@ -26,7 +26,6 @@ def _run(label, opts, aps):
 
 
 def test_tuned_configs_load_and_set_the_picks(tmp_path):
-    tool = load_tool(REPO, "export_tuned_configs.py")
     results = {"preset": {"iters": 1000}, "methods": {
         "ssim": _run("+ SSIM hints (tuned)", SSIM_OPTS, [30.0, 32.0]),
         "mix": _run("student + mixing", MIX_OPTS, [28.0]),
@@ -80,15 +79,12 @@ def test_tuned_configs_load_and_set_the_picks(tmp_path):
 
 
 def test_setup_keys_are_not_part_of_a_tuned_setting():
-    tool = load_tool(REPO, "export_tuned_configs.py")
     got = tool.nested(["SEED", "3", "DATASETS.TRAIN", "('x',)", "MODEL.KD.TEACHER.WEIGHTS", "t.pth",
                        "MODEL.KD.FEATURE.WEIGHTS", "[1.0]"])  # fmt: skip
     assert got == {"MODEL": {"KD": {"FEATURE": {"WEIGHTS": [1.0]}}}}
 
 
 def test_settings_column_lists_each_key_once_with_the_value_trained():
-    tool = load_tool(REPO, "export_tuned_configs.py")
-    plan = load_tool(REPO, "study_plan.py")
     # The SSIM paper's window 11, then the trial's 7. The shipped SSIM config already has LOSS
     # ssim and FEATURE.WEIGHTS [1.0] (configs/Synthetic/distill_lite2_to_lite0_ssim.yaml).
     opts = ["MODEL.KD.FEATURE.LOSS", "ssim", "MODEL.KD.SSIM.WINDOW_SIZE", "11",
@@ -102,7 +98,6 @@ def test_settings_column_lists_each_key_once_with_the_value_trained():
 def test_loss_ratios_come_from_the_ledger_or_the_previous_table(tmp_path):
     """A fresh clone has no run directories: the ratio comes from the run's ledger record
     (results.json), else the earlier table's cell is kept, never replaced by n/a."""
-    tool = load_tool(REPO, "export_tuned_configs.py")
     results = {"preset": {"iters": 1000}, "methods": {
         "ssim": _run("+ SSIM hints (tuned)", SSIM_OPTS, [30.0, 32.0]),
         "mix": _run("student + mixing", MIX_OPTS, [28.0]),

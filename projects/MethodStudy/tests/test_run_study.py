@@ -1,11 +1,12 @@
-"""tools/run_study.py end to end at tiny size: dev sweep, picks, finals on test, reports, resume."""
+"""method_study.run_study end to end at tiny size: dev sweep, picks, finals on test, reports,
+resume."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from method_study import plan, report
+from method_study import run_generalization as gen
+from method_study import verdicts as v
+from method_study.testing import run_module
 
 ARGS = [
     "--preset", "quick", "--families", "ssim", "mix", "--max-trials", "2", "--seeds", "0", "1",
@@ -16,11 +17,7 @@ ARGS = [
 
 
 def _study(tmp_path, args, ok=True):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "run_study.py"), "--output", str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        cmd + list(args), capture_output=True, text=True, cwd=REPO, env=env, timeout=1200
-    )
+    proc = run_module("run_study", ["--output", tmp_path] + list(args), timeout=1200)
     assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
     return proc
 
@@ -69,29 +66,27 @@ def test_run_study_tiny(tmp_path):
 
     # Generalization: the tuned settings, unchanged, on COCO data registered via DATASETS.COCO
     # (here the study's own splits, which have the layout the tool expects).
-    gen = tmp_path / "gen"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "run_generalization.py"), "--data",
-           str(tmp_path / "data"), "--study", str(tmp_path / "results.json"), "--output", str(gen),
-           "--preset", "quick", "--methods", "ssim", "--seeds", "0", "1", "--jobs", "2",
-           "--opts", "MODEL.KD.TEACHER.MIN_AP", "0.0"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
+    gen_out = tmp_path / "gen"
+    args = ["--data", tmp_path / "data", "--study", tmp_path / "results.json", "--output", gen_out,
+            "--preset", "quick", "--methods", "ssim", "--seeds", "0", "1", "--jobs", "2",
+            "--opts", "MODEL.KD.TEACHER.MIN_AP", "0.0"]  # fmt: skip
+    proc = run_module("run_generalization", args, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.load(open(gen / "results.json"))
+    out = json.load(open(gen_out / "results.json"))
     assert set(out["methods"]) == {"student", "ssim"}
     tuned = res["methods"]["ssim"]["runs"][0]["opts"]
     for r in out["methods"]["ssim"]["runs"]:
         assert r["opts"][: len(tuned)] == tuned and "AP" in r["test"]  # settings unchanged
 
-    run_cfg = yaml.safe_load((gen / "runs" / "ssim" / "seed0" / "config.yaml").read_text())
+    run_cfg = yaml.safe_load((gen_out / "runs" / "ssim" / "seed0" / "config.yaml").read_text())
     assert run_cfg["DATASETS"]["TRAIN"] == ["external_train"]  # trained on the new data
     assert run_cfg["DATASETS"]["TEST"] == ["external_val"]  # dev during training, not test
     test_cfg = yaml.safe_load(
-        (gen / "runs" / "ssim" / "seed0" / "test" / "config.yaml").read_text()
+        (gen_out / "runs" / "ssim" / "seed0" / "test" / "config.yaml").read_text()
     )
     assert test_cfg["DATASETS"]["TEST"] == ["external_test"]
     assert test_cfg["INPUT"]["MIN_SIZE_TEST"] == run_cfg["INPUT"]["MIN_SIZE_TEST"] == size
-    assert "Partial" not in (gen / "results.md").read_text()
+    assert "Partial" not in (gen_out / "results.md").read_text()
 
 
 def _ledger_keeps_the_study(tmp_path):
@@ -128,9 +123,6 @@ def _ledger_keeps_the_study(tmp_path):
 
 
 def test_generalization_takes_the_two_best_methods_by_dev_ap():
-    from kd_det.utils.testing import load_tool
-
-    gen = load_tool(REPO, "run_generalization.py")
     runs = lambda *aps: {"runs": [{"dev": {"AP": a}, "test": {"AP": 99.0}} for a in aps]}  # noqa
     study = {"methods": {"student": runs(50.0), "ssim": runs(20.0, 22.0), "mse": runs(30.0),
                          "mix": runs(10.0, 40.0)}}  # fmt: skip
@@ -154,11 +146,7 @@ def test_run_study_rejects_unknown_family(tmp_path):
     assert "Unknown families ['distill_everything']" in proc.stderr
 
 
-def test_regime_checks_follow_their_definitions(monkeypatch):
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))  # study_report imports runs.py
-    report = load_tool(REPO, "study_report.py")
+def test_regime_checks_follow_their_definitions():
     curve = lambda *aps: [[200 * (i + 1) - 1, a] for i, a in enumerate(aps)]  # noqa: E731
     student = [
         {"dev": {"AP": d}, "test": {"AP": t}, "curve": curve(10, 20, 25, 30, c), "seconds": 60}
@@ -188,11 +176,7 @@ def test_regime_checks_follow_their_definitions(monkeypatch):
     assert diff == "+4.0 +- 1.2 *"
 
 
-def test_run_time_counts_every_process_of_a_resumed_run(monkeypatch, tmp_path):
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
-    report = load_tool(REPO, "study_report.py")
+def test_run_time_counts_every_process_of_a_resumed_run(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text(
         "[12/02 02:49:38] detectron2 INFO: Rank of current process: 0. World size: 1\n"
@@ -210,11 +194,7 @@ def test_run_time_counts_every_process_of_a_resumed_run(monkeypatch, tmp_path):
     assert report.log_seconds(str(tmp_path / "missing.txt")) is None
 
 
-def test_invocations_are_recorded_once_each(monkeypatch, tmp_path):
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
-    report = load_tool(REPO, "study_report.py")
+def test_invocations_are_recorded_once_each(tmp_path):
     report.record_invocation(str(tmp_path), 1_800_000_000, 2, 1)
     report.record_invocation(str(tmp_path), 1_800_000_000, 2, 3)  # the same invocation, later
     report.record_invocation(str(tmp_path), 1_800_090_000, 2, 1)  # a second one
@@ -223,11 +203,7 @@ def test_invocations_are_recorded_once_each(monkeypatch, tmp_path):
     assert rows[0]["start"] == "2027-01-15T08:00:00Z" and rows[0]["jobs"] == 2
 
 
-def test_verdicts_and_answers_follow_welch(monkeypatch):
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
-    v = load_tool(REPO, "study_verdicts.py")
+def test_verdicts_and_answers_follow_welch():
     runs = lambda *aps, dev=30.0: [{"test": {"AP": a}, "dev": {"AP": dev}} for a in aps]  # noqa
     res = {
         "teacher": {"test": {"AP": 40.0}},
@@ -276,11 +252,7 @@ def test_verdicts_and_answers_follow_welch(monkeypatch):
     assert "closes" not in text
 
 
-def test_selection_check_separates_the_dev_pick_from_fresh_seeds(monkeypatch):
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
-    v = load_tool(REPO, "study_verdicts.py")
+def test_selection_check_separates_the_dev_pick_from_fresh_seeds():
     run = lambda ap, reused=None: {"test": {"AP": ap}, "reused_dev_trial": reused}  # noqa: E731
     res = {
         "methods": {
@@ -296,11 +268,7 @@ def test_selection_check_separates_the_dev_pick_from_fresh_seeds(monkeypatch):
     assert v.selection_check({"methods": {"student": res["methods"]["student"]}}) == []
 
 
-def test_start_order_completes_the_dev_ranking_then_starts_online_runs(monkeypatch):
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
-    plan = load_tool(REPO, "study_plan.py")
+def test_start_order_completes_the_dev_ranking_then_starts_online_runs():
     finals = plan.finals()
     order = [(f.name, s) for f, s in plan.start_order(finals, [0, 1, 2])]
     assert sorted(order) == sorted((f.name, s) for f in finals for s in [0, 1, 2])
@@ -327,11 +295,7 @@ def test_start_order_completes_the_dev_ranking_then_starts_online_runs(monkeypat
     assert ("student", 0) in rest and ("mix_kd", 1) in rest
 
 
-def test_generalization_table_gives_each_method_a_verdict(monkeypatch):
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
-    gen = load_tool(REPO, "run_generalization.py")
+def test_generalization_table_gives_each_method_a_verdict():
     runs = lambda *aps: [{"test": {"AP": a}, "dev": {"AP": a}} for a in aps]  # noqa: E731
     res = {
         "data": "datasets/animal_scenes",
@@ -354,13 +318,9 @@ def test_generalization_table_gives_each_method_a_verdict(monkeypatch):
     assert "Partial" not in md
 
 
-def test_picks_resolve_the_picks_a_pick_names(monkeypatch):
+def test_picks_resolve_the_picks_a_pick_names():
     """The multi-level pick "with the best feature loss" names @pick:feature: a final built from
     it needs both picks to expand (the study stopped on a KeyError without this)."""
-    from kd_det.utils.testing import load_tool
-
-    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
-    plan = load_tool(REPO, "study_plan.py")
     pkd = plan.Trial("pkd", "w12.0", plan.KD, ("MODEL.KD.FEATURE.LOSS", "pkd"), True)
     best = plan.Trial("multilevel", "best_feature", plan.MULTILEVEL, ("@pick:feature",), True)
     chosen = {"multilevel": best, "feature": pkd}

@@ -1,4 +1,5 @@
-"""The third-party sources of ``tools/make_external_coco.py``'s dataset, and safe loading of them.
+"""The third-party sources of :mod:`method_study.make_external_coco`'s dataset, and safe loading
+of them.
 
 * **Scene layout and rendering**: ``mnist-detection`` 0.1.7 (PyPI, import name ``mnistdet``, by
   Chenchao Zhao). Its ``generate_detection_image_with_annotation`` pastes grayscale objects onto a
@@ -47,8 +48,8 @@ def require(pip_name):
         return importlib.import_module(module_name)
     except ImportError as e:
         raise MissingPackageError(
-            f"tools/make_external_coco.py needs the PyPI package {pip_name} ({version}), which is "
-            f"not installed ({e}). Install the optional extra from the repository root: "
+            f"method_study.make_external_coco needs the PyPI package {pip_name} ({version}), which "
+            f"is not installed ({e}). Install the optional extra from the repository root: "
             f"{INSTALL_HINT}  (or: pip install {pip_name}=={version})"
         ) from e
 
