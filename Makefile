@@ -19,9 +19,10 @@ $(STAMP): setup.py projects/MethodStudy/setup.py tools/install_detectron2.py Mak
 	@# Unpinned: pip picks the build for this machine (constraint files on CI cap the version).
 	$(PY) -m pip install --quiet torch torchvision
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install --quiet -e ".[dev,external,deploy]"
-	@# The method study (projects/MethodStudy): its package, so that its tests run with kd_det's.
-	$(PY) -m pip install --quiet -e projects/MethodStudy
+	$(PY) -m pip install --quiet -e ".[dev,deploy]"
+	@# The method study (projects/MethodStudy), so that its tests run with kd_det's; its external
+	@# extra is the third-party scene generator of its generalization check.
+	$(PY) -m pip install --quiet -e "projects/MethodStudy[external]"
 	@# Compile the CPU ROIAlign backward once now (cached), not inside the first test or run.
 	$(PY) -c "from kd_det.layers.roi_align import load_extension as l; print('fast CPU ROIAlign backward:', 'built' if l() else 'unavailable (torchvision fallback)')"
 	$(PY) -m kd_det.collect_env

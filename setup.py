@@ -14,7 +14,7 @@ setup(
     "for detectron2 detectors",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(exclude=("tests", "tests.*", "tools", "configs")),
+    packages=find_packages(include=("kd_det", "kd_det.*")),
     # The CPU ROIAlign backward is compiled from source on first use (kd_det/layers/roi_align.py).
     package_data={"kd_det": ["layers/csrc/*.cpp"]},
     python_requires=">=3.9",
@@ -43,10 +43,6 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "scikit-image", "black", "flake8"],
-        # tools/make_external_coco.py: a detection dataset from third-party generators (scenes by
-        # mnist-detection, animal silhouettes shipped in animal-shape-mnist's wheel). Pinned: the
-        # scenes for a seed depend on the exact package code and data.
-        "external": ["mnist-detection==0.1.7", "animal-shape-mnist==0.39"],
         # tools/trace_student.py --format onnx: export and the check against eager outputs.
         "deploy": ["onnx", "onnxruntime"],
     },

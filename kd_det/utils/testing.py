@@ -8,7 +8,6 @@ as a teacher (:func:`save_random_detector`), digests that show files did not cha
 Paths to the repository are always passed in: an installed kd_det has no repository to guess.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import torch
 
 __all__ = [
     "file_digests",
-    "load_tool",
     "model_overrides",
     "perturb_online_peers",
     "random_batch",
@@ -147,17 +145,6 @@ def run_script(repo, script, args, timeout=600, threads=1, **kwargs):
 def run_tool(repo, tool, args, timeout=600, threads=1, **kwargs):
     """Run the user command ``<repo>/tools/<tool>``: :func:`run_script` of ``tools/<tool>``."""
     return run_script(repo, os.path.join("tools", tool), args, timeout, threads, **kwargs)
-
-
-def load_tool(repo, tool):
-    """Import ``<repo>/tools/<tool>`` (a script, not a package module) to call its functions."""
-    name = os.path.splitext(os.path.basename(tool))[0]
-    spec = importlib.util.spec_from_file_location(
-        f"kd_det_tool_{name}", os.path.join(repo, "tools", tool)
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def perturb_online_peers(model, seed=3, scale=0.05):

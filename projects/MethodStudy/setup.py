@@ -14,4 +14,10 @@ setup(
     packages=["method_study"],
     python_requires=">=3.9",
     install_requires=["kd_det"],
+    extras_require={
+        # method_study.make_external_coco: a detection dataset from third-party generators (scenes
+        # by mnist-detection, animal silhouettes shipped in animal-shape-mnist's wheel). Pinned: the
+        # scenes for a seed depend on the exact package code and data.
+        "external": ["mnist-detection==0.1.7", "animal-shape-mnist==0.39"],
+    },
 )

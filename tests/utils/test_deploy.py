@@ -1,7 +1,7 @@
 """The exported student traces to TorchScript (detectron2's TracingAdapter) and gives the eager
-model's boxes, scores and classes, at the traced input size and at another one."""
+model's boxes, scores and classes, at the traced input size and at another one: through
+``tools/trace_student.py`` as a user runs it, and through :mod:`kd_det.utils.deploy`."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -14,15 +14,18 @@ from PIL import Image
 
 from conftest import CONFIGS, REPO, tiny_overrides
 from kd_det.config import get_kd_cfg
+from kd_det.utils.testing import run_tool
 
 
-def _trace_tool():
-    spec = importlib.util.spec_from_file_location(
-        "trace_student", os.path.join(REPO, "tools", "trace_student.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _trace(export_dir, image_file, fmt="torchscript"):
+    """What ``tools/trace_student.py`` does, in-process: export the student in ``export_dir``."""
+    from detectron2.data.detection_utils import read_image
+
+    from kd_det.utils import deploy
+
+    export = deploy.export_onnx if fmt == "onnx" else deploy.export_torchscript
+    config, weights = (os.path.join(export_dir, f) for f in ("config.yaml", "model_final.pth"))
+    return export(config, weights, export_dir, read_image(image_file, format="BGR"))
 
 
 def _exported(tmp_path, config, synthetic_root):
@@ -55,13 +58,15 @@ def test_traced_student_matches_eager(tmp_path, synthetic_root, config):
     out = _exported(tmp_path, config, synthetic_root)
     image_file = _image(tmp_path)
     export_dir = os.path.dirname(out["config"])
-    res = _trace_tool().main(["--export-dir", export_dir, "--image", image_file,
-                              "--output", str(tmp_path / "ts")])  # fmt: skip
-    assert res["path"] == str(tmp_path / "ts" / "model.ts")
-    assert res["input_size"] == (64, 85)  # MIN_SIZE_TEST 64 of a 72x96 image
+    args = ["--export-dir", export_dir, "--image", image_file, "--output", tmp_path / "ts"]
+    proc = run_tool(REPO, "trace_student.py", args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = tmp_path / "ts" / "model.ts"
+    # MIN_SIZE_TEST 64 of a 72x96 image
+    assert f"Wrote {path} (traced at 64x85)" in proc.stdout
 
     # Independently of the tool's own checks: reload the file, compare with a fresh eager model.
-    traced = torch.jit.load(res["path"])
+    traced = torch.jit.load(str(path))
     cfg, model = load_student(out["config"])
     image = preprocess(cfg, read_image(image_file, format="BGR"))
     adapter = TracingAdapter(model, [{"image": image}], _inference)
@@ -84,9 +89,8 @@ def test_a_trace_that_does_not_generalize_is_refused(tmp_path, synthetic_root, m
 
     out = _exported(tmp_path, "faster_rcnn_lite0_FPN.yaml", synthetic_root)
     monkeypatch.setattr(deploy, "make_traceable", lambda model: 0)
-    with pytest.raises(SystemExit, match="differs from the eager model on the other size input"):
-        _trace_tool().main(["--export-dir", os.path.dirname(out["config"]),
-                            "--image", _image(tmp_path)])  # fmt: skip
+    with pytest.raises(RuntimeError, match="differs from the eager model on the other size input"):
+        _trace(os.path.dirname(out["config"]), _image(tmp_path))
 
 
 def test_onnx_export_matches_eager(tmp_path, synthetic_root):
@@ -94,8 +98,7 @@ def test_onnx_export_matches_eager(tmp_path, synthetic_root):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     out = _exported(tmp_path, "faster_rcnn_R18_FPN.yaml", synthetic_root)
-    res = _trace_tool().main(["--export-dir", os.path.dirname(out["config"]), "--image",
-                              _image(tmp_path), "--format", "onnx"])  # fmt: skip
+    res = _trace(os.path.dirname(out["config"]), _image(tmp_path), fmt="onnx")
     assert res["path"].endswith("model.onnx") and os.path.isfile(res["path"])
     for check in res["checks"].values():  # the traced size and another one (dynamic axes)
         assert check["detections"] == check["traced_detections"] > 0
@@ -114,6 +117,5 @@ def test_onnx_without_its_packages_says_what_to_install(tmp_path, synthetic_root
 
     out = _exported(tmp_path, "faster_rcnn_R18_FPN.yaml", synthetic_root)
     monkeypatch.setattr(builtins, "__import__", no_onnx)
-    with pytest.raises(SystemExit, match="pip install onnx onnxruntime"):
-        _trace_tool().main(["--export-dir", os.path.dirname(out["config"]), "--image",
-                            _image(tmp_path), "--format", "onnx"])  # fmt: skip
+    with pytest.raises(RuntimeError, match="pip install onnx onnxruntime"):
+        _trace(os.path.dirname(out["config"]), _image(tmp_path), fmt="onnx")

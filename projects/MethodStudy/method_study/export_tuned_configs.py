@@ -3,7 +3,8 @@
 The method study (:mod:`method_study.run_study`) picks each method's setting on the dev split.
 This tool turns every method's picked options (from the study's ``results.json``) into a YAML
 config that inherits the method's shipped config (``_BASE_``) and sets only what the study changed,
-plus a Markdown table of those settings with the study's test AP beside them. A user starts from
+plus a Markdown table of those settings with the loss balance they produced (the study's test
+results stay in its README, which the table links). A user starts from
 ``configs/Synthetic/tuned/<method>.yaml`` (or copies its keys into their own config) instead of
 re-running the sweep.
 
@@ -21,6 +22,8 @@ from kd_det.utils.runs import SCHEDULE_RELATIVE, rescale_schedule
 
 from . import REPO, RESULTS, plan
 
+#: Where the study's test results are stated (the configs and their table link it).
+STUDY_README = "projects/MethodStudy/README.md"
 #: Keys that describe the study's setup (data, schedule, seed, teacher weights), not a method.
 SETUP_PREFIXES = ("DATASETS.", "SOLVER.", "INPUT.MIN_SIZE", "SEED", "OUTPUT_DIR", "TEST.",
                   "DATALOADER.", "MODEL.KD.TEACHER.WEIGHTS")  # fmt: skip
@@ -58,7 +61,7 @@ def nested(opts):
 
 
 def write_configs(results, output):
-    """One YAML per method with finished runs; returns ``[(method, path, mean test AP, opts)]``."""
+    """One YAML per method with finished runs; returns ``[(method, path, opts)]``."""
     import yaml
 
     finals = {f.name: f for f in plan.finals()}
@@ -82,19 +85,15 @@ def write_configs(results, output):
                     "with your schedule.\n")  # fmt: skip
         body = nested(opts)
         path = os.path.join(output, f"{name}.yaml")
-        aps = [r["test"]["AP"] for r in m["runs"] if r.get("test")]
-        mean = sum(aps) / len(aps) if aps else None
         header = (
-            f"# {m['label']}: the setting tools/run_study.py picked on the dev split.\n"
-            f"# Written by tools/export_tuned_configs.py from {os.path.basename(results['_path'])}"
-            f"; test AP {mean:.1f} over {len(aps)} seeds (README, Method study).\n"
-            if mean is not None
-            else f"# {m['label']}: the study's pick (no test AP yet).\n"
+            f"# {m['label']}: the setting the method study picked on its dev split.\n"
+            f"# Written by method_study.export_tuned_configs from "
+            f"{os.path.basename(results['_path'])}; test results: {STUDY_README}.\n"
         )
         with open(path, "w") as f:
             f.write(header + note)
             yaml.safe_dump({"_BASE_": base, **body}, f, sort_keys=False)
-        written.append((name, path, mean, [o for o in opts]))
+        written.append((name, path, [o for o in opts]))
     return written
 
 
@@ -141,8 +140,8 @@ def beyond_base(opts, config):
 
 def loss_ratios(results, name):
     """``(start, end)``: the distillation-to-detection loss ratio over the first and the last
-    tenth of training (``tools/loss_balance.py``), each the mean over a method's runs, or None
-    where no run directory has a metrics.json.
+    tenth of training (:mod:`kd_det.utils.loss_balance`), each the mean over a method's runs, or
+    None where no run directory has a metrics.json.
 
     A weight carries over to other data only as this ratio, so the table gives it beside the
     setting; the start value is the one a user can compare after a few hundred iterations."""
@@ -177,26 +176,26 @@ def markdown(written, results, previous=None):
     previous = previous or {}
     lines = [
         "| method | config | settings (beyond the shipped config) | kd / detection loss, first / "
-        "last tenth | test AP |",
-        "|---|---|---|---|---|",
+        "last tenth |",
+        "|---|---|---|---|",
     ]
     finals = {f.name: f for f in plan.finals()}
-    for name, path, mean, opts in written:
+    for name, path, opts in written:
         pairs = [f"`{k} {v}`" for k, v in beyond_base(opts, finals[name].config)]
-        ap = "n/a" if mean is None else f"{mean:.1f}"
         ratio = " / ".join("n/a" if v is None else f"{v:.2f}" for v in loss_ratios(results, name))
         rel = os.path.relpath(path, REPO)
         if ratio == "n/a / n/a" and rel in previous:
             ratio = previous[rel]
         lines.append(f"| {results['methods'][name]['label']} | `{rel}` | {' '.join(pairs)} | "
-                     f"{ratio} | {ap} |")  # fmt: skip
+                     f"{ratio} |")  # fmt: skip
     lines += ["", "kd / detection loss: the sum of the `loss_kd_*` terms over the sum of the "
               "detection losses in the first and the last tenth of training, mean over the "
               "method's runs (`python tools/loss_balance.py RUN_DIR` gives it for your run; the "
               "meta-weight network's `loss_hint_meta` counts as neither). A tuned weight "
               "carries over to other data as this ratio, not as its number: after a few hundred "
               "iterations, scale your weight until your first-tenth ratio is near this "
-              "one."]  # fmt: skip
+              "one.", "",
+              f"How each method did (test AP over seeds, verdicts): {STUDY_README}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -213,8 +212,8 @@ def main(argv=None):
     md = markdown(written, results, previous_ratio_cells(os.path.join(args.output, "README.md")))
     done, expected = results.get("finished_runs"), results.get("expected_runs")
     if done is not None and expected and done < expected:
-        md += (f"\n**Partial**: {done} of the study's {expected} final runs had finished; test AP "
-               "is the mean over a method's finished seeds, n/a before the first.\n")  # fmt: skip
+        md += (f"\n**Partial**: {done} of the study's {expected} final runs had finished; a method "
+               "without a finished run has no config yet.\n")  # fmt: skip
     with open(os.path.join(args.output, "README.md"), "w") as f:
         f.write("# Tuned settings from the method study\n\n" + md)
     print(md)

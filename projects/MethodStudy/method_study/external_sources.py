@@ -16,8 +16,8 @@ silhouettes (legs, necks, stripes) rather than geometric shapes; the background 
 bicubic blow-up of 5 x 5 random colours rather than a texture; objects are soft-edged and pastel;
 placement follows the package's grid of top-left corners; and the boxes come from the package.
 
-Both are an optional extra (``pip install -e .[external]``); :func:`require` names it when one is
-missing.
+Both are the study's optional extra (``pip install -e "projects/MethodStudy[external]"``);
+:func:`require` names it when one is missing.
 """
 
 import gzip
@@ -32,7 +32,7 @@ PACKAGES = {
 }
 #: Label order of the animal-shape-mnist data files (checked against the pictures).
 CLASS_NAMES = tuple("bear bird cat cow dog elephant giraffe horse sheep zebra".split())
-INSTALL_HINT = "pip install -e .[external]"
+INSTALL_HINT = 'pip install -e "projects/MethodStudy[external]"'
 
 
 class MissingPackageError(ImportError):

@@ -35,7 +35,8 @@ Output::
 
 Categories have ids 1..10 in the order above; ``bbox`` is ``[x, y, w, h]`` in pixels, with
 ``area`` (the box area) and ``iscrowd`` 0. Images are PNG: lossless, so the soft object edges
-are not blurred further by JPEG. The packages are an optional extra: ``pip install -e .[external]``.
+are not blurred further by JPEG. The packages are the study's optional extra:
+``pip install -e "projects/MethodStudy[external]"``.
 """
 
 import argparse

