@@ -10,9 +10,14 @@ probability ``p`` the expected ratio is ``1 / ((1 - p) + p / ratio)``.
 Each mix type is measured with fresh partners (every partner read, decoded and augmented) and with
 the partner cache (``partner_cache_size``, partners reused from recently mapped samples).
 
-Example::
+With ``--workers N`` every mapper instead feeds a ``torch.utils.data.DataLoader`` with ``N``
+worker processes, as in training, and the rate is images per second out of the loader (after a
+warm-up that starts the workers). At COCO's input size, with the COCO configs' augmentation::
 
     python dev/benchmark_data.py --num-images 32 --image-size 256 --repeats 2
+    python dev/benchmark_data.py --image-size 1333 --workers 2 --types mixup cutmix cutnmix \
+        --config-file configs/COCO-Distillation/faster_rcnn_R101_to_R50_FPN_1x_ssim.yaml \
+        INPUT.MIN_SIZE_TRAIN "(800,)"
 """
 
 import argparse
@@ -102,6 +107,45 @@ def benchmark(builders, dicts, repeats, warmup):
     return [float(np.median(s)) for s in speeds]
 
 
+class _Mapped(torch.utils.data.Dataset):
+    """``length`` samples cycling over ``dicts``, each mapped by ``mapper`` in the worker."""
+
+    def __init__(self, dicts, mapper, length):
+        self.dicts, self.mapper, self.length = dicts, mapper, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.mapper(copy.deepcopy(self.dicts[i % len(self.dicts)]))
+
+
+def benchmark_workers(builders, dicts, repeats, workers, warmup):
+    """Median images/s out of a ``DataLoader`` with ``workers`` processes, per mapper.
+
+    Each pass builds a loader over ``len(dicts)`` timed samples after ``warmup`` untimed ones
+    (worker start-up, first partner reads); passes of the mappers alternate as in
+    :func:`benchmark`.
+    """
+    speeds = [[] for _ in builders]
+    n = len(dicts)
+    for r in range(repeats):
+        for k, build in enumerate(builders):
+            dataset = _Mapped(dicts, build(), warmup + n)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=None, num_workers=workers, collate_fn=lambda x: x
+            )
+            it = iter(loader)
+            for _ in range(warmup):
+                next(it)
+            start = time.perf_counter()
+            for _ in range(n):
+                next(it)
+            speeds[k].append(n / (time.perf_counter() - start))
+            del it, loader
+    return [float(np.median(s)) for s in speeds]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=32, help="images in the dataset")
@@ -115,6 +159,9 @@ def parse_args(argv=None):
     parser.add_argument("--types", nargs="+", default=list(MIX_TYPES), choices=MIX_TYPES)
     parser.add_argument(
         "--config-file", default="", help="config for INPUT.* (default: detectron2's)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="DataLoader worker processes (0: in this process)"
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args(argv)
@@ -151,13 +198,20 @@ def measure(args):
                     )
 
                 runs.append((f"{mix_type}" + (f" (cache {cache})" if cache else ""), build))
-        speeds = benchmark([b for _, b in runs], dicts, args.repeats, args.cache_size + 2)
+        if args.workers > 0:
+            warmup = args.workers * (args.cache_size + 2)
+            speeds = benchmark_workers(
+                [b for _, b in runs], dicts, args.repeats, args.workers, warmup
+            )
+        else:
+            speeds = benchmark([b for _, b in runs], dicts, args.repeats, args.cache_size + 2)
         rows = [(name, ips) for (name, _), ips in zip(runs, speeds)]
     desc = (
         f"{len(dicts)} images ({args.source}) of {args.image_size} px, "
         f"median of {args.repeats} passes, "
         f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}, MAX {cfg.INPUT.MAX_SIZE_TRAIN}, "
-        f"mix prob {args.prob}"
+        f"mix prob {args.prob}, "
+        + (f"{args.workers} loader workers" if args.workers else "in one process")
     )
     return rows, desc
 
