@@ -1,37 +1,43 @@
-"""Every command in docs/*.md is real, and each one names the test (or the demo) that runs it.
+"""Every command in the documentation is real, and each one names the test (or the demo) that runs
+it.
 
-Rule: every ``python tools/<x>.py ...`` or ``python -m kd_det...`` line of a fenced ``bash``/``sh``
-block in ``docs/*.md`` (``\\`` continuations joined) must
+Pages checked: ``docs/*.md``, the README, ``tools/README.md``, ``dev/README.md`` and the method
+study's ``projects/MethodStudy/README.md``. Rule: every ``python tools/<x>.py``,
+``python dev/<x>.py`` or ``python -m kd_det...`` / ``python -m method_study...`` line of a fenced
+``bash``/``sh`` block (``\\`` continuations joined) must
 
 (a) name an existing script or module;
-(b) pass the tool's own argument parser, exactly as written (no abbreviated flags); the parser is
-    captured from the tool without running it;
+(b) pass the command's own argument parser, exactly as written (no abbreviated flags). The
+    commands run as a user runs them, in a subprocess (one for all commands), each stopped by an
+    ``ArgumentParser.parse_args`` that checks the arguments and returns before the command does
+    anything;
 (c) if it has ``--config-file X``: X exists and ``get_kd_cfg()`` + ``merge_from_file(X)`` +
     ``merge_from_list(opts)`` succeeds, so every documented override key is real; the teacher and
     peer config files the merged config names exist too;
-(d) be preceded, in its block or in the HTML comment lines right above the block, by
-    ``<!-- tested: tests/path.py::test_name -->`` (an existing test function) or
-    ``<!-- tested: make demo -->``. For tools other than ``train_net.py`` at least one named test
-    file (or, for ``make demo``, the Makefile/demo sources) must mention the tool.
+(d) on every page but the developers' ``dev/README.md``: be preceded, in its block or in the HTML
+    comment lines right above the block, by ``<!-- tested: tests/path.py::test_name -->`` (an
+    existing test function, under ``tests/`` or the study's ``projects/MethodStudy/tests/``) or
+    ``<!-- tested: make demo -->``. For commands other than ``train_net.py`` at least one named
+    test file (or, for ``make demo``, the Makefile/demo sources) must mention the command.
 
 ``make ...`` lines and other shell lines are not checked. Besides commands: ``yaml`` blocks must
 merge into kd_det's config (unknown keys fail), ``python`` blocks must parse, config keys written
-in inline code must exist, and relative links, ``tools/*.py``, ``configs/*.yaml`` and
-``kd_det/*.py`` paths named anywhere in the docs must exist. Nothing is trained or run.
+in inline code must exist, and relative links (with their anchors) and the ``tools/``, ``dev/``,
+``configs/``, ``kd_det/``, ``tests/`` and ``projects/`` paths named anywhere must exist. Nothing is
+trained.
 """
 
-import argparse
 import ast
-import contextlib
+import functools
 import glob
-import importlib
 import importlib.util
-import inspect
-import io
+import json
 import os
 import re
 import shlex
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import List
 
@@ -40,6 +46,10 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs")
+#: Pages outside docs/ that are checked the same way (relative to the repository).
+OTHER_PAGES = ("README.md", "tools/README.md", "dev/README.md", "projects/MethodStudy/README.md")
+#: Pages whose commands need no ``tested:`` tag: developers' benchmarks and checks.
+UNTAGGED_PAGES = ("dev/README.md",)
 PAGES = [
     "README.md",
     "getting_started.md",
@@ -50,8 +60,9 @@ PAGES = [
     "export_and_deploy.md",
     "multi_gpu.md",
     "troubleshooting.md",
-    "method_study.md",
     "tuned_settings.md",
+    "performance.md",
+    "reproducibility.md",
 ]
 COMMAND_LANGS = ("bash", "sh", "shell")
 FENCE_RE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
@@ -91,7 +102,9 @@ class Command:
 
 
 def _pages():
-    return sorted(glob.glob(os.path.join(DOCS, "*.md")))
+    return sorted(glob.glob(os.path.join(DOCS, "*.md"))) + [
+        os.path.join(REPO, p) for p in OTHER_PAGES
+    ]
 
 
 def parse_blocks(path):
@@ -173,84 +186,100 @@ COMMANDS = collect_commands()
 
 
 # ------------------------------------------------------------------------------------------------
-# Capturing a tool's parser without running the tool
+# Each command's own parser, run as a user runs the command, and stopped once it has parsed
 # ------------------------------------------------------------------------------------------------
-class _Captured(Exception):
-    def __init__(self, parser):
-        super().__init__("parser captured")
-        self.parser = parser
+#: Runs in a subprocess: for each ``[id, argv]`` (``["tools/x.py", ...]`` or ``["-m", "pkg.x",
+#: ...]``) it runs the command as ``__main__`` with ``ArgumentParser.parse_args`` replaced by one
+#: that checks the arguments (no abbreviated flags) and stops the command, and writes
+#: ``{id: {"error": ..., "config_file": ..., "opts": [...]}}`` as JSON to the file it is given.
+PARSE_ONLY = r"""
+import argparse, contextlib, importlib.util, io, json, os, runpy, sys
 
+class Parsed(BaseException):
+    pass
 
-_MODULES = {}
-
-
-def _load(target):
-    """Import ``tools/<x>.py`` (by path) or a ``kd_det`` module (by name), once."""
-    if target not in _MODULES:
-        if target.endswith(".py"):
-            name = "kd_det_docs_tool_" + os.path.basename(target)[:-3]
-            spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, target))
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-        _MODULES[target] = module
-    return _MODULES[target]
-
-
-def capture_parser(module):
-    """The ``ArgumentParser`` a tool builds: ``build_parser()``, else the parser its
-    ``parse_args``/``main`` hands to ``ArgumentParser.parse_args`` (intercepted before parsing,
-    so nothing after it runs)."""
-    if callable(getattr(module, "build_parser", None)):
-        return module.build_parser()
-    source = inspect.getsource(module)
-    if "ArgumentParser" not in source and "default_argument_parser" not in source:
-        return None
-    entry = getattr(module, "parse_args", None) or getattr(module, "main", None)
-    assert callable(entry), f"{module.__name__} has neither build_parser, parse_args nor main"
-
-    def intercept(self, args=None, namespace=None):
-        raise _Captured(self)
-
-    original_parse, original_argv = argparse.ArgumentParser.parse_args, sys.argv
-    argparse.ArgumentParser.parse_args = intercept
-    sys.argv = [module.__name__]
-    try:
-        if inspect.signature(entry).parameters:
-            entry([])
-        else:
-            entry()
-    except _Captured as c:
-        return c.parser
-    finally:
-        argparse.ArgumentParser.parse_args = original_parse
-        sys.argv = original_argv
-    raise AssertionError(f"{module.__name__}: {entry.__name__}() returned without parsing args")
-
-
-def parse_exactly(parser, args):
-    """``parser.parse_args(args)``; fails on argparse errors and on abbreviated flags."""
-    known = set(parser._option_string_actions)
+def parse_only(self, args=None, namespace=None):
+    args = sys.argv[1:] if args is None else list(args)
+    known = set(self._option_string_actions)
     for tok in args:
-        if tok.startswith("--"):
-            flag = tok.split("=", 1)[0]
-            assert flag in known, f"{flag} is not an option of {parser.prog} ({sorted(known)})"
+        flag = tok.split("=", 1)[0]
+        if tok.startswith("--") and flag not in known:
+            raise Parsed({"error": f"{flag} is not an option of {self.prog} ({sorted(known)})"})
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return parser.parse_args(args)
+            ns = argparse._original_parse_args(self, args, namespace)
     except SystemExit:
-        raise AssertionError(f"argument parser rejected {args}:\n{err.getvalue()}")
+        raise Parsed({"error": f"argument parser rejected {args}: {err.getvalue()}"})
+    raise Parsed({"error": None, "config_file": getattr(ns, "config_file", "") or "",
+                  "opts": [str(o) for o in (getattr(ns, "opts", None) or [])]})
+
+argparse._original_parse_args = argparse.ArgumentParser.parse_args
+argparse.ArgumentParser.parse_args = parse_only
+out = {}
+todo, result, cwd = sys.argv[1], sys.argv[2], os.getcwd()
+for cid, argv in json.load(open(todo)):
+    os.chdir(cwd)  # a command may have moved
+    module = argv[1] if argv[0] == "-m" else None
+    rest = argv[2:] if module else argv[1:]
+    try:
+        origin = importlib.util.find_spec(module).origin if module else argv[0]
+        source = open(origin).read()
+        if "ArgumentParser" not in source and "default_argument_parser" not in source:
+            out[cid] = {"error": f"takes no arguments, got {rest}" if rest else None, "opts": []}
+            continue
+        sys.argv = [origin] + rest
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(argv[0], run_name="__main__")
+        out[cid] = {"error": "returned without parsing its arguments"}
+    except Parsed as p:
+        out[cid] = p.args[0]
+    except BaseException as e:  # the command failed before its parser: say how
+        out[cid] = {"error": f"{type(e).__name__}: {e}"}
+json.dump(out, open(result, "w"))
+"""
 
 
-def check_config(ns):
+@functools.lru_cache(maxsize=None)
+def parsed_commands():
+    """``{command id: result}`` of :data:`PARSE_ONLY` for every documented command, from one
+    subprocess in the repository root (the commands' own working directory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        todo, result = os.path.join(tmp, "todo.json"), os.path.join(tmp, "parsed.json")
+        runnable = [c for c in COMMANDS if _exists(c)]
+        with open(todo, "w") as f:
+            json.dump([[c.id, c.argv] for c in runnable], f)
+        # As `python dev/x.py` does, a script's own folder is where its sibling imports resolve.
+        folders = sorted({os.path.dirname(c.argv[0]) for c in runnable if c.argv[0] != "-m"})
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            MPLBACKEND="Agg",
+            PYTHONPATH=os.pathsep.join(
+                [os.path.join(REPO, d) for d in folders] + [os.environ.get("PYTHONPATH", "")]
+            ),
+        )
+        proc = subprocess.run([sys.executable, "-c", PARSE_ONLY, todo, result], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(result) as f:
+            return json.load(f)
+
+
+def _exists(cmd):
+    """(a): the script or module of ``cmd`` exists."""
+    if cmd.argv[0] == "-m":
+        return importlib.util.find_spec(cmd.argv[1]) is not None
+    return os.path.isfile(os.path.join(REPO, cmd.argv[0]))
+
+
+def check_config(config_file, opts):
     """(c): the config file exists and the command's overrides merge into it."""
     from kd_det.config import get_kd_cfg
     from kd_det.modeling.teacher import MODEL_ZOO_PREFIX
 
-    config_file = getattr(ns, "config_file", "") or ""
-    opts = list(getattr(ns, "opts", None) or [])
     if not config_file and not opts:
         return
     cfg = get_kd_cfg()
@@ -274,6 +303,8 @@ def _read(relpath):
 
 def check_tags(cmd, tool_stem):
     """(d): at least one tag; every tag names make demo or an existing test function."""
+    if cmd.page in UNTAGGED_PAGES and not cmd.tags:
+        return
     assert cmd.tags, (
         f"{cmd.id}: `{cmd.text}` has no <!-- tested: tests/...py::test_name --> or "
         "<!-- tested: make demo --> comment in its block or right above it"
@@ -310,27 +341,23 @@ def test_pages_exist_and_index_links_them():
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
 def test_documented_command(cmd):
+    # (a) the script or module exists
     if cmd.argv[0] == "-m":
-        target, args = cmd.argv[1], cmd.argv[2:]
-        # (a) the module exists
-        assert importlib.util.find_spec(target) is not None, f"{cmd.id}: no module {target}"
+        target = cmd.argv[1]
+        assert _exists(cmd), f"{cmd.id}: no module {target}"
         stem = target.rsplit(".", 1)[-1]
     else:
-        target, args = cmd.argv[0], cmd.argv[1:]
+        target = cmd.argv[0]
         assert re.fullmatch(r"(tools|dev)/\w+\.py", target), f"{cmd.id}: {target} is not a script"
-        assert os.path.isfile(os.path.join(REPO, target)), f"{cmd.id}: {target} does not exist"
+        assert _exists(cmd), f"{cmd.id}: {target} does not exist"
         stem = os.path.basename(target)[:-3]
     # (d) before anything heavy: the cheapest check fails first
     check_tags(cmd, stem)
-    # (b) the tool's own parser accepts the arguments
-    module = _load(target)
-    parser = capture_parser(module)
-    if parser is None:
-        assert not args, f"{cmd.id}: {target} takes no arguments, got {args}"
-        return
-    ns = parse_exactly(parser, args)
+    # (b) the command's own parser accepts the arguments
+    parsed = parsed_commands()[cmd.id]
+    assert parsed["error"] is None, f"{cmd.id}: {target}: {parsed['error']}"
     # (c) config file and overrides
-    check_config(ns)
+    check_config(parsed.get("config_file", ""), parsed.get("opts", []))
 
 
 def _blocks(lang):
@@ -396,15 +423,15 @@ def test_links_and_repository_paths_exist():
     for path in _pages():
         with open(path) as f:
             text = f.read()
-        page = os.path.basename(path)
+        page = os.path.relpath(path, REPO)
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if re.match(r"^(https?:|mailto:)", target):
                 continue
             rel, _, anchor = target.partition("#")
-            full = os.path.join(DOCS, rel) if rel else path
+            full = os.path.normpath(os.path.join(os.path.dirname(path), rel)) if rel else path
             if not os.path.exists(full):
                 bad.append(f"{page}: link {target}")
-            elif anchor and full.startswith(DOCS) and anchor not in _anchors(full):
+            elif anchor and full.endswith(".md") and anchor not in _anchors(full):
                 bad.append(f"{page}: anchor {target}")
         for rel in re.findall(
             r"(?<![\w/.])((?:tools|dev|configs|kd_det|tests|projects)/[\w./-]+\.(?:py|yaml))", text
