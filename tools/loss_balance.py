@@ -15,7 +15,7 @@ plus the largest distillation term at the end. Compare your run's ratio after th
 dozen iterations with the study's tuned runs and scale your weight until they are close.
 
     python tools/loss_balance.py output/my_distill_run            # one or more run directories
-    python tools/loss_balance.py --study projects/MethodStudy/results                    # every dev trial of the study
+    python tools/loss_balance.py --study projects/MethodStudy/results   # every dev trial of the study
 
 Rows that have no loss (evaluation and teacher-check entries) are skipped; a window is the first,
 middle and last ``--window`` fraction of the logged training rows.

@@ -26,7 +26,7 @@ import time
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: Kernel instruction-set caps for the runs of the demo and the study: CPUs of one machine kind can
 #: differ in their widest vector unit (AVX2 vs AVX-512), and torch, oneDNN and MKL then pick other
-#: kernels whose float results differ (tools/check_reproducibility.py). Capped at AVX2, machines
+#: kernels whose float results differ (dev/check_reproducibility.py). Capped at AVX2, machines
 #: with AVX2 or more run the same kernels; on an AVX2 machine the caps change nothing.
 ISA_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}  # fmt: skip

@@ -309,7 +309,7 @@ def markdown(res, expected, preset, seeds):
                      f"{v} | {gap} | {report.fmt(dev)} | {len(runs)} |")  # fmt: skip
     lines += ["", "vs student alone: difference of mean test AP +- its Welch standard error; "
               "verdict: pays off / hurts beyond two standard errors, else no effect shown "
-              "(tools/study_verdicts.py)."]  # fmt: skip
+              "(method_study/verdicts.py)."]  # fmt: skip
     lines += ["", f"Students {preset['iters']} iterations, teacher {preset['teacher_iters']}, "
               f"batch {preset['batch']}, {preset['image_size']} px."]  # fmt: skip
     if done < expected:
