@@ -25,7 +25,7 @@ import os
 import platform
 import time
 
-import benchmark_data  # a sibling script: dev/ is on sys.path when this file runs
+import benchmark_data  # a sibling script: Python puts dev/ first on the import path for it
 import benchmark_kd
 import profile_step
 
