@@ -226,9 +226,9 @@ def measure_side_by_side(args, jobs=2, variant="student"):
     """``jobs`` copies of one variant at the same time, each with ``cores // jobs`` threads.
 
     Small CPU detectors use extra intra-op threads poorly, so independent runs side by side (what
-    ``method_study.run_study --jobs`` does) can finish more training per hour than one run using every
-    core. Returns each copy's result; compare ``jobs / median`` to ``1 / median`` of the variant
-    measured alone.
+    ``method_study.run_study --jobs`` does) can finish more training per hour than one run using
+    every core. Returns each copy's result; compare ``jobs / median`` to ``1 / median`` of the
+    variant measured alone.
     """
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)

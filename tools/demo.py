@@ -7,7 +7,7 @@
 3. Train the same student, same schedule and seed, with the distillation that did best in the
    method study (by dev AP, ``configs/Synthetic/tuned/ranking.json``) and, beside it, with SSIM
    hints, each at the study's tuned setting (``configs/Synthetic/tuned/<method>.yaml``, written
-   by ``method_study.export_tuned_configs``). Before the study has finished, the shipped SSIM config.
+   by ``method_study.export_tuned_configs``). Without them, the shipped SSIM config.
 4. Evaluate every model with COCO AP (pycocotools) and print a table; write ``results.json`` and
    ``results.md`` under ``--output``, and ``compare.png`` (``tools/compare_predictions.py``: four
    validation images with the ground truth, the teacher, the student alone and the best

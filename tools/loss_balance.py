@@ -14,8 +14,8 @@ of one or more runs and prints, for the start, middle and end of training, the r
 plus the largest distillation term at the end. Compare your run's ratio after the first few
 dozen iterations with the study's tuned runs and scale your weight until they are close.
 
-    python tools/loss_balance.py output/my_distill_run            # one or more run directories
-    python tools/loss_balance.py --study projects/MethodStudy/results   # every dev trial of the study
+    python tools/loss_balance.py output/my_distill_run       # one or more run directories
+    python tools/loss_balance.py --study projects/MethodStudy/results      # every dev trial
 
 Rows that have no loss (evaluation and teacher-check entries) are skipped; a window is the first,
 middle and last ``--window`` fraction of the logged training rows.
@@ -50,7 +50,7 @@ def main(argv=None):
     if args.study:
         found = study_runs(args.study)
         if not found:
-            sys.exit(f"{args.study} has no runs/dev/*/*/seed0: give a method_study.run_study --output.")
+            sys.exit(f"{args.study} has no runs/dev/*/*/seed0: give a method study's --output.")
         labelled += found
     print(table(labelled, args.window), end="")
 
