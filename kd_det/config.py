@@ -95,6 +95,8 @@ def add_kd_config(cfg):
     _C.MODEL.KD.SSIM.LOSS_FORM = "1-ssim"
     # Maps smaller than the window: "shrink" the window to fit, or "skip" the level.
     _C.MODEL.KD.SSIM.SMALL_MAP = "shrink"
+    # "auto" (fused Triton on CUDA), "fused" or "reference"; env KD_DET_SSIM_IMPL overrides it.
+    _C.MODEL.KD.SSIM.IMPL = "auto"
 
     _C.MODEL.KD.BACKBONE = CN()
     # Low-level hints on the backbone's own outputs (e.g. ["res2"]), before the FPN.

@@ -1,4 +1,4 @@
-"""SSIM feature loss (SSIM-KD) with a band-matrix Gaussian filter and a hand-written backward.
+"""SSIM feature loss (SSIM-KD): a band-matrix reference and a fused Triton path for CUDA.
 
 The SSIM map is computed with a separable Gaussian "valid" convolution (no padding), like
 ``pytorch_msssim``; its mean equals ``pytorch_msssim.ssim`` and
@@ -8,17 +8,26 @@ same valid region (both tested). Maps smaller than the window are handled explic
 (``small_map``) instead of ``pytorch_msssim``'s silent "Skipping Gaussian Smoothing". Both maps go
 through a range policy first (:mod:`kd_det.modeling.losses.normalize`), because SSIM on signed
 activations mistakes a sign-flipped student for a similar one.
+
+Two implementations compute the same loss (``impl``, ``MODEL.KD.SSIM.IMPL``, or the environment
+variable ``KD_DET_SSIM_IMPL``, which wins): the reference (the band-matrix filters of
+:mod:`kd_det.layers.ssim_filter` and the hand-written backward of :class:`_SSIMMap`; fastest on
+CPU) and the fused
+kernels of :mod:`kd_det.layers.fused_ssim` (CUDA with triton; they fuse the range policy's affine
+map and the reduction, so no full-size map is stored). ``"auto"`` takes the fused one on CUDA.
 """
 
 import functools
 import logging
-from typing import Optional, Sequence
+import os
+from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
-from pytorch_msssim.ssim import _fspecial_gauss_1d
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from kd_det.layers.fused_ssim import fused_ssim_sums, fused_unavailable_reason
+from kd_det.layers.ssim_filter import gaussian_valid, gaussian_valid_adjoint, gaussian_window
 
 from .normalize import DEFAULT_SSIM_POLICY, POLICY_DATA_RANGE, RANGE_POLICIES, normalize_pair
 from .reduce import attached_zero, check_pair, reduce_loss_map
@@ -27,6 +36,8 @@ from .registry import FEATURE_LOSS_REGISTRY
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "IMPL_ENV",
+    "IMPLS",
     "LOSS_FORMS",
     "SMALL_MAP_RULES",
     "SSIMFeatureLoss",
@@ -37,70 +48,10 @@ __all__ = [
 
 LOSS_FORMS = ("1-ssim", "(1-ssim)/2")
 SMALL_MAP_RULES = ("shrink", "skip")
-
-# Longest run of filter outputs computed by one dense band matrix; longer runs are split into tiles
-# of about _BAND_TILE outputs (see _filter_dim).
-_BAND_MAX = 256
-_BAND_TILE = 128
-
-
-def gaussian_window(win_size: int, win_sigma: float, device=None, dtype=None) -> torch.Tensor:
-    """1-D normalized Gaussian ``(win_size,)``: pytorch_msssim's kernel, so values match."""
-    win = _fspecial_gauss_1d(win_size, win_sigma).reshape(win_size)
-    return win.to(device=device, dtype=dtype or torch.float32)
-
-
-@functools.lru_cache(maxsize=128)
-def _band_matrix(n_out: int, win_size: int, win_sigma: float, device, dtype) -> torch.Tensor:
-    """``(n_out, n_out + k - 1)`` matrix ``M[i, i + j] = win[j]``: ``M @ v`` is the valid filter."""
-    win = gaussian_window(win_size, win_sigma, device, dtype)
-    band = torch.zeros(n_out, n_out + win_size - 1, device=device, dtype=dtype)
-    rows = torch.arange(n_out, device=device)
-    for j in range(win_size):
-        band[rows, rows + j] = win[j]
-    return band
-
-
-def _filter_dim(x: torch.Tensor, dim: int, win_size: int, win_sigma: float, adjoint: bool = False):
-    """Valid Gaussian filter along ``dim`` (-1 or -2) of ``x``, or its adjoint (for backward).
-
-    Why matrix products instead of ``F.conv2d(groups=C)``: the depthwise convolution is slow on
-    CPU, and a dense band matrix (``length / k`` times more FLOPs, but BLAS) is faster for FPN-sized
-    maps; for very long maps the dense band loses, so runs longer than ``_BAND_MAX`` outputs are
-    split into tiles of about ``_BAND_TILE``. The timings behind both numbers are in the README
-    (``python tools/benchmark_ssim.py``).
-    Tiled outputs are concatenated, and the tiled adjoint is written as a valid filter of the
-    zero-padded gradient (the Gaussian is symmetric, so no flip is needed).
-    """
-    k = win_size
-    length = x.shape[dim]
-    if adjoint:
-        if length > _BAND_MAX:
-            pad = (k - 1, k - 1) if dim == -1 else (0, 0, k - 1, k - 1)
-            return _filter_dim(F.pad(x, pad), dim, win_size, win_sigma)
-        band = _band_matrix(length, win_size, win_sigma, x.device, x.dtype)
-        return torch.matmul(x, band) if dim == -1 else torch.matmul(band.t(), x)
-    n_out = length - k + 1
-    n_tiles = 1 if n_out <= _BAND_MAX else -(-n_out // _BAND_TILE)
-    size = -(-n_out // n_tiles)
-    outs = []
-    for start in range(0, n_out, size):
-        t = min(size, n_out - start)
-        band = _band_matrix(t, win_size, win_sigma, x.device, x.dtype)
-        part = x.narrow(dim, start, t + k - 1)
-        outs.append(torch.matmul(part, band.t()) if dim == -1 else torch.matmul(band, part))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=dim)
-
-
-def gaussian_valid(x: torch.Tensor, win_size: int, win_sigma: float) -> torch.Tensor:
-    """Separable Gaussian "valid" filter over ``H`` then ``W`` (pytorch_msssim's order)."""
-    return _filter_dim(_filter_dim(x, -2, win_size, win_sigma), -1, win_size, win_sigma)
-
-
-def _gaussian_valid_adjoint(g: torch.Tensor, win_size: int, win_sigma: float) -> torch.Tensor:
-    """Adjoint of :func:`gaussian_valid`: maps a valid-size gradient back to input size."""
-    g = _filter_dim(g, -1, win_size, win_sigma, adjoint=True)
-    return _filter_dim(g, -2, win_size, win_sigma, adjoint=True)
+IMPLS = ("auto", "fused", "reference")
+#: Environment variable that overrides ``impl`` / ``MODEL.KD.SSIM.IMPL`` when set (e.g. to rule out
+#: the fused kernels while debugging, without editing a config).
+IMPL_ENV = "KD_DET_SSIM_IMPL"
 
 
 class _SSIMMap(torch.autograd.Function):
@@ -165,7 +116,7 @@ class _SSIMMap(torch.autograd.Function):
         # backward() may be called inside an autocast region; keep the adjoint filter in float32.
         with torch.autocast(device_type=x.device.type, enabled=False):
             g = (coef * grad.to(coef.dtype).unsqueeze(1)).view(n, 3 * c, *grad.shape[-2:])
-            d_mu, d_exx, d_exy = _gaussian_valid_adjoint(g, *ctx.window).split(c, 1)
+            d_mu, d_exx, d_exy = gaussian_valid_adjoint(g, *ctx.window).split(c, 1)
             grad_x = torch.addcmul(d_mu, x, d_exx, value=2.0).addcmul_(y, d_exy)
         return grad_x, None, None, None, None, None
 
@@ -204,14 +155,63 @@ def ssim_map(
     c1 = (K[0] * data_range) ** 2
     c2 = (K[1] * data_range) ** 2
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _SSIMMap.apply(x, y.detach(), int(win_size), float(win_sigma), c1, c2)
+        return _apply_ssim_map(x, y.detach(), int(win_size), float(win_sigma), c1, c2)
+
+
+# Kept out of torch.compile graphs: dynamo traced the Function's forward line by line (its ``out=``
+# writes into views of preallocated buffers break the graph at each line), and under dynamic shapes
+# (a second feature level) AOTAutograd failed on those aliased views ("Expected
+# !size_bytes_is_heap_allocated_"). The Function is already hand-fused, so running it eagerly loses
+# nothing; the range policy and the reduction around it are still compiled.
+_apply_ssim_map = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)(
+    _SSIMMap.apply
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_window(win_size: int, win_sigma: float, device: torch.device) -> torch.Tensor:
+    """The 1-D window on ``device``, built once (the fused path reads it at every call)."""
+    return gaussian_window(win_size, win_sigma, device)
+
+
+def _teacher_affine(
+    teacher: torch.Tensor, policy: str, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(shift, inv)``, ``(N, C, 1, 1)`` float32, with ``normalize_pair``'s teacher map equal to
+    ``(teacher - shift) * inv`` (and the student's too, except for ``"minmax"``).
+
+    The same statistics and operations as :func:`normalize_pair`, so that the fused kernels can
+    apply the map on load instead of materializing both normalized maps (tested against it). The
+    min/max come from one ``aminmax`` pass in the input dtype (exact), without ``abs()``'s
+    full-size temporary.
+    """
+    n, c = teacher.shape[:2]
+    with torch.no_grad():
+        if policy == "none":
+            zero = teacher.new_zeros((n, c, 1, 1), dtype=torch.float32)
+            return zero, zero + 1.0
+        if policy == "standardize":
+            var, mean = torch.var_mean(teacher.float(), dim=(2, 3), keepdim=True, correction=0)
+            return mean, var.sqrt().clamp_min(eps).reciprocal()
+        if policy == "minmax":  # the teacher's own range over the whole level, per image
+            lo, hi = torch.aminmax(teacher.reshape(n, -1), dim=1)
+            lo, hi = lo.float().view(n, 1, 1, 1), hi.float().view(n, 1, 1, 1)
+            inv = (hi - lo).clamp_min(eps).reciprocal()
+            return lo.expand(n, c, 1, 1), inv.expand(n, c, 1, 1)
+        lo, hi = torch.aminmax(teacher.reshape(n, c, -1), dim=2)
+        lo, hi = lo.float().view(n, c, 1, 1), hi.float().view(n, c, 1, 1)
+        if policy == "teacher_absmax":
+            half = torch.maximum(hi, -lo).clamp_min(eps)
+            return -half, (2.0 * half).reciprocal()
+        return lo, (hi - lo).clamp_min(eps).reciprocal()  # teacher_minmax
 
 
 class SSIMFeatureLoss(nn.Module):
     """SSIM-KD feature loss ``mean(1 - SSIM(student, teacher))`` for one feature level.
 
     Always computed in float32 with autocast disabled: the SSIM ratios of ``E[x^2] - mu^2`` lose
-    all precision in fp16/bf16. The teacher is detached.
+    all precision in fp16/bf16 (the fused kernels read half-precision inputs but accumulate in
+    float32). The teacher is detached.
     """
 
     def __init__(
@@ -224,6 +224,7 @@ class SSIMFeatureLoss(nn.Module):
         loss_form: str = "1-ssim",
         small_map: str = "shrink",
         eps: float = 1e-3,
+        impl: str = "auto",
     ):
         """
         Args:
@@ -240,6 +241,10 @@ class SSIMFeatureLoss(nn.Module):
                 odd window ``<= min(H, W)`` (levels under 3 pixels are skipped), ``"skip"`` skips
                 them. A skipped level returns an attached zero and logs one warning per shape.
             eps (float): floor of the teacher scale, see :func:`normalize_pair`.
+            impl (str): ``"auto"`` (fused Triton kernels for CUDA tensors when triton is
+                installed, the reference otherwise), ``"fused"`` (an error where the kernels
+                cannot run; on CPU they run only under ``TRITON_INTERPRET=1``) or
+                ``"reference"``. The environment variable ``KD_DET_SSIM_IMPL``, when set, wins.
         """
         super().__init__()
         if win_size < 3 or win_size % 2 != 1:
@@ -256,6 +261,8 @@ class SSIMFeatureLoss(nn.Module):
                 raise ValueError('range_policy="none" needs an explicit data_range.')
         if data_range <= 0:
             raise ValueError(f"data_range must be positive, got {data_range}.")
+        if impl not in IMPLS:
+            raise ValueError(f"Unknown SSIM impl {impl!r} (MODEL.KD.SSIM.IMPL); expected {IMPLS}.")
         self.win_size = int(win_size)
         self.win_sigma = float(win_sigma)
         self.K = (float(K[0]), float(K[1]))
@@ -264,6 +271,7 @@ class SSIMFeatureLoss(nn.Module):
         self.loss_form = loss_form
         self.small_map = small_map
         self.eps = float(eps)
+        self.impl = impl
         self._warned = set()
 
     @classmethod
@@ -277,6 +285,7 @@ class SSIMFeatureLoss(nn.Module):
             data_range=kd.SSIM.DATA_RANGE or None,
             loss_form=kd.SSIM.LOSS_FORM,
             small_map=kd.SSIM.SMALL_MAP,
+            impl=kd.SSIM.IMPL,
         )
         if kd.FEATURE.RANGE_POLICY:
             kwargs["range_policy"] = kd.FEATURE.RANGE_POLICY
@@ -286,7 +295,7 @@ class SSIMFeatureLoss(nn.Module):
         return (
             f"win_size={self.win_size}, win_sigma={self.win_sigma}, K={self.K}, "
             f"data_range={self.data_range}, range_policy={self.range_policy!r}, "
-            f"loss_form={self.loss_form!r}, small_map={self.small_map!r}"
+            f"loss_form={self.loss_form!r}, small_map={self.small_map!r}, impl={self.impl!r}"
         )
 
     def window_size_for(self, height: int, width: int) -> Optional[int]:
@@ -322,12 +331,46 @@ class SSIMFeatureLoss(nn.Module):
                 size,
             )
 
-    def ssim_map(self, student: torch.Tensor, teacher: torch.Tensor) -> Optional[torch.Tensor]:
-        """Normalized per-pixel SSIM map (valid region), or ``None`` if the level is skipped."""
+    def resolved_impl(self, device) -> str:
+        """``"fused"`` or ``"reference"``: what :meth:`forward` runs for tensors on ``device``.
+
+        Raises:
+            RuntimeError: ``"fused"`` was asked for where the kernels cannot run.
+            ValueError: ``KD_DET_SSIM_IMPL`` holds an unknown value.
+        """
+        impl, source = self.impl, "MODEL.KD.SSIM.IMPL"
+        env = os.environ.get(IMPL_ENV, "").strip().lower()
+        if env:
+            if env not in IMPLS:
+                raise ValueError(f"Unknown {IMPL_ENV}={env!r}; expected one of {IMPLS}.")
+            impl, source = env, IMPL_ENV
+        if impl == "reference":
+            return "reference"
+        reason = fused_unavailable_reason(device)
+        if impl == "auto":
+            return (
+                "fused" if reason is None and torch.device(device).type == "cuda" else "reference"
+            )
+        if reason is not None:
+            raise RuntimeError(
+                f"{source}='fused' but {reason}. Set MODEL.KD.SSIM.IMPL (or {IMPL_ENV}) to "
+                "'auto' or 'reference' to use the reference SSIM."
+            )
+        return "fused"
+
+    def _window_for(self, student: torch.Tensor) -> Optional[int]:
         h, w = student.shape[-2:]
         size = self.window_size_for(h, w)
         if size != self.win_size:
             self._warn_once(h, w, size)
+        return size
+
+    def ssim_map(self, student: torch.Tensor, teacher: torch.Tensor) -> Optional[torch.Tensor]:
+        """Normalized per-pixel SSIM map (valid region), or ``None`` if the level is skipped.
+
+        Always the reference implementation: the fused path never materializes the map.
+        """
+        size = self._window_for(student)
         if size is None:
             return None
         with torch.autocast(device_type=student.device.type, enabled=False):
@@ -355,15 +398,58 @@ class SSIMFeatureLoss(nn.Module):
             per-image values; weighted, see :func:`~kd_det.modeling.losses.reduce.reduce_loss_map`.
         """
         check_pair(student, teacher, weight_map)
-        smap = self.ssim_map(student, teacher)
-        if smap is None:
-            return attached_zero(student, per_image)
-        if weight_map is not None:
-            r_h = (student.shape[-2] - smap.shape[-2]) // 2
-            r_w = (student.shape[-1] - smap.shape[-1]) // 2
-            weight_map = weight_map[..., r_h : r_h + smap.shape[-2], r_w : r_w + smap.shape[-1]]
-        loss = reduce_loss_map(1.0 - smap, weight_map, per_image)
+        if self.resolved_impl(student.device) == "fused":
+            size = self._window_for(student)
+            if size is None:
+                return attached_zero(student, per_image)
+            loss = self._fused_loss(student, teacher, size, weight_map, per_image)
+        else:
+            smap = self.ssim_map(student, teacher)
+            if smap is None:
+                return attached_zero(student, per_image)
+            if weight_map is not None:
+                weight_map = _crop(weight_map, student.shape[-2] - smap.shape[-2])
+            loss = reduce_loss_map(1.0 - smap, weight_map, per_image)
         return loss * 0.5 if self.loss_form == "(1-ssim)/2" else loss
+
+    def _fused_loss(self, student, teacher, size, weight_map, per_image):
+        """The loss from :func:`~kd_det.layers.fused_ssim.fused_ssim_sums`: per-image sums of
+        ``w * (1 - SSIM)``, reduced exactly as :func:`reduce_loss_map` reduces the map."""
+        n, c, h, w = student.shape
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            teacher = teacher.detach()
+            shift_y, inv_y = _teacher_affine(teacher, self.range_policy, self.eps)
+            own_range = self.eps if self.range_policy == "minmax" else None
+            # minmax: the student is normalized by its own range inside the kernels, which also
+            # add the gradient through its min and max; the other policies reuse the teacher's.
+            shift_x, inv_x = (None, None) if own_range is not None else (shift_y, inv_y)
+            x = student if student.dtype in _FUSED_DTYPES else student.float()
+            teacher = teacher if teacher.dtype in _FUSED_DTYPES else teacher.float()
+            window = _cached_window(size, self.win_sigma, student.device)
+            c1 = (self.K[0] * self.data_range) ** 2
+            c2 = (self.K[1] * self.data_range) ** 2
+            w_crop = None if weight_map is None else _crop(weight_map.detach(), size - 1)
+            sums = fused_ssim_sums(
+                x, teacher, window, c1, c2, shift_x, inv_x, shift_y, inv_y, w_crop, own_range
+            )
+            if w_crop is None:
+                per = sums / float(c * (h - size + 1) * (w - size + 1))
+                return per if per_image else per.mean()
+            den = w_crop.float().flatten(1).sum(dim=1) * c
+            tiny = torch.finfo(den.dtype).tiny
+            if per_image:
+                return sums / den.clamp_min(tiny)
+            return sums.sum() / den.sum().clamp_min(tiny)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _crop(weight_map: torch.Tensor, shrink: int) -> torch.Tensor:
+    """``weight_map`` cut to the SSIM map's valid region: ``shrink // 2`` pixels off each side."""
+    r = shrink // 2
+    h, w = weight_map.shape[-2:]
+    return weight_map[..., r : h - shrink + r, r : w - shrink + r]
 
 
 @FEATURE_LOSS_REGISTRY.register()

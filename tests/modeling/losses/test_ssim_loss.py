@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from kd_det.config import get_kd_cfg
+from kd_det.layers import ssim_filter
 from kd_det.modeling.losses import (
     LpFeatureLoss,
     SSIMFeatureLoss,
@@ -132,8 +133,8 @@ def test_gradient_matches_autograd_of_pytorch_msssim():
 def test_custom_backward_gradcheck(tiled, monkeypatch):
     """Float64 finite differences of the hand-written backward, also through the tiled filter."""
     if tiled:
-        monkeypatch.setattr(ssim_module, "_BAND_MAX", 5)
-        monkeypatch.setattr(ssim_module, "_BAND_TILE", 3)
+        monkeypatch.setattr(ssim_filter, "_BAND_MAX", 5)
+        monkeypatch.setattr(ssim_filter, "_BAND_TILE", 3)
     teacher = _randn(1, 2, 13, 14, seed=0, dtype=torch.float64)
     student = (0.5 * teacher + _randn(1, 2, 13, 14, seed=1, dtype=torch.float64)).requires_grad_()
     win = 3 if tiled else 11
@@ -376,3 +377,127 @@ def test_half_precision_inputs_give_float32(dtype, name):
 def test_invalid_ssim_arguments(kwargs):
     with pytest.raises(ValueError):
         SSIMFeatureLoss(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Implementation choice (fused Triton kernels or reference), TF32, torch.compile
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "policy", ["teacher_absmax", "teacher_minmax", "minmax", "standardize", "none"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_teacher_affine_reproduces_normalize_pair(policy, dtype):
+    """The fused path applies ``(t - shift) * inv`` on load instead of calling normalize_pair; the
+    parameters must give the same teacher map (and student map, except for ``minmax``, whose
+    student keeps its own range in autograd)."""
+    teacher = (_randn(2, 3, 9, 11, seed=0) * 2.0 + 0.7).to(dtype)
+    student = _randn(2, 3, 9, 11, seed=1).to(dtype)
+    s_ref, t_ref, _ = normalize_pair(student, teacher, policy)
+    shift, inv = ssim_module._teacher_affine(teacher, policy, 1e-3)
+    assert shift.dtype == inv.dtype == torch.float32
+    torch.testing.assert_close((teacher.float() - shift) * inv, t_ref, rtol=1e-6, atol=1e-7)
+    if policy != "minmax":
+        torch.testing.assert_close((student.float() - shift) * inv, s_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_impl_key_and_argument(monkeypatch):
+    monkeypatch.delenv(ssim_module.IMPL_ENV, raising=False)
+    cfg = get_kd_cfg()
+    assert cfg.MODEL.KD.SSIM.IMPL == "auto"
+    cfg.MODEL.KD.SSIM.IMPL = "reference"
+    assert feature_loss_from_config(cfg, "ssim").impl == "reference"
+    with pytest.raises(ValueError, match="MODEL.KD.SSIM.IMPL"):
+        SSIMFeatureLoss(impl="triton")
+    loss = SSIMFeatureLoss()
+    # "auto": the reference on CPU, even where the interpreter could run the kernels ...
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert loss.resolved_impl(torch.device("cpu")) == "reference"
+    # ... and the kernels on CUDA wherever triton is installed (no GPU needed to decide).
+    expected = "fused" if ssim_module.fused_unavailable_reason("cuda") is None else "reference"
+    assert loss.resolved_impl(torch.device("cuda")) == expected
+
+
+def test_fused_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(ssim_module.IMPL_ENV, raising=False)
+    teacher = _randn(2, 4, 16, 16, seed=0)
+    with pytest.raises(RuntimeError, match=r"MODEL\.KD\.SSIM\.IMPL='fused'.*'reference'"):
+        SSIMFeatureLoss(impl="fused")(teacher + 0.1, teacher)
+    monkeypatch.setenv(ssim_module.IMPL_ENV, "fused")
+    with pytest.raises(RuntimeError, match="KD_DET_SSIM_IMPL='fused'"):
+        SSIMFeatureLoss()(teacher + 0.1, teacher)
+
+
+def test_environment_variable_overrides_impl(monkeypatch):
+    teacher = _randn(2, 4, 16, 16, seed=0)
+    student = _randn(2, 4, 16, 16, seed=1)
+    expected = SSIMFeatureLoss(impl="reference")(student, teacher)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(ssim_module.IMPL_ENV, "reference")
+    loss = SSIMFeatureLoss(impl="fused")
+    assert loss.resolved_impl(torch.device("cuda")) == "reference"
+    assert torch.equal(loss(student, teacher), expected)
+    monkeypatch.setenv(ssim_module.IMPL_ENV, "fast")
+    with pytest.raises(ValueError, match="KD_DET_SSIM_IMPL"):
+        loss(student, teacher)
+
+
+def _precision_state():
+    cuda_mm, mkldnn_mm = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    if hasattr(cuda_mm, "fp32_precision") and hasattr(mkldnn_mm, "fp32_precision"):
+        return cuda_mm.fp32_precision, mkldnn_mm.fp32_precision
+    return torch.get_float32_matmul_precision(), cuda_mm.allow_tf32
+
+
+def test_tf32_matmul_setting_changes_nothing(monkeypatch):
+    """With TF32 matrix products allowed, the band-matrix statistics cancelled badly on CUDA (1.3 %
+    off on an H200). The filter now runs at full float32 precision, restores the caller's setting,
+    and gives the same value and gradient as with "highest"."""
+    teacher = _randn(2, 4, 24, 30, seed=0)
+    base = 0.5 * teacher + _randn(2, 4, 24, 30, seed=1)
+    loss = SSIMFeatureLoss(impl="reference")
+
+    def run():
+        student = base.clone().requires_grad_()
+        out = loss(student, teacher)
+        out.backward()
+        return out.detach(), student.grad
+
+    seen = []
+    matmul = torch.matmul
+
+    def recording_matmul(*args, **kwargs):
+        seen.append(_precision_state())
+        return matmul(*args, **kwargs)
+
+    old = torch.get_float32_matmul_precision()
+    expected = run()
+    try:
+        torch.set_float32_matmul_precision("high")
+        high = _precision_state()
+        monkeypatch.setattr(torch, "matmul", recording_matmul)
+        got = run()
+        monkeypatch.setattr(torch, "matmul", matmul)
+        assert _precision_state() == high  # restored
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert seen and all(s in (("ieee", "ieee"), ("highest", False)) for s in seen), seen
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_torch_compile_matches_eager():
+    """torch.compile used to fail on the second level (dynamic shapes) inside _SSIMMap; the
+    Function now runs eagerly between compiled range-policy and reduction code."""
+    compiled = torch.compile(SSIMFeatureLoss(impl="reference"))
+    eager = SSIMFeatureLoss(impl="reference")
+    for shape in [(2, 4, 24, 30), (2, 4, 12, 15)]:
+        teacher = _randn(*shape, seed=0)
+        student = (0.5 * teacher + _randn(*shape, seed=1)).requires_grad_()
+        out = compiled(student, teacher)
+        out.backward()
+        grad = student.grad
+        student.grad = None
+        ref = eager(student, teacher)
+        ref.backward()
+        assert abs(out.item() - ref.item()) <= 1e-6 * abs(ref.item())
+        torch.testing.assert_close(grad, student.grad, rtol=1e-5, atol=1e-9)
