@@ -37,7 +37,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from kd_det.config_validation import validate_kd_config
+from kd_det.config.validation import validate_kd_config
 from kd_det.data.catalog import parse_each_dataset_once
 from kd_det.data.checks import check_dataset_files
 from kd_det.data.loader import ResumableTrainLoader, build_resumable_train_loader

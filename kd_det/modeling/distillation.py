@@ -37,7 +37,7 @@ from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from kd_det.config_validation import validate_kd_config
+from kd_det.config.validation import validate_kd_config
 
 from .capture import (
     pop_recorded,

@@ -41,7 +41,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
-from kd_det.config_validation import validate_kd_config
+from kd_det.config.validation import validate_kd_config
 
 from . import capture
 from .common import check_convertible, convert_input_format, linear_warmup, per_level_weights

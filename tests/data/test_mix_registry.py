@@ -9,7 +9,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
 from kd_det.config import get_kd_cfg
-from kd_det.config_validation import validate_kd_config
+from kd_det.config.validation import validate_kd_config
 from kd_det.data.mix import MIX_STRATEGY_REGISTRY, MixedSampleDatasetMapper
 from kd_det.data.mix.geometry import fit_layer, main_layer
 

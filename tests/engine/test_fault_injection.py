@@ -264,7 +264,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("key,value,rule", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
 def test_bad_config_value_is_named(key, value, rule):
     from kd_det.config import get_kd_cfg
-    from kd_det.config_validation import validate_kd_config
+    from kd_det.config.validation import validate_kd_config
 
     cfg = get_kd_cfg()
     validate_kd_config(cfg)  # the defaults are valid

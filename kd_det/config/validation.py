@@ -84,7 +84,7 @@ def validate_kd_config(cfg):
     if errors:
         raise ValueError(
             "Invalid config value(s):\n  - " + "\n  - ".join(errors) + "\nFix them in the config "
-            "file or the command-line overrides (each key is documented in kd_det/config.py)."
+            "file or the command-line overrides (each key is documented in kd_det/config/defaults.py)."
         )
 
 
