@@ -83,7 +83,8 @@ def add_kd_config(cfg):
     _C.MODEL.KD.FEATURE.ADAPTER = "auto"
 
     _C.MODEL.KD.SSIM = CN()
-    # Gaussian window size (odd) of SSIM.
+    # Gaussian window size (odd) of SSIM. Levels whose maps are smaller than it (at 128 px input:
+    # p4 8x8, p5 4x4, p6 2x2) are shrunk or skipped (SMALL_MAP) and logged at build time.
     _C.MODEL.KD.SSIM.WINDOW_SIZE = 11
     # Gaussian window sigma of SSIM.
     _C.MODEL.KD.SSIM.SIGMA = 1.5
@@ -97,6 +98,14 @@ def add_kd_config(cfg):
     _C.MODEL.KD.SSIM.SMALL_MAP = "shrink"
     # "auto" (fused Triton on CUDA), "fused" or "reference"; env KD_DET_SSIM_IMPL overrides it.
     _C.MODEL.KD.SSIM.IMPL = "auto"
+    # "full" SSIM or "structure" (its structure term alone, (s_xy + C3) / (s_x s_y + C3)).
+    _C.MODEL.KD.SSIM.TERMS = "full"
+
+    _C.MODEL.KD.FEATURE_SUM = CN()
+    # FEATURE.LOSS "feature_sum" adds these registered losses (e.g. ["pkd", "ssim"]) ...
+    _C.MODEL.KD.FEATURE_SUM.LOSSES = []
+    # ... with these weights (one per loss, or one for all).
+    _C.MODEL.KD.FEATURE_SUM.WEIGHTS = []
 
     _C.MODEL.KD.BACKBONE = CN()
     # Low-level hints on the backbone's own outputs (e.g. ["res2"]), before the FPN.

@@ -3,7 +3,8 @@
 * Feature hints between student and teacher maps, chosen by name from
   :data:`FEATURE_LOSS_REGISTRY`: importing this package registers the built-in losses under the
   names ``MODEL.KD.FEATURE.LOSS`` and ``MODEL.ONLINE_KD.FEATURE_LOSS`` accept (``ssim``, ``mse``,
-  ``l1``, ``pkd``, ``cwd``); :func:`feature_hint_per_image` applies one with adapter and resize.
+  ``l1``, ``pkd``, ``cwd``, and ``feature_sum``, a weighted sum of others);
+  :func:`feature_hint_per_image` applies one with adapter and resize.
 * ROI terms (:func:`roi_kl_per_image`, :func:`roi_box_per_image`) and RPN terms
   (:func:`rpn_per_image`), computed per image.
 * Reductions: per-pixel maps to per-image values (:func:`reduce_loss_map`), per-image values to
@@ -20,10 +21,12 @@ from .rpn import rpn_per_image
 from .hint import feature_hint_per_image, foreground_maps
 from .registry import FEATURE_LOSS_REGISTRY, feature_loss_from_config
 from .ssim import LOSS_FORMS, SMALL_MAP_RULES, SSIMFeatureLoss, gaussian_window, ssim_map
+from .feature_sum import FeatureLossSum
 
 __all__ = [
     "CWDFeatureLoss",
     "DEFAULT_SSIM_POLICY",
+    "FeatureLossSum",
     "FEATURE_LOSS_REGISTRY",
     "LOSS_FORMS",
     "LpFeatureLoss",

@@ -15,6 +15,17 @@ variable ``KD_DET_SSIM_IMPL``, which wins): the reference (the band-matrix filte
 CPU) and the fused
 kernels of :mod:`kd_det.layers.fused_ssim` (CUDA with triton; they fuse the range policy's affine
 map and the reduction, so no full-size map is stored). ``"auto"`` takes the fused one on CUDA.
+
+**Terms** (``terms``, ``MODEL.KD.SSIM.TERMS``): ``"full"`` is SSIM, the product of luminance,
+contrast and structure; ``"structure"`` keeps only the structure term
+``s = (sigma_xy + C3) / (sigma_x sigma_y + C3)``, ``C3 = C2 / 2`` (Wang et al. 2004, eq. 9): a
+windowed correlation that ignores the mean and the spread of each window, which on feature maps of
+near-zero mean are what the luminance and contrast terms (with constants set for images) react to.
+Only the reference path computes it; the fused kernels compute full SSIM.
+
+**Small maps at build time**: the registered builder (:func:`ssim`) works out, from the config's
+input sizes and the distilled levels' strides, which levels will be smaller than the window, and
+logs one warning naming them before training (:func:`small_map_levels`).
 """
 
 import functools
@@ -41,14 +52,18 @@ __all__ = [
     "LOSS_FORMS",
     "SMALL_MAP_RULES",
     "SSIMFeatureLoss",
+    "TERMS",
     "gaussian_valid",
     "gaussian_window",
+    "small_map_levels",
     "ssim_map",
 ]
 
 LOSS_FORMS = ("1-ssim", "(1-ssim)/2")
 SMALL_MAP_RULES = ("shrink", "skip")
 IMPLS = ("auto", "fused", "reference")
+#: What the loss compares: full SSIM (luminance x contrast x structure) or the structure term only.
+TERMS = ("full", "structure")
 #: Environment variable that overrides ``impl`` / ``MODEL.KD.SSIM.IMPL`` when set (e.g. to rule out
 #: the fused kernels while debugging, without editing a config).
 IMPL_ENV = "KD_DET_SSIM_IMPL"
@@ -71,10 +86,19 @@ class _SSIMMap(torch.autograd.Function):
         d SSIM / d exy = 2 L / B2
         d SSIM / d exx = -L S m / B2
         d SSIM / d mx  = 2 S (my - mx L) / B1 - my (d/d exy) - 2 mx (d/d exx)
+
+    With ``structure=True`` the map is the structure term alone, ``s = (cxy + C3) / D`` with
+    ``cxy = exy - mx my``, ``D = sx sy + C3``, ``sx = sqrt(vx)``, ``C3 = C2 / 2``, and::
+
+        d s / d exy = 1 / D
+        d s / d exx = -s sy m' / (2 D sx)      (m' = [vx > 0]: a flat student window gets 0)
+        d s / d mx  = -my (d/d exy) - 2 mx (d/d exx)
+
+    The backward is the same three-coefficient adjoint as for full SSIM.
     """
 
     @staticmethod
-    def forward(ctx, x, y, win_size, win_sigma, c1, c2):
+    def forward(ctx, x, y, win_size, win_sigma, c1, c2, structure=False):
         n, c, h, w = x.shape
         stack = x.new_empty((n, 5 * c, h, w))
         stack[:, :c].copy_(x)
@@ -84,6 +108,9 @@ class _SSIMMap(torch.autograd.Function):
         torch.mul(x, y, out=stack[:, 4 * c :])
         mu_x, mu_y, e_xx, e_yy, e_xy = gaussian_valid(stack, win_size, win_sigma).split(c, 1)
         del stack
+        ctx.window = (win_size, win_sigma)
+        if structure:
+            return _structure_forward(ctx, x, y, mu_x, mu_y, e_xx, e_yy, e_xy, c2 / 2.0)
         mu_xy = mu_x * mu_y
         mu_xx = mu_x * mu_x
         var_x = e_xx - mu_xx
@@ -105,7 +132,6 @@ class _SSIMMap(torch.autograd.Function):
             torch.mul(mu_x, lum, out=d_mu).neg_().add_(mu_y).mul_(cs).div_(b1).mul_(2.0)
             d_mu.addcmul_(mu_y, d_exy, value=-1.0).addcmul_(mu_x, d_exx, value=-2.0)
             ctx.save_for_backward(x, y, coef)
-            ctx.window = (win_size, win_sigma)
         return ssim
 
     @staticmethod
@@ -118,7 +144,36 @@ class _SSIMMap(torch.autograd.Function):
             g = (coef * grad.to(coef.dtype).unsqueeze(1)).view(n, 3 * c, *grad.shape[-2:])
             d_mu, d_exx, d_exy = gaussian_valid_adjoint(g, *ctx.window).split(c, 1)
             grad_x = torch.addcmul(d_mu, x, d_exx, value=2.0).addcmul_(y, d_exy)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
+
+
+def _structure_forward(ctx, x, y, mu_x, mu_y, e_xx, e_yy, e_xy, c3):
+    """Forward of :class:`_SSIMMap` for the structure term alone (formulas in its docstring).
+
+    ``sqrt`` has an infinite slope at 0, so a student window whose variance is exactly 0 (or
+    rounds below it) gets a zero ``d/d exx`` instead of an infinite one. Its value is then
+    ``C3 / C3 = 1``: the structure term cannot tell a flat window from a matching one (a property
+    of the term, not of this code; full SSIM's contrast term is what penalizes a flat student).
+    """
+    mu_xy = mu_x * mu_y
+    cov = e_xy.sub_(mu_xy)
+    var_x = e_xx.sub_(mu_x * mu_x)
+    var_x_active = var_x > 0
+    sd_x = var_x.clamp_(min=0.0).sqrt_()
+    sd_y = e_yy.sub_(mu_y * mu_y).clamp_(min=0.0).sqrt_()
+    den = (sd_x * sd_y).add_(c3)
+    struct = (cov + c3).div_(den)
+    if ctx.needs_input_grad[0]:
+        n, c = x.shape[:2]
+        coef = x.new_empty((n, 3, c) + struct.shape[-2:])
+        d_mu, d_exx, d_exy = coef.unbind(1)
+        torch.reciprocal(den, out=d_exy)
+        # -s sy / (2 D sx) where vx > 0; the clamp only keeps 0 * inf out of flat windows.
+        torch.mul(struct, sd_y, out=d_exx).div_(den).div_(sd_x.clamp(min=1e-30)).mul_(-0.5)
+        d_exx.mul_(var_x_active)
+        torch.mul(mu_y, d_exy, out=d_mu).neg_().addcmul_(mu_x, d_exx, value=-2.0)
+        ctx.save_for_backward(x, y, coef)
+    return struct
 
 
 def ssim_map(
@@ -128,6 +183,7 @@ def ssim_map(
     win_size: int = 11,
     win_sigma: float = 1.5,
     K: Sequence[float] = (0.01, 0.03),
+    terms: str = "full",
 ) -> torch.Tensor:
     """Per-pixel SSIM of ``x`` against a constant reference ``y`` (the teacher), valid region.
 
@@ -143,6 +199,8 @@ def ssim_map(
         win_size (int): odd window, ``<= min(H, W)``.
         win_sigma (float): Gaussian sigma.
         K (sequence): ``(K1, K2)``.
+        terms (str): ``"full"`` (SSIM) or ``"structure"`` (the structure term alone,
+            ``(sigma_xy + C3) / (sigma_x sigma_y + C3)`` with ``C3 = C2 / 2``).
 
     Returns:
         Tensor: ``(N, C, H - k + 1, W - k + 1)``; pixel ``(i, j)`` is the SSIM of the window
@@ -152,10 +210,14 @@ def ssim_map(
         raise ValueError(f"Map {tuple(x.shape)} is smaller than the {win_size}-pixel window.")
     if x.dtype != y.dtype or not x.is_floating_point():
         raise ValueError(f"x and y must share a floating dtype, got {x.dtype} and {y.dtype}.")
+    if terms not in TERMS:
+        raise ValueError(f"Unknown SSIM terms {terms!r} (MODEL.KD.SSIM.TERMS); expected {TERMS}.")
     c1 = (K[0] * data_range) ** 2
     c2 = (K[1] * data_range) ** 2
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _apply_ssim_map(x, y.detach(), int(win_size), float(win_sigma), c1, c2)
+        return _apply_ssim_map(
+            x, y.detach(), int(win_size), float(win_sigma), c1, c2, terms == "structure"
+        )
 
 
 # Kept out of torch.compile graphs: dynamo traced the Function's forward line by line (its ``out=``
@@ -225,6 +287,7 @@ class SSIMFeatureLoss(nn.Module):
         small_map: str = "shrink",
         eps: float = 1e-3,
         impl: str = "auto",
+        terms: str = "full",
     ):
         """
         Args:
@@ -245,6 +308,9 @@ class SSIMFeatureLoss(nn.Module):
                 installed, the reference otherwise), ``"fused"`` (an error where the kernels
                 cannot run; on CPU they run only under ``TRITON_INTERPRET=1``) or
                 ``"reference"``. The environment variable ``KD_DET_SSIM_IMPL``, when set, wins.
+            terms (str): ``"full"`` SSIM or ``"structure"``, its structure term alone (the
+                reference path only: ``impl="fused"`` is then refused, ``"auto"`` takes the
+                reference).
         """
         super().__init__()
         if win_size < 3 or win_size % 2 != 1:
@@ -263,6 +329,11 @@ class SSIMFeatureLoss(nn.Module):
             raise ValueError(f"data_range must be positive, got {data_range}.")
         if impl not in IMPLS:
             raise ValueError(f"Unknown SSIM impl {impl!r} (MODEL.KD.SSIM.IMPL); expected {IMPLS}.")
+        if terms not in TERMS:
+            raise ValueError(
+                f"Unknown SSIM terms {terms!r} (MODEL.KD.SSIM.TERMS); expected {TERMS}."
+            )
+        self.terms = terms
         self.win_size = int(win_size)
         self.win_sigma = float(win_sigma)
         self.K = (float(K[0]), float(K[1]))
@@ -286,6 +357,7 @@ class SSIMFeatureLoss(nn.Module):
             loss_form=kd.SSIM.LOSS_FORM,
             small_map=kd.SSIM.SMALL_MAP,
             impl=kd.SSIM.IMPL,
+            terms=kd.SSIM.TERMS,
         )
         if kd.FEATURE.RANGE_POLICY:
             kwargs["range_policy"] = kd.FEATURE.RANGE_POLICY
@@ -295,7 +367,8 @@ class SSIMFeatureLoss(nn.Module):
         return (
             f"win_size={self.win_size}, win_sigma={self.win_sigma}, K={self.K}, "
             f"data_range={self.data_range}, range_policy={self.range_policy!r}, "
-            f"loss_form={self.loss_form!r}, small_map={self.small_map!r}, impl={self.impl!r}"
+            f"loss_form={self.loss_form!r}, small_map={self.small_map!r}, impl={self.impl!r}, "
+            f"terms={self.terms!r}"
         )
 
     def window_size_for(self, height: int, width: int) -> Optional[int]:
@@ -335,7 +408,8 @@ class SSIMFeatureLoss(nn.Module):
         """``"fused"`` or ``"reference"``: what :meth:`forward` runs for tensors on ``device``.
 
         Raises:
-            RuntimeError: ``"fused"`` was asked for where the kernels cannot run.
+            RuntimeError: ``"fused"`` was asked for where the kernels cannot run, or with
+                ``terms="structure"``, which only the reference computes.
             ValueError: ``KD_DET_SSIM_IMPL`` holds an unknown value.
         """
         impl, source = self.impl, "MODEL.KD.SSIM.IMPL"
@@ -345,6 +419,14 @@ class SSIMFeatureLoss(nn.Module):
                 raise ValueError(f"Unknown {IMPL_ENV}={env!r}; expected one of {IMPLS}.")
             impl, source = env, IMPL_ENV
         if impl == "reference":
+            return "reference"
+        if self.terms != "full":
+            if impl == "fused":
+                raise RuntimeError(
+                    f"{source}='fused' but MODEL.KD.SSIM.TERMS={self.terms!r}: the fused "
+                    "kernels compute full SSIM only. Set MODEL.KD.SSIM.IMPL (or "
+                    f"{IMPL_ENV}) to 'auto' or 'reference'."
+                )
             return "reference"
         reason = fused_unavailable_reason(device)
         if impl == "auto":
@@ -375,7 +457,7 @@ class SSIMFeatureLoss(nn.Module):
             return None
         with torch.autocast(device_type=student.device.type, enabled=False):
             s, t, _ = normalize_pair(student, teacher, self.range_policy, self.eps)
-            return ssim_map(s, t, self.data_range, size, self.win_sigma, self.K)
+            return ssim_map(s, t, self.data_range, size, self.win_sigma, self.K, self.terms)
 
     def forward(
         self,
@@ -452,7 +534,95 @@ def _crop(weight_map: torch.Tensor, shrink: int) -> torch.Tensor:
     return weight_map[..., r : h - shrink + r, r : w - shrink + r]
 
 
+def _level_stride(name: str) -> Optional[int]:
+    """Stride of a feature named like detectron2's FPN and ResNet outputs (``p4``: 16, ``res3``:
+    8); None for other names, whose size the config alone does not tell."""
+    digits = name[len(name.rstrip("0123456789")) :]
+    if not digits or name[: len(name) - len(digits)] not in ("p", "res"):
+        return None
+    return 2 ** int(digits)
+
+
+def _distilled_levels(cfg) -> Tuple[str, ...]:
+    """The feature levels the config's feature loss is applied to: FPN and backbone hints of
+    ``DistillationRCNN``, the mutual and EMA feature levels of ``OnlineDistillationRCNN``."""
+    if cfg.MODEL.META_ARCHITECTURE == "OnlineDistillationRCNN":
+        return tuple(cfg.MODEL.ONLINE_KD.FEATURE_LEVELS)
+    kd = cfg.MODEL.KD
+    return tuple(kd.FEATURE.LEVELS) + tuple(kd.BACKBONE.LEVELS)
+
+
+def small_map_levels(cfg, loss: SSIMFeatureLoss):
+    """``[(level, side, window or None)]``: the distilled levels whose maps are smaller than the
+    SSIM window at the config's smallest input side, with the window they get (``None``:
+    skipped).
+
+    The short side of an input is at least ``min(INPUT.MIN_SIZE_TRAIN)`` in training and
+    ``INPUT.MIN_SIZE_TEST`` at test (detectron2's ``ResizeShortestEdge``), and a level of stride
+    ``s`` has a short side of ``ceil(side / s)``. Inputs larger than that (another
+    ``MIN_SIZE_TRAIN`` choice, padding) only give larger maps, so a level listed here is too small
+    for at least some images.
+    """
+    side_in = _input_side(cfg)
+    if side_in is None:
+        return []
+    out = []
+    for lvl in _distilled_levels(cfg):
+        stride = _level_stride(lvl)
+        if stride is None:
+            continue
+        side = -(-side_in // stride)
+        if side < loss.win_size:
+            out.append((lvl, side, loss.window_size_for(side, side)))
+    return out
+
+
+def _input_side(cfg) -> Optional[int]:
+    """The smallest short side an input gets in training or at test (None if unset)."""
+    sizes = [int(v) for v in cfg.INPUT.MIN_SIZE_TRAIN] + [int(cfg.INPUT.MIN_SIZE_TEST)]
+    sizes = [v for v in sizes if v > 0]
+    return min(sizes) if sizes else None
+
+
+_BUILD_WARNED = set()
+
+
+def _warn_small_maps(cfg, loss: SSIMFeatureLoss):
+    """One warning per configuration, when the model is built, naming every distilled level that
+    is smaller than the window and what happens to it (the per-shape warnings of
+    :meth:`SSIMFeatureLoss._warn_once` come later, during the first steps, one line per shape)."""
+    small = small_map_levels(cfg, loss)
+    if not small:
+        return
+    side_in = _input_side(cfg)
+    key = (side_in, loss.win_size, loss.small_map, tuple(small))
+    if key in _BUILD_WARNED:
+        return
+    _BUILD_WARNED.add(key)
+    parts = [
+        f"{lvl} ({side}x{side}: "
+        + ("skipped, zero loss" if win is None else f"window shrunk to {win}")
+        + ")"
+        for lvl, side, win in small
+    ]
+    logger.warning(
+        "SSIM feature loss: at a %d px input side, %d of the distilled levels are smaller than "
+        "the %d-pixel SSIM window: %s. A shrunk window compares a few pixels (a 3-pixel window "
+        "is nearly a per-pixel comparison) and a skipped level adds nothing, so on these levels "
+        "SSIM sees little or no spatial structure. The method study found SSIM no better than "
+        "MSE at 128 px (docs/ssim_guide.md): use a larger input, a smaller "
+        "MODEL.KD.SSIM.WINDOW_SIZE, or drop these levels from the distilled levels.",
+        side_in,
+        len(small),
+        loss.win_size,
+        ", ".join(parts),
+    )
+
+
 @FEATURE_LOSS_REGISTRY.register()
 def ssim(cfg) -> SSIMFeatureLoss:
-    """``MODEL.KD.FEATURE.LOSS: ssim``: :class:`SSIMFeatureLoss` from the config."""
-    return SSIMFeatureLoss(**SSIMFeatureLoss.from_config(cfg))
+    """``MODEL.KD.FEATURE.LOSS: ssim``: :class:`SSIMFeatureLoss` from the config; warns once,
+    before training, about levels smaller than the window (:func:`small_map_levels`)."""
+    loss = SSIMFeatureLoss(**SSIMFeatureLoss.from_config(cfg))
+    _warn_small_maps(cfg, loss)
+    return loss

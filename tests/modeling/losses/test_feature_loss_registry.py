@@ -98,7 +98,9 @@ def test_builtin_names_and_their_config_keys():
 
 
 def test_unknown_name_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"'ConstantTestLoss', 'cwd', 'l1', 'mse', 'pkd', 'ssim'"):
+    with pytest.raises(
+        ValueError, match=r"'ConstantTestLoss', 'cwd', 'feature_sum', 'l1', 'mse', 'pkd', 'ssim'"
+    ):
         feature_loss_from_config(get_kd_cfg(), "kl")
 
 
