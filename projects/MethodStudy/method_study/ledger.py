@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 
-#: Fields of a record; ``params`` decides reuse, the rest feeds the reports.
+#: Fields of a record; ``params`` decides reuse, the rest feeds the reports (``kd_terms``: the
+#: per-level distillation losses over training, :mod:`method_study.ssim_diagnosis`).
 FIELDS = ("params", "dev", "seconds", "curve", "train_detection_loss_end", "kd_detection_ratio",
-          "test", "test_bootstrap_std", "source")  # fmt: skip
+          "test", "test_bootstrap_std", "source", "kd_terms")  # fmt: skip
 
 
 def record_path(output, out_dir):

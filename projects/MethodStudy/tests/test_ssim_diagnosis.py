@@ -1,0 +1,114 @@
+"""method_study.ssim_diagnosis: its variants are the study's picks changed one factor at a time,
+its helpers (matched weight, which variants go to test, per-level losses over training), and the
+whole driver end to end at tiny size, reusing everything on a second call."""
+
+import json
+
+import pytest
+
+from method_study import RESULTS, ledger, plan
+from method_study import ssim_diagnosis as diag
+from method_study.testing import run_module
+
+
+def _study_opts(trial):
+    rec = ledger.load(f"{RESULTS}/ledger/dev/{trial}/seed0.json")
+    return rec["params"]["opts"][len(plan.STUDENT_SIZE) :]
+
+
+@pytest.mark.parametrize("name, trial", [("tuned", "ssim/win7"), ("pkd", "pkd/w12.0"),
+                                         ("mse", "mse/w3.0")])  # fmt: skip
+def test_references_are_the_study_picks_option_for_option(name, trial):
+    """Same options -> same parameters -> the study's dev AP must reproduce (the report checks)."""
+    assert list(diag.BY_NAME[name].opts) == _study_opts(trial)
+    assert diag.BY_NAME[name].study_trial == trial
+
+
+def test_each_variant_changes_one_factor_of_the_tuned_setting():
+    base = list(diag.TUNED_SSIM)
+    for v in diag.VARIANTS:
+        if v.factor == "reference":
+            continue
+        assert list(v.opts[: len(base)]) == base, v.name
+        extra = v.opts[len(base) :]
+        keys = {extra[i] for i in range(0, len(extra), 2)}
+        if v.name == "on_pkd":
+            assert "MODEL.KD.FEATURE_SUM.LOSSES" in keys
+        else:
+            assert len(keys) == 1, v.name
+
+
+def test_matched_weight_and_expand():
+    assert diag.matched_weight(1.5, 9.776) == 20.0
+    assert diag.matched_weight(2.0, 9.776) == 15.0
+    v = diag.BY_NAME["ratio_pkd"]
+    assert diag.expand(v) is None
+    assert diag.expand(v, 20.0)[-2:] == ["MODEL.KD.FEATURE.WEIGHTS", "[20.0]"]
+    assert diag.expand(diag.BY_NAME["p2"]) == list(diag.BY_NAME["p2"].opts)
+
+
+def test_test_variants_rule():
+    dev = {"tuned": 31.9, "p2": 32.5, "p2_p3": 31.0, "structure": 33.0, "standardize": 32.0,
+           "on_pkd": 36.0, "pkd": 35.7, "mse": 31.5}  # fmt: skip
+    assert diag.test_variants(dev) == ["structure", "p2", "on_pkd"]
+    # Nothing above tuned: still the best SSIM variant (the "best SSIM setting" for later parts).
+    dev = {"tuned": 31.9, "p2": 30.0, "structure": 29.0, "on_pkd": 35.0, "pkd": 35.7}
+    assert diag.test_variants(dev) == ["p2"]
+
+
+def test_kd_terms_averages_each_tenth(tmp_path):
+    rows = []
+    for it in range(100):
+        rows.append({"iteration": it, "loss_cls": 1.0, "loss_box_reg": 1.0,
+                     "loss_kd_fpn_p2": 0.1 * (it // 10), "loss_kd_fpn_p3": 0.5})  # fmt: skip
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    t = diag.kd_terms(str(tmp_path))
+    assert t["iteration"] == list(range(10, 101, 10))
+    assert t["terms"]["loss_kd_fpn_p2"] == pytest.approx([0.1 * i for i in range(10)])
+    assert t["detection"] == pytest.approx([2.0] * 10)
+    assert t["ratio"] == pytest.approx([(0.1 * i + 0.5) / 2.0 for i in range(10)])
+    assert diag.kd_terms(str(tmp_path / "missing")) is None
+
+
+def test_diagnosis_tiny(tmp_path):
+    study, out = tmp_path / "study", tmp_path / "diag"
+    no_check = ["--opts", "MODEL.KD.TEACHER.MIN_AP", "0.0"]
+    proc = run_module("run_study", ["--output", study, "--preset", "quick", "--families", "ssim",
+                                    "--max-trials", "1", "--seeds", "0"] + no_check,
+                      timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = [
+        "--study",
+        study,
+        "--output",
+        out,
+        "--preset",
+        "quick",
+        "--variants",
+        "tuned",
+        "structure",
+        "on_pkd",
+        "--test-variants",
+        "structure",
+        "--seeds",
+        "0",
+        "1",
+    ] + no_check
+    proc = run_module("ssim_diagnosis", args, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["variants"]) == {"tuned", "structure", "on_pkd"}
+    for e in res["variants"].values():
+        assert e["kd_terms"]["terms"]["loss_kd_fpn_p2"], e  # per-level losses recorded
+        assert e["out"].startswith("runs/dev/")
+    # The study's own teacher and data: no second teacher in the diagnosis's output.
+    assert not (out / "runs" / "teacher").exists() and not (out / "data").exists()
+    assert [r["seed"] for r in res["test"]["structure"]] == [0, 1]
+    assert all("AP" in r["test"] for r in res["test"]["structure"])
+    md = (out / "results.md").read_text()
+    assert "structure term alone (`structure`)" in md and "## On test" in md
+    assert (out / "kd_terms.png").stat().st_size > 0
+    assert (out / "ledger" / "final" / "structure" / "seed1.json").exists()
+    again = run_module("ssim_diagnosis", args, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert ": training; log in" not in again.stdout and ": resuming; log in" not in again.stdout
