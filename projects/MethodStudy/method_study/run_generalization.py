@@ -54,6 +54,12 @@ def parse_args(argv=None):
         "given with no names, only the teacher and the student alone are trained, which need no "
         "finished study method and so can start while the study still runs",
     )
+    p.add_argument(
+        "--diagnosis",
+        default=os.path.join(RESULTS, "ssim_diagnosis", "results.json"),
+        help="the SSIM diagnosis's results.json: methods named ssim_<variant> (or ssim_best, its "
+        "best SSIM-only variant) take their options from it (method_study.ssim_diagnosis)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])  # as the study
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
@@ -145,6 +151,30 @@ def restored_fields(results, out_rel):
     return None
 
 
+def diagnosis_methods(names, diag_path):
+    """``{name: Final}`` for the SSIM diagnosis's variants among ``names`` (``ssim_<variant>``,
+    ``ssim_best`` resolved to its best SSIM-only variant's name), with the diagnosis's options
+    and the study's student size; ``names`` with ``ssim_best`` replaced. Unknown names are left to
+    the caller's check."""
+    from .ssim_diagnosis import BY_NAME
+    from .ssim_window import best_variant
+
+    if not names or not os.path.exists(diag_path):
+        return names, {}
+    with open(diag_path) as f:
+        variants = json.load(f).get("variants", {})
+    best, _ = best_variant(diag_path)
+    names = [f"ssim_{best}" if n == "ssim_best" and best else n for n in names]
+    out = {}
+    for n in names:
+        v = n[len("ssim_") :] if n.startswith("ssim_") else None
+        if v in variants and v in BY_NAME:
+            opts = plan.STUDENT_SIZE + tuple(variants[v]["opts"])
+            out[n] = plan.Final(n, f"+ SSIM, {BY_NAME[v].label} (SSIM diagnosis)", plan.KD, opts,
+                                True)  # fmt: skip
+    return names, out
+
+
 def main(argv=None):
     from kd_det.utils.runs import (
         finished_run,
@@ -160,9 +190,11 @@ def main(argv=None):
     data_opts, num_classes = dataset_opts(data)
     with open(args.study) as f:
         study = json.load(f)
-    methods, dev = chosen_methods(args.methods, study)
+    names, diag = diagnosis_methods(args.methods, args.diagnosis)
+    methods, dev = chosen_methods(names, study)
     finals = {f.name: f for f in plan.finals()}
-    unknown = [m for m in methods if m not in finals or not study["methods"].get(m, {}).get("runs")]
+    unknown = [m for m in methods if m not in diag
+               and (m not in finals or not study["methods"].get(m, {}).get("runs"))]  # fmt: skip
     if unknown:
         raise SystemExit(f"No finished study runs for {unknown} in {args.study}.")
     env = None
@@ -242,8 +274,11 @@ def main(argv=None):
     t_id = ledger.identity(with_config_digest(plan.TEACHER, t_recipe[3], REPO))
 
     def one(name, seed):
-        final = finals[name]
-        opts = list(study["methods"][name]["runs"][0]["opts"] or [])  # the tuned options
+        final = diag.get(name) or finals[name]
+        if name in diag:  # an SSIM diagnosis variant: its options, the study's student size
+            opts = list(final.opts)
+        else:
+            opts = list(study["methods"][name]["runs"][0]["opts"] or [])  # the tuned options
         opts = with_sub_model_data(opts, final.config, data_opts) + list(args.opts)
         out = os.path.join(args.output, "runs", name, f"seed{seed}")
         run_opts = data_opts + sched(preset["iters"]) + ["SEED", str(seed)] + opts
@@ -265,7 +300,8 @@ def main(argv=None):
     for (name, seed), fut in futures.items():
         run = fut.result()
         if run is not None:
-            results["methods"].setdefault(name, {"label": finals[name].label, "runs": []})
+            label = (diag.get(name) or finals[name]).label
+            results["methods"].setdefault(name, {"label": label, "runs": []})
             results["methods"][name]["runs"].append(run)
     os.makedirs(args.output, exist_ok=True)
     old_path = os.path.join(args.output, "results.json")

@@ -112,3 +112,65 @@ def test_diagnosis_tiny(tmp_path):
     again = run_module("ssim_diagnosis", args, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": training; log in" not in again.stdout and ": resuming; log in" not in again.stdout
+
+
+def test_ssim_window_tiny(tmp_path):
+    """Part 2's driver: its own teacher and data at its size, student seeds first, the regime
+    gate (a 2-iteration teacher fails it), then with --ignore-regime the SSIM runs, reused next
+    time."""
+    out = tmp_path / "win"
+    base = ["--output", out, "--preset", "quick", "--image-size", "64", "--diagnosis",
+            tmp_path / "none.json", "--methods", "student", "ssim", "--seeds", "0", "1",
+            "--opts", "MODEL.KD.TEACHER.MIN_AP", "0.0"]  # fmt: skip
+    proc = run_module("ssim_window", base, timeout=1200)
+    assert proc.returncode != 0 and "regime check failed" in proc.stderr, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["methods"]["student"]["runs"]) == 2 and not res["methods"]["ssim"]["runs"]
+    assert "NOT met" in (out / "results.md").read_text()
+    proc = run_module("ssim_window", base + ["--ignore-regime"], timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in res["methods"]["ssim"]["runs"]] == [0, 1]
+    assert all("AP" in r["test"] for r in res["methods"]["ssim"]["runs"])
+    assert res["preset"]["image_size"] == 64 and (out / "runs" / "teacher").exists()
+    md = (out / "results.md").read_text()
+    assert "Partial" not in md and "Regime checks" in md and "Cost" in md
+    again = run_module("ssim_window", base + ["--ignore-regime"], timeout=1200)
+    assert ": training; log in" not in again.stdout and ": resuming; log in" not in again.stdout
+
+
+def test_best_variant_prefers_test_then_dev(tmp_path):
+    from method_study import ssim_window as win
+
+    path = tmp_path / "r.json"
+    res = {"variants": {"tuned": {"dev": {"AP": 31.9}, "opts": ["a"]},
+                        "p2": {"dev": {"AP": 33.0}, "opts": ["b"]},
+                        "structure": {"dev": {"AP": 32.0}, "opts": ["c"]},
+                        "on_pkd": {"dev": {"AP": 36.0}, "opts": ["d"]}},
+           "test": {}}  # fmt: skip
+    path.write_text(json.dumps(res))
+    assert win.best_variant(str(path)) == ("p2", ["b"])  # by dev, SSIM-only variants
+    res["test"] = {"p2": [{"test": {"AP": 30.0}}], "structure": [{"test": {"AP": 31.0}}]}
+    path.write_text(json.dumps(res))
+    assert win.best_variant(str(path)) == ("structure", ["c"])
+    assert win.best_variant(str(tmp_path / "missing.json")) == (None, None)
+    names = [m.name for m in win.methods("structure", ["c"])]
+    assert names == ["student", "mse", "ssim", "pkd", "ssim_best", "ssim_win11"]
+    jobs = win.order(win.methods(None, None), [0, 1])
+    assert jobs[:3] == [("student", 0), ("student", 1), ("mse", 0)]
+
+
+def test_generalization_takes_diagnosis_variants(tmp_path):
+    from method_study import run_generalization as gen
+
+    path = tmp_path / "r.json"
+    opts = list(diag.BY_NAME["structure"].opts)
+    path.write_text(json.dumps({"variants": {"structure": {"dev": {"AP": 33.0}, "opts": opts},
+                                             "tuned": {"dev": {"AP": 31.9}, "opts": ["x"]}},
+                                "test": {}}))  # fmt: skip
+    names, specs = gen.diagnosis_methods(["multilevel", "ssim_best", "pkd"], str(path))
+    assert names == ["multilevel", "ssim_structure", "pkd"] and set(specs) == {"ssim_structure"}
+    spec = specs["ssim_structure"]
+    assert list(spec.opts) == list(plan.STUDENT_SIZE) + opts and spec.teacher
+    assert "structure term alone" in spec.label
+    assert gen.diagnosis_methods(["pkd"], str(tmp_path / "none.json")) == (["pkd"], {})
