@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 
 from detectron2.structures import BoxMode  # noqa: E402
+from kd_det.config import get_kd_cfg  # noqa: E402
 from kd_det.utils.testing import save_random_detector, tiny_overrides  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,39 @@ CONFIGS = os.path.join(REPO, "configs")
 
 # Keep CPU tests predictable on a 2-core machine.
 torch.set_num_threads(2)
+
+#: Tiny R18-FPN detector (BN, from scratch): the student and teacher of most model tests.
+R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
+#: Every offline distillation term switched on.
+ALL_TERMS = [
+    "MODEL.KD.FEATURE.WEIGHTS", "[1.0]",
+    "MODEL.KD.FEATURE.FOREGROUND_WEIGHT", "2.0",
+    "MODEL.KD.BACKBONE.LEVELS", "['res2']",
+    "MODEL.KD.RPN.OBJECTNESS_WEIGHT", "1.0",
+    "MODEL.KD.RPN.DELTAS_WEIGHT", "1.0",
+    "MODEL.KD.ROI.CLS_WEIGHT", "1.0",
+    "MODEL.KD.ROI.BOX_WEIGHT", "1.0",
+]  # fmt: skip
+
+
+def tiny_cfg(tmp_path, *extra, base=R18):
+    """``base`` merged with :func:`tiny_overrides` and ``extra``."""
+    cfg = get_kd_cfg()
+    cfg.merge_from_file(base)
+    cfg.merge_from_list(tiny_overrides(tmp_path) + list(extra))
+    return cfg
+
+
+def distillation_cfg(tmp_path, teacher_ckpt, *extra):
+    """A tiny R18 ``DistillationRCNN`` config whose teacher is the ``teacher_ckpt`` fixture."""
+    return tiny_cfg(
+        tmp_path,
+        "MODEL.META_ARCHITECTURE", "DistillationRCNN",
+        "MODEL.KD.TEACHER.CONFIG_FILE", R18,
+        "MODEL.KD.TEACHER.WEIGHTS", teacher_ckpt["path"],
+        "MODEL.KD.TEACHER.OPTS", str(teacher_ckpt["opts"]),
+        *extra,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import sys
 
 import kd_det  # noqa: F401  (registers kd_det's components)
 from kd_det.config import get_kd_cfg
-from kd_det.utils.export import ExportError, export_student
+from kd_det.export.student import ExportError, export_student
 
 
 def main(argv=None):

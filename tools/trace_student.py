@@ -8,7 +8,7 @@ reads ``config.yaml`` and ``model_final.pth`` written there by ``tools/export_st
 boxes, scores and classes on ``--image`` and on the image at another size (exit status 1 if
 not). The traced model takes one resized ``(3, H, W)`` image in the model's ``INPUT.FORMAT`` and
 returns ``(boxes, classes, scores, ...)`` tensors at that resolution: see
-``kd_det/utils/deploy.py``. ``--format onnx`` writes ``model.onnx`` instead (dynamic height and
+``kd_det/export/deploy.py``. ``--format onnx`` writes ``model.onnx`` instead (dynamic height and
 width) and checks it with onnxruntime the same way.
 """
 
@@ -33,7 +33,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from detectron2.data.detection_utils import read_image
 
-    from kd_det.utils.deploy import export_onnx, export_torchscript
+    from kd_det.export.deploy import export_onnx, export_torchscript
 
     image = read_image(args.image, format="BGR")
     export = export_onnx if args.format == "onnx" else export_torchscript

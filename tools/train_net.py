@@ -139,7 +139,7 @@ def teacher_for_evaluation(cfg, model):
 
 def evaluate_all_peers(cfg, args):
     """Online distillation: evaluate every peer and EMA teacher of a checkpoint, labelled."""
-    from kd_det.evaluation.members import evaluate_all_members
+    from kd_det.engine.member_evaluation import evaluate_all_members
 
     check_eval_weights(cfg, args)
     model = KDTrainer.build_model(cfg)

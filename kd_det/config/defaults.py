@@ -39,7 +39,7 @@ def add_kd_config(cfg):
     _C.MODEL.EFFICIENTNET.DROP_CONNECT_RATE = 0.0
 
     # ---------------------------------------------------------------------------------------------
-    # Offline distillation: DistillationRCNN (kd_det/modeling/distillation.py)
+    # Offline distillation: DistillationRCNN (kd_det/modeling/meta_arch/distillation_rcnn.py)
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.KD = CN()
     _C.MODEL.KD.TEACHER = CN()
@@ -128,7 +128,7 @@ def add_kd_config(cfg):
     _C.MODEL.KD.ROI.BOX_WEIGHT = 0.0
 
     # How the hints' weights are set: "fixed" (the weights above) or "dynamic" (HKD: per-image
-    # weights from a meta-weight network, kd_det/modeling/hint_weighting.py).
+    # weights from a meta-weight network, kd_det/modeling/hint_weighting/dynamic.py).
     _C.MODEL.KD.HINT_WEIGHTING = "fixed"
     _C.MODEL.KD.HINT = CN()
     # Hidden units of the meta-weight network (an MLP on each image's learning state).
@@ -150,7 +150,7 @@ def add_kd_config(cfg):
     _C.MODEL.KD.HINT.ENSEMBLE_WEIGHT = 0.5
 
     # ---------------------------------------------------------------------------------------------
-    # Online distillation: OnlineDistillationRCNN (kd_det/modeling/online_distillation.py)
+    # Online distillation: OnlineDistillationRCNN (kd_det/modeling/meta_arch/)
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.ONLINE_KD = CN()
     # Config files of the peers (two or more plain Faster R-CNN configs, relative to the working

@@ -8,7 +8,7 @@ __all__ = ["EMAUpdateHook"]
 class EMAUpdateHook(HookBase):
     """Calls ``model.update_ema()`` after every optimizer step.
 
-    EMA self-ensemble teachers (:mod:`kd_det.modeling.ema`) average the weights the optimizer just
+    EMA self-ensemble teachers (:mod:`kd_det.modeling.online.ema`) average the weights the optimizer just
     wrote, so the update belongs after the step and before the checkpointer and evaluation hooks
     (which must see the updated EMA weights).
     """

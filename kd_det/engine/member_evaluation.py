@@ -4,7 +4,7 @@ import logging
 import os
 from collections import OrderedDict
 
-from kd_det.modeling.online_distillation import OnlineDistillationRCNN
+from kd_det.modeling.meta_arch.online_distillation_rcnn import OnlineDistillationRCNN
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Exporting one member (``peer<i>`` or its EMA copy ``ema<i>``) of an online-distillation run as a
 plain detector: its own config with the run's data and test settings, and its weights without the
-``peers.<i>.`` / ``ema_peers.<i>.`` prefix (used by :func:`kd_det.utils.export.export_student`).
+``peers.<i>.`` / ``ema_peers.<i>.`` prefix (used by :func:`kd_det.export.student.export_student`).
 """
 
-from kd_det.modeling.peers import build_peer_cfg, parse_member
+from kd_det.modeling.online.peers import build_peer_cfg, parse_member
 
 __all__ = ["member_cfg", "member_state_dict"]
 

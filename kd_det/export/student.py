@@ -141,7 +141,7 @@ def export_student(cfg, weights, output_dir, member=None, config_file=None):
         ) from e
     model_state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
     if cfg.MODEL.META_ARCHITECTURE == "OnlineDistillationRCNN":
-        from .member_export import member_cfg, member_state_dict
+        from .members import member_cfg, member_state_dict
 
         member = member or cfg.MODEL.ONLINE_KD.INFERENCE
         cfg = member_cfg(cfg, member)

@@ -1,6 +1,6 @@
 """The exported student traces to TorchScript (detectron2's TracingAdapter) and gives the eager
 model's boxes, scores and classes, at the traced input size and at another one: through
-``tools/trace_student.py`` as a user runs it, and through :mod:`kd_det.utils.deploy`."""
+``tools/trace_student.py`` as a user runs it, and through :mod:`kd_det.export.deploy`."""
 
 import os
 
@@ -21,7 +21,7 @@ def _trace(export_dir, image_file, fmt="torchscript"):
     """What ``tools/trace_student.py`` does, in-process: export the student in ``export_dir``."""
     from detectron2.data.detection_utils import read_image
 
-    from kd_det.utils import deploy
+    from kd_det.export import deploy
 
     export = deploy.export_onnx if fmt == "onnx" else deploy.export_torchscript
     config, weights = (os.path.join(export_dir, f) for f in ("config.yaml", "model_final.pth"))
@@ -30,7 +30,7 @@ def _trace(export_dir, image_file, fmt="torchscript"):
 
 def _exported(tmp_path, config, synthetic_root):
     """A random-weight student of ``config``, exported by kd_det's export to plain detectron2."""
-    from kd_det.utils.export import export_student
+    from kd_det.export.student import export_student
 
     cfg = get_kd_cfg()
     cfg.merge_from_file(os.path.join(CONFIGS, "Synthetic", config))
@@ -53,7 +53,7 @@ def _image(tmp_path, h=72, w=96):
 def test_traced_student_matches_eager(tmp_path, synthetic_root, config):
     from detectron2.data.detection_utils import read_image
 
-    from kd_det.utils.deploy import _inference, load_student, preprocess
+    from kd_det.export.deploy import _inference, load_student, preprocess
 
     out = _exported(tmp_path, config, synthetic_root)
     image_file = _image(tmp_path)
@@ -85,7 +85,7 @@ def test_traced_student_matches_eager(tmp_path, synthetic_root, config):
 def test_a_trace_that_does_not_generalize_is_refused(tmp_path, synthetic_root, monkeypatch):
     """Without kd_det's padding patch, EfficientNet-Lite's trace pads every input to the traced
     size: the check on a second input size must catch it."""
-    import kd_det.utils.deploy as deploy
+    import kd_det.export.deploy as deploy
 
     out = _exported(tmp_path, "faster_rcnn_lite0_FPN.yaml", synthetic_root)
     monkeypatch.setattr(deploy, "make_traceable", lambda model: 0)

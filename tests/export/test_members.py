@@ -11,8 +11,8 @@ from detectron2.modeling import build_model
 from conftest import CONFIGS, tiny_overrides
 from kd_det.config import get_kd_cfg
 from kd_det.modeling.common import convert_input_format
-from kd_det.utils.export import export_student
-from kd_det.utils.member_export import member_state_dict
+from kd_det.export.student import export_student
+from kd_det.export.members import member_state_dict
 from kd_det.utils.testing import model_overrides, perturb_online_peers, random_batch
 
 ONLINE = os.path.join(CONFIGS, "Synthetic", "online_lite0_R18.yaml")

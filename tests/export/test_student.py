@@ -1,4 +1,4 @@
-"""kd_det/utils/export.py: a distilled student becomes a plain detectron2 detector (weights without
+"""kd_det/export/student.py: a distilled student becomes a plain detectron2 detector (weights without
 distillation keys, a config detectron2 builds), checked before anything is written."""
 
 import os
@@ -12,13 +12,13 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from conftest import CONFIGS, tiny_overrides
 from kd_det.utils.testing import save_random_detector
 from kd_det.config import get_kd_cfg
-from kd_det.utils.export import (
+from kd_det.export.student import (
     ExportError,
     export_student,
     plain_student_cfg,
     student_state_dict,
 )
-from kd_det.utils.member_export import member_state_dict
+from kd_det.export.members import member_state_dict
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 

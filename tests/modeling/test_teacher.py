@@ -10,7 +10,8 @@ from detectron2.modeling import build_model
 from conftest import CONFIGS
 from kd_det.modeling.teacher import TeacherInference, TeacherLoadError, build_teacher_cfg
 from kd_det.utils.testing import random_batch
-from test_distillation import ALL_TERMS, _kd_cfg
+from conftest import ALL_TERMS
+from conftest import distillation_cfg as _kd_cfg
 
 
 def test_teacher_weights_really_loaded(tmp_path, teacher_ckpt):

@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 
 from conftest import CONFIGS, REPO, file_digests, tiny_overrides
 from kd_det.config import get_kd_cfg
-from kd_det.utils.export import ExportError, export_student
+from kd_det.export.student import ExportError, export_student
 from kd_det.utils.testing import run_tool
 
 R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")

@@ -106,7 +106,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from .hint_agreement import HintInput, agreement_cosine, gradient_agreement, hint_cosines
+from .agreement import HintInput, agreement_cosine, gradient_agreement, hint_cosines
 
 logger = logging.getLogger(__name__)
 

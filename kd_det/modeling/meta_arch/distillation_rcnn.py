@@ -39,14 +39,14 @@ from torch import nn
 
 from kd_det.config.validation import validate_kd_config
 
-from .capture import (
+from ..capture import (
     pop_recorded,
     pop_sampled_proposals,
     record_output,
     record_sampled_proposals,
     score_boxes,
 )
-from .common import (
+from ..common import (
     build_adapter,
     check_box_heads,
     check_convertible,
@@ -54,8 +54,8 @@ from .common import (
     linear_warmup,
     per_level_weights,
 )
-from .hint_weighting import HINT_WEIGHTING_REGISTRY, build_hint_weighting
-from .losses import (
+from ..hint_weighting import HINT_WEIGHTING_REGISTRY, build_hint_weighting
+from ..losses import (
     feature_hint_per_image,
     feature_loss_from_config,
     foreground_maps,
@@ -65,7 +65,7 @@ from .losses import (
     roi_kl_per_image,
     rpn_per_image,
 )
-from .teacher import TeacherHolder, build_teacher, check_label_space
+from ..teacher import TeacherHolder, build_teacher, check_label_space
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Online distillation (Cut^nMix, MetaMixer) trains two or more peer detectors together instead of
 distilling a frozen, pre-trained teacher. Each peer is a complete ``GeneralizedRCNN`` built from its
-own config (:mod:`kd_det.modeling.peers`), so peers may differ in backbone, FPN width, pixel
+own config (:mod:`kd_det.modeling.online.peers`), so peers may differ in backbone, FPN width, pixel
 mean/std and RGB/BGR input format. They are held in the ``nn.ModuleList`` ``peers``: the optimizer,
 DDP and checkpoints see all of them. Each peer runs its own ``GeneralizedRCNN.forward``; taps
 (:mod:`kd_det.modeling.capture`) record the features, sampled proposals and box predictions the
@@ -22,7 +22,7 @@ Loss entries (zero-weight terms are skipped entirely):
   KL at temperature T, times T^2, of the class distributions the other peers' box heads give peer
   i's sampled proposals (pooled from their own features).
 * ``loss_kd_peer<i>_ema_fpn_<level>``, ``loss_kd_peer<i>_ema_roi_cls``,
-  ``loss_kd_peer<i>_ema_roi_box``: the self-ensemble teacher (:mod:`kd_det.modeling.ema`), with
+  ``loss_kd_peer<i>_ema_roi_box``: the self-ensemble teacher (:mod:`kd_det.modeling.online.ema`), with
   the same terms as offline distillation; ``EMA_LOGIT_TARGET "ensemble"`` averages the ROI
   predictions of every peer's EMA, ``"own"`` uses the peer's own EMA (mean teacher). The EMA
   teaches from iteration ``EMA_WARMUP`` on and is updated from the start; EMA terms due while it
@@ -43,10 +43,10 @@ from torch import nn
 
 from kd_det.config.validation import validate_kd_config
 
-from . import capture
-from .common import check_convertible, convert_input_format, linear_warmup, per_level_weights
-from .ema import buffer_copy, ema_update, fill_missing_ema
-from .losses import (
+from .. import capture
+from ..common import check_convertible, convert_input_format, linear_warmup, per_level_weights
+from ..online.ema import buffer_copy, ema_update, fill_missing_ema
+from ..losses import (
     feature_hint_per_image,
     feature_loss_from_config,
     log_probs,
@@ -55,7 +55,7 @@ from .losses import (
     roi_box_per_image,
     roi_kl_per_image,
 )
-from .peers import (
+from ..online.peers import (
     build_mutual_adapters,
     build_peer_cfg,
     check_peers,
@@ -286,7 +286,7 @@ class OnlineDistillationRCNN(nn.Module):
     # ------------------------------------------------------------------------------------------
     def update_ema(self):
         """``w_ema <- d * w_ema + (1 - d) * w`` for every parameter and floating-point buffer
-        (:func:`~kd_det.modeling.ema.ema_update`).
+        (:func:`~kd_det.modeling.online.ema.ema_update`).
 
         Call once after every optimizer step (``kd_det.engine.hooks.EMAUpdateHook`` does).
         """

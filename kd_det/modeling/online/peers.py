@@ -1,6 +1,6 @@
 """Peers of online distillation: their configs, initial weights, label spaces and members.
 
-Each peer of :class:`~kd_det.modeling.online_distillation.OnlineDistillationRCNN` is a plain
+Each peer of :class:`~kd_det.modeling.meta_arch.online_distillation_rcnn.OnlineDistillationRCNN` is a plain
 detector built from its own config file (``MODEL.ONLINE_KD.PEERS``) plus
 ``MODEL.ONLINE_KD.PEER_OPTS`` (``"KEY VALUE"`` pairs for every peer; ``"peer<i>:KEY"`` for peer i
 only). A *member* is anything that can be evaluated or exported as a plain detector: ``peer<i>``
@@ -13,7 +13,7 @@ import re
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from .common import build_adapter, build_sub_model_cfg, check_box_heads
+from ..common import build_adapter, build_sub_model_cfg, check_box_heads
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""The meta objective's gradients (kd_det/modeling/hint_agreement.py): per-hint cosines with the
+"""The meta objective's gradients (kd_det/modeling/hint_weighting/agreement.py): per-hint cosines with the
 detection gradient that do not depend on the loss scale, and survive float16."""
 
 import pytest
 import torch
 
-from kd_det.modeling import hint_agreement
-from kd_det.modeling.hint_agreement import gradient_agreement, hint_cosines
+from kd_det.modeling.hint_weighting import agreement as hint_agreement
+from kd_det.modeling.hint_weighting.agreement import gradient_agreement, hint_cosines
 
 NAMES = ["loss_kd_a", "loss_kd_b"]
 

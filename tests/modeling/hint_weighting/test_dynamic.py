@@ -8,15 +8,16 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from kd_det.modeling.hint_weighting import (
+from kd_det.modeling.hint_weighting.dynamic import (
     HINT_WEIGHTING_REGISTRY,
     HintWeighting,
     normalize_weights,
 )
-from kd_det.utils.export import student_state_dict
+from kd_det.export.student import student_state_dict
 from kd_det.utils.testing import random_batch
 
-from test_distillation import _cfg, _kd_cfg
+from conftest import distillation_cfg as _kd_cfg
+from conftest import tiny_cfg as _cfg
 
 DYNAMIC = ["MODEL.KD.HINT_WEIGHTING", "dynamic"]
 FPN_ONLY_DYNAMIC = DYNAMIC + ["MODEL.KD.HINT.MIN_WEIGHT", "0.0"]

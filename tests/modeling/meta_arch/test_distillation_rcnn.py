@@ -10,47 +10,21 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import CONFIGS, tiny_overrides
+from conftest import ALL_TERMS, CONFIGS, R18, tiny_overrides
+from conftest import tiny_cfg as _cfg
+from conftest import distillation_cfg as _kd_cfg
 from kd_det.config import get_kd_cfg
 from kd_det.utils.testing import random_batch
 
-R18 = os.path.join(CONFIGS, "Synthetic", "faster_rcnn_R18_FPN.yaml")
 KD_OFF = [
     "MODEL.KD.FEATURE.WEIGHTS", "[0.0]",
     "MODEL.KD.BACKBONE.LEVELS", "[]",
-]  # fmt: skip
-ALL_TERMS = [
-    "MODEL.KD.FEATURE.WEIGHTS", "[1.0]",
-    "MODEL.KD.FEATURE.FOREGROUND_WEIGHT", "2.0",
-    "MODEL.KD.BACKBONE.LEVELS", "['res2']",
-    "MODEL.KD.RPN.OBJECTNESS_WEIGHT", "1.0",
-    "MODEL.KD.RPN.DELTAS_WEIGHT", "1.0",
-    "MODEL.KD.ROI.CLS_WEIGHT", "1.0",
-    "MODEL.KD.ROI.BOX_WEIGHT", "1.0",
 ]  # fmt: skip
 TERMS = {
     "loss_kd_fpn_p2", "loss_kd_fpn_p3", "loss_kd_fpn_p4", "loss_kd_fpn_p5", "loss_kd_fpn_p6",
     "loss_kd_backbone_res2", "loss_kd_rpn_objectness", "loss_kd_rpn_deltas", "loss_kd_roi_cls",
     "loss_kd_roi_box",
 }  # fmt: skip
-
-
-def _cfg(tmp_path, *extra, base=R18):
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(base)
-    cfg.merge_from_list(tiny_overrides(tmp_path) + list(extra))
-    return cfg
-
-
-def _kd_cfg(tmp_path, teacher_ckpt, *extra):
-    return _cfg(
-        tmp_path,
-        "MODEL.META_ARCHITECTURE", "DistillationRCNN",
-        "MODEL.KD.TEACHER.CONFIG_FILE", R18,
-        "MODEL.KD.TEACHER.WEIGHTS", teacher_ckpt["path"],
-        "MODEL.KD.TEACHER.OPTS", str(teacher_ckpt["opts"]),
-        *extra,
-    )  # fmt: skip
 
 
 def _losses_and_grads(model, batch, seed=7):

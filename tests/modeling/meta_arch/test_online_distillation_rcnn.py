@@ -1,6 +1,6 @@
 """OnlineDistillationRCNN on tiny CPU peers: each peer alone when knowledge is off, EMA update rule,
 label-space check, adapters, every term, checkpoint/resume and member selection for inference
-(member export: tests/utils/test_member_export.py)."""
+(member export: tests/export/test_members.py)."""
 
 import os
 
@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 from conftest import CONFIGS, tiny_overrides
 from kd_det.config import get_kd_cfg
 from kd_det.modeling.common import convert_input_format
-from kd_det.utils.member_export import member_cfg, member_state_dict
+from kd_det.export.members import member_cfg, member_state_dict
 from kd_det.utils.testing import model_overrides, perturb_online_peers, random_batch
 
 ONLINE = os.path.join(CONFIGS, "Synthetic", "online_lite0_R18.yaml")

@@ -4,7 +4,7 @@ weights a checkpoint lacks."""
 import torch
 from torch import nn
 
-from kd_det.modeling.ema import buffer_copy, ema_update, fill_missing_ema
+from kd_det.modeling.online.ema import buffer_copy, ema_update, fill_missing_ema
 
 
 def _net():

@@ -1,0 +1,10 @@
+"""The distillation meta-architectures, registered in detectron2's ``META_ARCH_REGISTRY``.
+
+* :class:`DistillationRCNN` (offline): a Faster R-CNN student trained with a frozen teacher.
+* :class:`OnlineDistillationRCNN` (online): peer detectors trained together, with EMA teachers.
+"""
+
+from .distillation_rcnn import DistillationRCNN
+from .online_distillation_rcnn import OnlineDistillationRCNN
+
+__all__ = ["DistillationRCNN", "OnlineDistillationRCNN"]
