@@ -34,7 +34,7 @@ from tqdm import tqdm
 from detectron2.data import DatasetMapper
 from detectron2.data.datasets import load_coco_json
 from kd_det.config import get_kd_cfg
-from kd_det.data.mixed_sample_mapper import MIX_TYPES, MixedSampleDatasetMapper
+from kd_det.data.mix import MIX_TYPES, MixedSampleDatasetMapper
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
 

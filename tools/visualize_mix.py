@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write PNGs of mixed training samples with their ground-truth boxes, to eyeball the box rules.
 
-Samples go through :class:`kd_det.data.mixed_sample_mapper.MixedSampleDatasetMapper` built from the
+Samples go through :class:`kd_det.data.mix.MixedSampleDatasetMapper` built from the
 config exactly as in training (same augmentations, same ``INPUT.MIX`` rules), except that every
 sample is mixed (``--prob``, default 1). Boxes are drawn with detectron2's ``Visualizer`` and the
 class names of the training set's metadata; pasted regions / mosaic quadrants are outlined with
@@ -31,7 +31,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.visualizer import Visualizer
 from kd_det.config import get_kd_cfg
-from kd_det.data.mixed_sample_mapper import MIX_TYPES, MixedSampleDatasetMapper
+from kd_det.data.mix import MIX_TYPES, MixedSampleDatasetMapper
 
 DEFAULT_ROOT = "datasets/synthetic"
 

@@ -204,10 +204,17 @@ def test_from_config_loads_registered_train_set_and_feeds_loader(photo_dicts):
     assert all("instances" in b for b in batch)
 
 
-def test_the_original_module_path_still_imports():
-    """User code written before the split imports from ``kd_det.data.mixed_sample_mapper``."""
-    from kd_det.data import mixed_sample_mapper as old
+def test_the_original_module_path_still_imports_with_a_deprecation_warning():
+    """User code written before the split imports from ``kd_det.data.mixed_sample_mapper``, and
+    is told where the mapper lives now."""
+    import importlib
+    import sys
 
+    sys.modules.pop("kd_det.data.mixed_sample_mapper", None)
+    with pytest.warns(
+        DeprecationWarning, match="import MixedSampleDatasetMapper .* from kd_det.data.mix"
+    ):
+        old = importlib.import_module("kd_det.data.mixed_sample_mapper")
     assert old.MixedSampleDatasetMapper is MixedSampleDatasetMapper
     assert set(old.__all__) >= {
         "MixedSampleDatasetMapper",
