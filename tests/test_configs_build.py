@@ -101,12 +101,13 @@ def test_coco_ssim_configs_use_the_ssim_kd_papers_setting():
 def test_coco_multilevel_carries_the_studys_tuned_recipe():
     """The COCO multi-level config has the knowledge keys of the study's tuned multi-level config
     (its model-size keys, FPN width and FC dim, stay the COCO models')."""
-    coco = _load(os.path.join(CONFIGS, "COCO-Distillation",
-                              "faster_rcnn_R101_to_R50_FPN_1x_multilevel.yaml")).MODEL.KD  # fmt: skip
+    coco_file = "faster_rcnn_R101_to_R50_FPN_1x_multilevel.yaml"
+    coco = _load(os.path.join(CONFIGS, "COCO-Distillation", coco_file)).MODEL.KD
     tuned = _load(os.path.join(CONFIGS, "Synthetic", "tuned", "multilevel.yaml")).MODEL.KD
-    for key in ("FEATURE.LOSS", "FEATURE.WEIGHTS", "FEATURE.LEVELS", "BACKBONE.LEVELS",
-                "BACKBONE.WEIGHTS", "RPN.OBJECTNESS_WEIGHT", "RPN.DELTAS_WEIGHT",
-                "ROI.CLS_WEIGHT", "ROI.TEMPERATURE", "ROI.BOX_WEIGHT", "HINT_WEIGHTING"):  # fmt: skip
+    keys = ("FEATURE.LOSS", "FEATURE.WEIGHTS", "FEATURE.LEVELS", "BACKBONE.LEVELS",
+            "BACKBONE.WEIGHTS", "RPN.OBJECTNESS_WEIGHT", "RPN.DELTAS_WEIGHT", "ROI.CLS_WEIGHT",
+            "ROI.TEMPERATURE", "ROI.BOX_WEIGHT", "HINT_WEIGHTING")  # fmt: skip
+    for key in keys:
         a, b = coco, tuned
         for part in key.split("."):
             a, b = a[part], b[part]

@@ -41,6 +41,48 @@ def _weight_keys(node, prefix):
             yield dotted, value
 
 
+#: The range of every numeric key with one, in one place: ``key -> (test, rule)``. Models built
+#: without a config (``HintWeighting(...)``, ``OnlineDistillationRCNN(...)``) check their
+#: arguments against the same rules with :func:`check_values`.
+RANGES = {
+    "MODEL.KD.ROI.TEMPERATURE": (lambda v: v > 0, "must be > 0 (the logits are divided by it)"),
+    "MODEL.ONLINE_KD.TEMPERATURE": (lambda v: v > 0, "must be > 0 (the logits are divided by it)"),
+    "MODEL.KD.WARMUP_ITERS": (lambda v: v >= 0, "must be >= 0 (iterations; 0: no warm-up)"),
+    "MODEL.ONLINE_KD.MUTUAL_WARMUP": (lambda v: v >= 0, "must be >= 0 (iterations; 0: no warm-up)"),
+    "MODEL.KD.HINT.META_PERIOD": (lambda v: v >= 1, "must be >= 1"),
+    "MODEL.KD.HINT.HIDDEN_DIM": (lambda v: v >= 1, "must be >= 1"),
+    "MODEL.KD.HINT.MIN_WEIGHT": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "MODEL.KD.HINT.MOMENTUM": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "MODEL.KD.HINT.ENSEMBLE_WEIGHT": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "MODEL.KD.HINT.META_LOSS_WEIGHT": (lambda v: v >= 0, "must be >= 0"),
+    "MODEL.KD.HINT.PRIOR_WEIGHT": (lambda v: v >= 0, "must be >= 0"),
+    "MODEL.ONLINE_KD.EMA_DECAY": (
+        lambda v: 0 <= v < 1,
+        "must be in [0, 1) (1.0 would freeze the EMA teachers at their initial weights; switch "
+        "them off with MODEL.ONLINE_KD.EMA_ENABLED False instead)",
+    ),
+}
+
+
+def _problem(key, value):
+    """The error line for ``key = value`` if it breaks its rule in :data:`RANGES`, else None."""
+    ok, rule = RANGES[key]
+    if not _is_number(value) or (isinstance(value, float) and math.isnan(value)) or not ok(value):
+        return f"{key} = {value!r}: {rule}"
+    return None
+
+
+def check_values(values):
+    """Check ``{dotted key: value}`` against :data:`RANGES` (for models built from arguments).
+
+    Raises:
+        ValueError: one line per bad value, naming the key and its rule.
+    """
+    errors = [p for p in (_problem(k, v) for k, v in values.items()) if p]
+    if errors:
+        raise ValueError("Invalid value(s):\n  - " + "\n  - ".join(errors))
+
+
 def _range(errors, cfg, key, ok, rule):
     value = _get(cfg, key)
     if value is None:
@@ -52,31 +94,32 @@ def _range(errors, cfg, key, ok, rule):
 def validate_kd_config(cfg):
     """Check the ranges of kd_det's values; raise one error naming every bad key.
 
-    Checked: temperatures > 0; every ``MODEL.KD.*WEIGHT*`` and ``MODEL.ONLINE_KD.*WEIGHT*`` >= 0;
-    ``INPUT.MIX.*`` (also when mixing is off, so switching it on later cannot fail hours in);
-    warm-up lengths >= 0; the EMA decay in [0, 1]. Keys a config does not have are skipped.
+    Checked: every key of :data:`RANGES` (temperatures, warm-ups, the hint-weighting settings,
+    the EMA decay); every ``MODEL.KD.*WEIGHT*`` and ``MODEL.ONLINE_KD.*WEIGHT*`` >= 0;
+    ``INPUT.MIX.*`` (also when mixing is off, so switching it on later cannot fail hours in).
+    Keys a config does not have are skipped.
 
     Raises:
         ValueError: one line per bad value, with the allowed range and why.
     """
     errors = []
-    for key in ("MODEL.KD.ROI.TEMPERATURE", "MODEL.ONLINE_KD.TEMPERATURE"):
-        _range(errors, cfg, key, lambda v: v > 0, "must be > 0 (the logits are divided by it)")
+    for key in RANGES:
+        value = _get(cfg, key)
+        if value is not None and _problem(key, value):
+            errors.append(_problem(key, value))
     for section in WEIGHT_SECTIONS:
         node = _get(cfg, section)
         if not isinstance(node, CfgNode):
             continue
         for key, value in _weight_keys(node, section):
+            if key in RANGES:
+                continue  # its own, stricter rule above
             values = value if isinstance(value, (list, tuple)) else [value]
             if not all(v >= 0 for v in values):  # NaN fails too
                 errors.append(
                     f"{key} = {value!r}: loss weights must be >= 0 (a negative weight pushes the "
                     "student away from its target; 0 switches a term off)"
                 )
-    for key in ("MODEL.KD.WARMUP_ITERS", "MODEL.ONLINE_KD.MUTUAL_WARMUP"):
-        _range(errors, cfg, key, lambda v: v >= 0, "must be >= 0 (iterations; 0: no warm-up)")
-    _range(errors, cfg, "MODEL.KD.HINT.META_PERIOD", lambda v: v >= 1, "must be >= 1")
-    _range(errors, cfg, "MODEL.ONLINE_KD.EMA_DECAY", lambda v: 0 <= v <= 1, "must be in [0, 1]")
     mode = _get(cfg, "KD_TRAINER.CHECK_IMAGES")
     if mode is not None and mode not in ("decode", "header", "off"):
         errors.append(f"KD_TRAINER.CHECK_IMAGES = {mode!r}: must be one of decode, header, off")
@@ -84,7 +127,8 @@ def validate_kd_config(cfg):
     if errors:
         raise ValueError(
             "Invalid config value(s):\n  - " + "\n  - ".join(errors) + "\nFix them in the config "
-            "file or the command-line overrides (each key is documented in kd_det/config/defaults.py)."
+            "file or the command-line overrides (each key is documented in "
+            "kd_det/config/defaults.py)."
         )
 
 

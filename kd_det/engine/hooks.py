@@ -8,9 +8,9 @@ __all__ = ["EMAUpdateHook"]
 class EMAUpdateHook(HookBase):
     """Calls ``model.update_ema()`` after every optimizer step.
 
-    EMA self-ensemble teachers (:mod:`kd_det.modeling.online.ema`) average the weights the optimizer just
-    wrote, so the update belongs after the step and before the checkpointer and evaluation hooks
-    (which must see the updated EMA weights).
+    EMA self-ensemble teachers (:mod:`kd_det.modeling.online.ema`) average the weights the
+    optimizer just wrote, so the update belongs after the step and before the checkpointer and
+    evaluation hooks (which must see the updated EMA weights).
     """
 
     def __init__(self, model):

@@ -1,5 +1,5 @@
-"""kd_det/export/student.py: a distilled student becomes a plain detectron2 detector (weights without
-distillation keys, a config detectron2 builds), checked before anything is written."""
+"""kd_det/export/student.py: a distilled student becomes a plain detectron2 detector (weights
+without distillation keys, a config detectron2 builds), checked before anything is written."""
 
 import os
 

@@ -6,14 +6,8 @@
 * :mod:`.agreement`: its meta objective, the agreement of each hint's gradient with the task's.
 """
 
-from .dynamic import (
-    HINT_WEIGHTING_REGISTRY,
-    HINT_WEIGHTINGS,
-    META_OBJECTIVES,
-    HintWeighting,
-    HintWeightNet,
-    build_hint_weighting,
-)
+from .dynamic import META_OBJECTIVES, HintWeighting, HintWeightNet
+from .registry import HINT_WEIGHTING_REGISTRY, HINT_WEIGHTINGS, build_hint_weighting
 
 __all__ = [
     "HINT_WEIGHTINGS",

@@ -1,101 +1,16 @@
-"""Hint-dynamic weighting (HKD): instance-wise weights of the knowledge hints from a meta-net.
+"""Hint-dynamic weighting (HKD), kd_det's interpretation: per-image hint weights from a meta-net.
 
-HKD (the hint-dynamic KD paper, README "Hint-dynamic weighting") weights each knowledge hint per
-instance with a small meta-weight network that perceives the student's learning progress, and
-smooths the weights with an ensemble over history. The abstract fixes neither the network's input,
-nor its training objective, nor the ensembling rule. This module is kd_det's own interpretation
-for detection; every choice is below.
+* **Hints**: the K enabled distillation terms of ``DistillationRCNN``, each computed per image;
+  weight ``w[i, k]`` multiplies image i's value of hint k.
+* **State** (:meth:`HintWeighting.state`): per image and hint, the standardized log discrepancy,
+  validity, the hint's running level and gradient agreement, the detection loss, the progress.
+* **Meta-net** (:class:`HintWeightNet`): state -> logits -> weights with mean 1 per image and a
+  floor (:func:`normalize_weights`); it starts as fixed weighting.
+* **Objective**: agreement of the weighted hint gradients with the task gradient
+  (:mod:`.agreement`), trained by ``loss_hint_meta`` only.
+* **Ensemble over history**: the used weights mix the estimate with an EMA of past means.
 
-**Hints.** A hint is one distillation term of ``DistillationRCNN`` (``loss_kd_fpn_p2`` ...
-``loss_kd_roi_box``), i.e. one of the ``K`` enabled terms. Each term is computed per image, so the
-weight ``w[i, k]`` multiplies image ``i``'s value of hint ``k``::
-
-    loss_k = weight_k * warmup * sum_i(valid_ik * w_ik * value_ik) / sum_i(valid_ik)
-
-**Input: the student's learning state, per image** (all detached, ``4K + 2`` numbers, built by
-:meth:`HintWeighting.state`):
-
-* ``(log(value_ik) - m_k) / s_k``: how far image ``i`` is from the teacher on hint ``k`` compared
-  with what is usual for that hint right now (``m_k``, ``s_k``: running mean and std of
-  ``log value`` over images, momentum :data:`INPUT_MOMENTUM`, ``s_k >= MIN_LOG_STD``); logs make
-  hints of very different scales comparable, the standardisation makes per-image differences
-  visible to the network (they are a few percent of the value);
-* ``valid_ik`` (e.g. no box hint for an image without foreground proposals);
-* ``m_k``: the hint's running discrepancy level (how far the student is from the teacher overall);
-* ``tanh(a_k)``: the hint's running gradient agreement with the task (below), momentum
-  :data:`INPUT_MOMENTUM`: whether hint ``k`` has recently been helping the detection task;
-* ``log`` of the student's detection loss. detectron2's detection losses are batch means; a
-  per-image version would need re-implementing RPN and ROI losses, so the batch loss is used;
-* training progress ``iter / SOLVER.MAX_ITER``.
-
-**Network and normalisation.** A two-layer MLP (:class:`HintWeightNet`) maps the state to ``K``
-logits; its last layer starts at zero, so dynamic weighting *starts* as fixed weighting. Weights
-are a softmax over the image's valid hints scaled by their number, mixed with a floor::
-
-    w_ik = MIN_WEIGHT + (1 - MIN_WEIGHT) * n_i * p_ik,   p_i = softmax over i's valid hints
-
-so every image's mean weight over its valid hints is exactly 1 (the total distillation strength
-equals fixed weighting and ``MODEL.KD.*WEIGHT*`` keep their meaning), every hint keeps at least
-``MIN_WEIGHT`` of its configured weight, and invalid hints get weight 0 (never NaN). The meta
-objective is a cosine, which is blind to a per-image scale, so only the *allocation* across hints
-is learnable - the normalisation removes exactly that free direction.
-
-**Objective: gradient agreement** (``OBJECTIVE: "grad_cosine"``). A hint is useful for an image when
-the gradient it sends into the student points where the detection loss wants to go. For every
-hint, kd_det records the student tensor the hint reads (the FPN map, the backbone map, the RPN
-objectness logits or deltas, the ROI class logits or box deltas) through a private alias, so ONE
-backward of the sum of hints gives every hint's own gradient ``g_ik`` on its own tensor, and ONE
-backward of the detection loss gives the task gradient ``d_ik`` on the same tensors. The hints'
-tensors are disjoint blocks of one space; in each block both gradients are normalised to unit
-length (the objective compares *directions*: per-hint cosines ``c_ik = cos(g_ik, d_ik)``), and
-the agreement of image ``i``'s weighted distillation gradient with the task is the cosine in that
-space::
-
-    cos_i = sum_k w_ik c_ik / (|w_i| * sqrt(m_i)),   m_i = #blocks the task gradient reaches
-
-The meta loss only involves the detached ``c_ik`` and the meta-net's output, so after the two extra
-backward passes it costs microseconds::
-
-    loss_hint_meta = META_LOSS_WEIGHT * mean_i(1 - cos_i + PRIOR_WEIGHT * KL(uniform || p_i))
-
-where ``p_i`` is the softmax above. The cosine alone is maximised by ``w_ik ~ max(c_ik, 0)``:
-hints whose guidance disagrees with the task for an image are down-weighted for that image,
-agreeing hints share the weight in proportion to their agreement. The per-block normalisation
-keeps the large FPN tensors from dominating the cosine, and the KL prior keeps a hint whose
-agreement is positive by noise only from taking all the weight (docs/distill_your_detector.md,
-"Hint-dynamic weighting", gives the cases that showed both).
-
-This is a proxy of agreement in parameter space (the true update direction), which would need
-per-image per-hint parameter gradients, i.e. ``N*K`` full backward passes. The meta step runs
-every ``META_PERIOD`` iterations; in between, the weights are only predicted from the state.
-
-**Who trains what.** The weights used in the student's loss are detached, and every input of the
-meta loss is detached from the student, so the meta-net receives gradients only from
-``loss_hint_meta`` and the student none from it. ``loss_hint_meta`` is in the loss dict, so
-detectron2's trainer sums, backpropagates, optimises (the meta-net's parameters are part of the
-model, hence of the optimizer) and logs it, like any other loss; under SGD ``META_LOSS_WEIGHT`` is
-the meta-net's learning-rate multiplier. On iterations without a meta step ``loss_hint_meta`` is an
-attached zero, so DDP without ``find_unused_parameters`` is satisfied.
-
-**Registry.** ``MODEL.KD.HINT_WEIGHTING`` names an entry of :data:`HINT_WEIGHTING_REGISTRY`:
-``fixed`` (no module) and ``dynamic`` (this one) are built in; register your own the same way.
-
-**Weight ensembling over history.** A per-hint exponential moving average ``e_k`` (momentum
-``MOMENTUM``) of the past batches' mean weights, initialised at 1 (fixed weighting, an unbiased
-prior), is combined with the current per-image estimate::
-
-    used_ik = renorm_i((1 - ENSEMBLE_WEIGHT) * w_ik + ENSEMBLE_WEIGHT * e_k)
-
-where ``renorm_i`` rescales image ``i``'s valid hints to mean 1. The ensemble damps the noise of a
-single batch's estimate (HKD's "bias of coefficient estimation") while keeping per-image variation.
-``e_k`` is updated after use with the current batch's detached mean weights.
-
-**State and logging.** The meta-net and the running statistics (buffers) live under the model's
-``kd_hint_weights.`` prefix, so checkpoints and ``--resume`` restore them and the export drops them.
-Each iteration puts ``hint_weight/<hint>/mean`` and ``.../std`` (over the batch's valid images) of
-the used weights, and on meta steps ``hint_agreement/<hint>`` (mean per-hint cosine), into
-detectron2's EventStorage (metrics.json, TensorBoard; see ``tools/plot_hint_weights.py``). Running
-statistics are per process (no synchronisation across DDP ranks); rank 0's are checkpointed.
+Every choice and why: docs/hint_weighting.md.
 """
 
 import logging
@@ -103,33 +18,17 @@ from typing import Dict, List, Sequence
 
 import torch
 from detectron2.utils.events import get_event_storage
-from detectron2.utils.registry import Registry
 from torch import nn
 
+from kd_det.config.validation import check_values
+
 from .agreement import HintInput, agreement_cosine, gradient_agreement, hint_cosines
+from .registry import HINT_WEIGHTING_REGISTRY
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "HINT_WEIGHTINGS",
-    "HINT_WEIGHTING_REGISTRY",
-    "META_OBJECTIVES",
-    "HintWeightNet",
-    "HintWeighting",
-    "build_hint_weighting",
-]
+__all__ = ["META_OBJECTIVES", "HintWeightNet", "HintWeighting"]
 
-HINT_WEIGHTING_REGISTRY = Registry("KD_HINT_WEIGHTING")
-HINT_WEIGHTING_REGISTRY.__doc__ = """
-Registry of hint weightings, named by ``MODEL.KD.HINT_WEIGHTING``. An entry is called as
-``entry(hint_names, **options)`` (``options``: the ``MODEL.KD.HINT.*`` settings, see
-``DistillationRCNN.from_config``) and returns None (the configured fixed weights) or a module
-``m(terms, hint_inputs, detection_loss, iteration) -> (weights, loss)`` like :class:`HintWeighting`:
-``weights[name]`` multiplies each image's value of term ``name``, ``loss`` is added as
-``loss_hint_meta``. The module is registered as ``kd_hint_weights`` (checkpointed, not exported).
-"""
-#: The built-in weightings (more can be registered in :data:`HINT_WEIGHTING_REGISTRY`).
-HINT_WEIGHTINGS = ("fixed", "dynamic")
 META_OBJECTIVES = ("grad_cosine",)
 #: Momentum of the running statistics that normalise the meta-net's input (faster than the weight
 #: ensemble: the input must follow the student, the ensemble must average over many estimates).
@@ -251,18 +150,11 @@ class HintWeighting(nn.Module):
             raise ValueError(
                 f"MODEL.KD.HINT.OBJECTIVE={objective!r} is not one of {META_OBJECTIVES}."
             )
-        checks = (
-            ("MIN_WEIGHT", min_weight, 0.0 <= min_weight < 1.0, "in [0, 1)"),
-            ("MOMENTUM", momentum, 0.0 <= momentum < 1.0, "in [0, 1)"),
-            ("ENSEMBLE_WEIGHT", ensemble_weight, 0.0 <= ensemble_weight <= 1.0, "in [0, 1]"),
-            ("META_PERIOD", meta_period, meta_period >= 1, ">= 1"),
-            ("HIDDEN_DIM", hidden_dim, hidden_dim >= 1, ">= 1"),
-            ("META_LOSS_WEIGHT", meta_loss_weight, meta_loss_weight >= 0, ">= 0"),
-            ("PRIOR_WEIGHT", prior_weight, prior_weight >= 0, ">= 0"),
-        )
-        for key, value, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"MODEL.KD.HINT.{key}={value} must be {rule}.")
+        check_values({f"MODEL.KD.HINT.{k}": v for k, v in (
+            ("MIN_WEIGHT", min_weight), ("MOMENTUM", momentum),
+            ("ENSEMBLE_WEIGHT", ensemble_weight), ("META_PERIOD", meta_period),
+            ("HIDDEN_DIM", hidden_dim), ("META_LOSS_WEIGHT", meta_loss_weight),
+            ("PRIOR_WEIGHT", prior_weight))})  # fmt: skip
         if len(hint_names) == 0:
             raise ValueError("Hint-dynamic weighting needs at least one distillation term.")
         self.hint_names = tuple(hint_names)
@@ -440,27 +332,6 @@ class HintWeighting(nn.Module):
 
 
 @HINT_WEIGHTING_REGISTRY.register()
-def fixed(hint_names, **options):
-    """Every term keeps its configured weight: no weighting module."""
-    return None
-
-
-@HINT_WEIGHTING_REGISTRY.register()
 def dynamic(hint_names, **options):
     """Per-image weights from the meta-weight network (module docstring)."""
     return HintWeighting(hint_names, **options)
-
-
-def build_hint_weighting(name, hint_names, options):
-    """The registered hint weighting ``name`` for the terms ``hint_names`` (None: fixed weights).
-
-    Raises:
-        ValueError: ``name`` is not registered; the message lists the registered names.
-    """
-    if name not in HINT_WEIGHTING_REGISTRY:
-        names = " | ".join(repr(k) for k, _ in HINT_WEIGHTING_REGISTRY)
-        raise ValueError(
-            f"MODEL.KD.HINT_WEIGHTING={name!r} is not one of {names}. Register your own with "
-            "@HINT_WEIGHTING_REGISTRY.register() (kd_det.modeling.hint_weighting)."
-        )
-    return HINT_WEIGHTING_REGISTRY.get(name)(hint_names, **(options or {}))

@@ -22,11 +22,11 @@ Loss entries (zero-weight terms are skipped entirely):
   KL at temperature T, times T^2, of the class distributions the other peers' box heads give peer
   i's sampled proposals (pooled from their own features).
 * ``loss_kd_peer<i>_ema_fpn_<level>``, ``loss_kd_peer<i>_ema_roi_cls``,
-  ``loss_kd_peer<i>_ema_roi_box``: the self-ensemble teacher (:mod:`kd_det.modeling.online.ema`), with
-  the same terms as offline distillation; ``EMA_LOGIT_TARGET "ensemble"`` averages the ROI
-  predictions of every peer's EMA, ``"own"`` uses the peer's own EMA (mean teacher). The EMA
-  teaches from iteration ``EMA_WARMUP`` on and is updated from the start; EMA terms due while it
-  was never updated log a warning.
+  ``loss_kd_peer<i>_ema_roi_box``: the self-ensemble teacher
+  (:mod:`kd_det.modeling.online.ema`), with the same terms as offline distillation;
+  ``EMA_LOGIT_TARGET "ensemble"`` averages the ROI predictions of every peer's EMA, ``"own"``
+  uses the peer's own EMA (mean teacher). The EMA teaches from iteration ``EMA_WARMUP`` on and
+  is updated from the start; EMA terms due while it was never updated log a warning.
 
 Inference runs the member named by ``MODEL.ONLINE_KD.INFERENCE`` (``peer<i>`` or ``ema<i>``).
 docs/online_distillation.md describes configs, members, evaluation, export and memory cost.
@@ -41,7 +41,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
-from kd_det.config.validation import validate_kd_config
+from kd_det.config.validation import check_values, validate_kd_config
 
 from .. import capture
 from ..common import check_convertible, convert_input_format, linear_warmup, per_level_weights
@@ -160,8 +160,7 @@ class OnlineDistillationRCNN(nn.Module):
                 "MODEL.ONLINE_KD.EMA_* weights are set but EMA_ENABLED is False; enable the EMA "
                 "teachers or set EMA_FEATURE_WEIGHTS [0.0], EMA_LOGIT_WEIGHT 0, EMA_BOX_WEIGHT 0."
             )
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"MODEL.ONLINE_KD.EMA_DECAY={ema_decay} must lie in [0, 1].")
+        check_values({"MODEL.ONLINE_KD.EMA_DECAY": self.ema_decay})
         for i, fmt in enumerate(self.peer_input_formats):
             check_convertible(self.input_format, fmt, f"peer{i}")
         check_peers(

@@ -1,10 +1,9 @@
 """Peers of online distillation: their configs, initial weights, label spaces and members.
 
-Each peer of :class:`~kd_det.modeling.meta_arch.online_distillation_rcnn.OnlineDistillationRCNN` is a plain
-detector built from its own config file (``MODEL.ONLINE_KD.PEERS``) plus
-``MODEL.ONLINE_KD.PEER_OPTS`` (``"KEY VALUE"`` pairs for every peer; ``"peer<i>:KEY"`` for peer i
-only). A *member* is anything that can be evaluated or exported as a plain detector: ``peer<i>``
-or its EMA copy ``ema<i>``.
+Each peer of :class:`~kd_det.modeling.meta_arch.OnlineDistillationRCNN` is a plain detector
+built from its own config file (``MODEL.ONLINE_KD.PEERS``) plus ``MODEL.ONLINE_KD.PEER_OPTS``
+(``"KEY VALUE"`` pairs for every peer; ``"peer<i>:KEY"`` for peer i only). A *member* is anything
+that can be evaluated or exported as a plain detector: ``peer<i>`` or its EMA copy ``ema<i>``.
 """
 
 import logging

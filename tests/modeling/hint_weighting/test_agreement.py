@@ -1,5 +1,5 @@
-"""The meta objective's gradients (kd_det/modeling/hint_weighting/agreement.py): per-hint cosines with the
-detection gradient that do not depend on the loss scale, and survive float16."""
+"""The meta objective's gradients (kd_det/modeling/hint_weighting/agreement.py): per-hint cosines
+with the detection gradient that do not depend on the loss scale, and survive float16."""
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 loading errors, adapters and every distillation term."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -10,10 +9,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import ALL_TERMS, CONFIGS, R18, tiny_overrides
+from conftest import ALL_TERMS
 from conftest import tiny_cfg as _cfg
 from conftest import distillation_cfg as _kd_cfg
-from kd_det.config import get_kd_cfg
 from kd_det.utils.testing import random_batch
 
 KD_OFF = [
