@@ -39,6 +39,24 @@ def detectron2_source():
     return "; ".join(parts)
 
 
+def cpu_model():
+    """The CPU's model name (e.g. "AMD EPYC 9R14", "Intel(R) Xeon(R) Platinum 8488C"), or "".
+
+    Float results are reproducible bit for bit on one CPU model; across vendors MKL and oneDNN
+    round differently (docs/reproducibility.md), so runs record which CPU produced them.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or ""
+
+
 def compiled_ops_available():
     """Whether ``detectron2._C`` imports (deformable conv, rotated boxes, fast COCOeval)."""
     try:
@@ -85,6 +103,7 @@ def collect_env_info():
         rows.append(("kd_det", f"{kd_det.__version__} @ {os.path.dirname(kd_det.__file__)}"))
     except Exception as e:  # report, don't crash: this tool is for diagnosing broken installs
         rows.append(("kd_det", f"import failed: {e!r}"))
+    rows.append(("CPU", cpu_model() or "unknown"))
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         rows.append(("device", f"cuda ({torch.cuda.device_count()}: {names})"))

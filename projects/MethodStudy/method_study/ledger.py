@@ -19,9 +19,10 @@ import json
 import os
 
 #: Fields of a record; ``params`` decides reuse, the rest feeds the reports (``kd_terms``: the
-#: per-level distillation losses over training, :mod:`method_study.ssim_diagnosis`).
+#: per-level distillation losses over training, :mod:`method_study.ssim_diagnosis`; ``cpu``: the
+#: CPU model that trained it, which decides how exactly a retrain must reproduce it).
 FIELDS = ("params", "dev", "seconds", "curve", "train_detection_loss_end", "kd_detection_ratio",
-          "test", "test_bootstrap_std", "source", "kd_terms")  # fmt: skip
+          "test", "test_bootstrap_std", "source", "kd_terms", "cpu")  # fmt: skip
 
 
 def record_path(output, out_dir):

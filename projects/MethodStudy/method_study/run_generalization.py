@@ -25,6 +25,8 @@ import statistics
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from kd_det.collect_env import cpu_model
+
 from . import REPO, RESULTS, ledger, plan, report
 from .run_study import PRESETS, check_teacher
 
@@ -264,8 +266,9 @@ def main(argv=None):
             # retrained for its students): keep the recorded test result, never erase it.
             run["test"] = rec.get("test")
         source = (rec or {}).get("source", "trained") if run["reused"] else "trained"
+        machine = {} if run["reused"] else {"cpu": cpu_model()}
         ledger.save(rec_path, params=full, dev=run["bbox"], test=run["test"],
-                    seconds=run["seconds"], source=source)  # fmt: skip
+                    seconds=run["seconds"], source=source, **machine)  # fmt: skip
         return run
 
     teacher = trained("teacher", *t_recipe)

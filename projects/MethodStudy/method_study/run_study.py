@@ -26,6 +26,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from kd_det.collect_env import cpu_model
+
 from . import REPO, RESULTS, ledger, plan, report
 
 #: The README's study: generated scenes of 128 px (README, "Method study", for why these sizes).
@@ -111,16 +113,57 @@ def select(args, preset):
     return trials, finals
 
 
-def check_teacher(dev, record):
-    """Refuse a teacher whose dev results differ from its ledger record: the recorded students
-    were distilled from the recorded teacher."""
-    if record is not None and record.get("dev", {}).get("AP") != dev["AP"]:
+#: How far a retrained teacher's dev AP may lie from its record when another CPU model trained it
+#: (or the record does not say which). Round-off differs in the last bits between CPU vendors
+#: (docs/reproducibility.md) and 3000 SGD steps amplify it into a different run, as a new seed
+#: would; the study's seed spread of the student is 0.9 AP (std over 3 seeds), so a teacher
+#: within 1 AP is the same teacher for its students' purposes. Not measured across vendors here.
+TEACHER_AP_TOLERANCE = 1.0
+
+
+def check_teacher(dev, record, cpu=None):
+    """Check a retrained teacher against its ledger record (its recorded students were distilled
+    from the recorded teacher).
+
+    On the CPU model that wrote the record, training is deterministic, so the dev AP must be bit
+    for bit the same. On another CPU model (or a record that names none), it must lie within
+    :data:`TEACHER_AP_TOLERANCE`; the run continues with a note.
+
+    Returns:
+        str or None: the note logged when the teacher was accepted within the tolerance.
+
+    Raises:
+        RuntimeError: what differs, where, and why; the fix (``--force``) in the message.
+    """
+    if record is None:
+        return None
+    want, got = record.get("dev", {}).get("AP"), dev["AP"]
+    if want == got:
+        return None
+    here, there = cpu or cpu_model(), record.get("cpu")
+    if here and here == there:
         raise RuntimeError(
-            f"The retrained teacher's dev AP {dev['AP']!r} differs from its ledger record's "
-            f"{record['dev'].get('AP')!r}: training did not reproduce on this machine, so its "
-            "students would mix two teachers. Rerun with --force to retrain every run from one "
-            "teacher."
+            f"The retrained teacher's dev AP {got!r} differs from its ledger record's {want!r}, "
+            f"on the CPU model that recorded it ({here}): training should repeat bit for bit "
+            "there, so the code or the data changed. Its students would mix two teachers. Rerun "
+            "with --force to retrain every run from one teacher."
         )
+    where = f"this CPU ({here or 'unknown'}) is not the recording one ({there or 'not recorded'})"
+    if want is None or not abs(got - want) <= TEACHER_AP_TOLERANCE:
+        raise RuntimeError(
+            f"The retrained teacher's dev AP {got!r} differs from its ledger record's {want!r} by "
+            f"more than {TEACHER_AP_TOLERANCE} AP; {where}, and its round-off changed the run "
+            "more than a new seed usually does. Its students would mix two different teachers. "
+            "Rerun with --force to retrain every run from one teacher on this machine."
+        )
+    note = (
+        f"[study] note: the retrained teacher's dev AP {got!r} differs from its record's {want!r} "
+        f"by {abs(got - want):.2f} AP, within the {TEACHER_AP_TOLERANCE} AP allowed across CPU "
+        f"models: {where}. Recorded students keep their results; new students learn from this "
+        "teacher."
+    )
+    print(note, flush=True)
+    return note
 
 
 class Study:
@@ -218,7 +261,8 @@ class Study:
         run["recipe"] = recipe
         if name == "teacher":
             check_teacher(run["dev"], ledger.load(rec_path, full))
-        fresh = {} if run["reused"] else {"test": None, "test_bootstrap_std": None}
+        fresh = {} if run["reused"] else {"test": None, "test_bootstrap_std": None,
+                                          "cpu": cpu_model()}  # fmt: skip
         run["record"] = ledger.save(
             rec_path, params=full, dev=run["dev"], seconds=run["seconds"], curve=run["curve"],
             train_detection_loss_end=report.detection_loss_end(out),

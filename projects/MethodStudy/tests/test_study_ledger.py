@@ -96,8 +96,21 @@ def test_report_never_replaces_more_evidence(tmp_path):
 
 
 def test_a_teacher_that_does_not_reproduce_its_record_is_refused():
-    record = {"dev": {"AP": 39.55171057697107}}
-    check_teacher({"AP": 39.55171057697107}, record)  # bit-identical: accepted
-    check_teacher({"AP": 12.0}, None)  # no record: nothing to reproduce
-    with pytest.raises(RuntimeError, match="differs from its ledger record's .*--force"):
-        check_teacher({"AP": 39.551710576971}, record)
+    """Same CPU model: bit for bit, or a stop naming --force. Another CPU model (or a record that
+    names none): within TEACHER_AP_TOLERANCE the run continues with a note, beyond it stops."""
+    from method_study.run_study import TEACHER_AP_TOLERANCE
+
+    epyc, xeon = "AMD EPYC 9R14", "Intel(R) Xeon(R) Platinum 8488C"
+    record = {"dev": {"AP": 39.55171057697107}, "cpu": epyc}
+    assert check_teacher({"AP": 39.55171057697107}, record, cpu=epyc) is None  # bit-identical
+    assert check_teacher({"AP": 12.0}, None, cpu=epyc) is None  # no record: nothing to reproduce
+    with pytest.raises(RuntimeError, match=r"on the CPU model that recorded it \(AMD EPYC 9R14\)"
+                       r".*--force"):  # fmt: skip
+        check_teacher({"AP": 39.551710576971}, record, cpu=epyc)
+    near = 39.55171057697107 + 0.5 * TEACHER_AP_TOLERANCE
+    note = check_teacher({"AP": near}, record, cpu=xeon)
+    assert "within the 1.0 AP allowed across CPU models" in note and xeon in note and epyc in note
+    assert check_teacher({"AP": near}, {"dev": record["dev"]}, cpu=epyc) is not None  # no cpu
+    with pytest.raises(RuntimeError, match=r"by more than 1.0 AP; this CPU \(Intel.*not the "
+                       r"recording one \(AMD EPYC 9R14\).*--force"):  # fmt: skip
+        check_teacher({"AP": 39.55171057697107 - 1.5}, record, cpu=xeon)
