@@ -334,6 +334,7 @@ def main():
         help="time MSE, reference and fused SSIM (the loss alone) instead: fused_vs_reference()",
     )
     parser.add_argument("--device", default="cuda", help="device of --fused-vs-reference")
+    parser.add_argument("--output", default="", help="--fused-vs-reference: also write JSON here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -342,6 +343,11 @@ def main():
             args.device, args.batch or 8, args.height or 800, args.width or 1216, args.channels,
             args.repeats, args.warmup,
         )  # fmt: skip
+        if args.output:
+            import json
+
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=1, default=str)
         bad = [p for p, c in result["checks"].items() if not c.get("fp32", {}).get("ok", True)]
         bad += [f"{p} {n}" for p, c in result["checks"].items() for n, v in c.items()
                 if "finite" in v and not v["finite"]]  # fmt: skip

@@ -1,7 +1,7 @@
 """ROIAlign whose CPU backward pass is faster and bit-identical to torchvision's.
 
 On a CPU, the backward of torchvision's ``roi_align`` is the most expensive single operation of a
-Faster R-CNN training step at kd_det's sizes (profile: ``tools/profile_step.py``, README
+Faster R-CNN training step at kd_det's sizes (profile: ``dev/profile_step.py``, README
 "Performance"): a single-threaded loop that recomputes the bilinear weights of every sample point
 once per channel. ``csrc/roi_align_backward.cpp`` computes those weights once per sample point and
 applies them to all channels (split across torch's threads). Each input element receives the same

@@ -47,7 +47,7 @@ def _filter_dim(x: torch.Tensor, dim: int, win_size: int, win_sigma: float, adjo
     CPU, and a dense band matrix (``length / k`` times more FLOPs, but BLAS) is faster for FPN-sized
     maps; for very long maps the dense band loses, so runs longer than ``_BAND_MAX`` outputs are
     split into tiles of about ``_BAND_TILE``. The timings behind both numbers are in the README
-    (``python tools/benchmark_ssim.py``).
+    (``python dev/benchmark_ssim.py``).
     Tiled outputs are concatenated, and the tiled adjoint is written as a valid filter of the
     zero-padded gradient (the Gaussian is symmetric, so no flip is needed).
     """

@@ -287,17 +287,22 @@ def test_under_torch_compile():
     _assert_close(grad, expected[1], rtol=1e-6)
 
 
-def test_benchmark_routine_runs_on_cpu():
-    """dev/benchmark_ssim.py's fused_vs_reference (the GPU measurement of the issue's targets) at
-    tiny size under the interpreter: every row is timed, the checks pass, nothing is skipped."""
-    import importlib.util
+def test_benchmark_routine_runs_on_cpu(tmp_path):
+    """``dev/benchmark_ssim.py --fused-vs-reference`` (the GPU measurement of the issue's targets)
+    at tiny size under the interpreter: every row is timed, the checks pass, nothing is skipped."""
+    import json
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "dev", "benchmark_ssim.py")
-    spec = importlib.util.spec_from_file_location("benchmark_ssim", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = bench.fused_vs_reference("cpu", 1, 48, 64, 2, repeats=1, warmup=0, verbose=False)
+    from kd_det.utils.testing import run_script
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out_file = tmp_path / "fused.json"
+    args = ["--fused-vs-reference", "--device", "cpu", "--batch", "1", "--height", "48",
+            "--width", "64", "--channels", "2", "--repeats", "1", "--warmup", "0",
+            "--output", str(out_file)]  # fmt: skip
+    proc = run_script(repo, "dev/benchmark_ssim.py", args, env={"TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(out_file.read_text())
     assert out["skipped"] == {} and len(out["shapes"]) == 5
     assert set(out["timing"]) == {"mse"} | {
         f"ssim {impl} {policy}"

@@ -190,7 +190,7 @@ def ssim_map(
     Why not ``pytorch_msssim.ssim``: it only returns means, and the weighted (foreground) loss needs
     the map. The values equal pytorch_msssim's map (same kernel, same valid filtering, same filter
     order) to float rounding, and the hand-written backward of :class:`_SSIMMap` makes it faster
-    (README, ``tools/benchmark_ssim.py``).
+    (README, ``dev/benchmark_ssim.py``).
 
     Args:
         x (Tensor): ``(N, C, H, W)`` student map (gradients flow to it), float32 or float64.
