@@ -43,12 +43,15 @@ def add_kd_config(cfg):
     # ---------------------------------------------------------------------------------------------
     _C.MODEL.KD = CN()
     _C.MODEL.KD.TEACHER = CN()
-    # The teacher's own config file (any detectron2 or kd_det Faster R-CNN config), relative to
-    # the working directory, or "model_zoo:<path>" for a config of detectron2's model zoo.
+    # The teacher's own config file, relative to the working directory, or "model_zoo:<path>"
+    # for a config of detectron2's model zoo: a YAML config (read as data) of any registered
+    # meta-architecture with an FPN backbone, or a LazyConfig .py file (Python code that is run:
+    # give only files you trust), e.g. "model_zoo:new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py".
     _C.MODEL.KD.TEACHER.CONFIG_FILE = ""
     # The teacher's trained weights: a local path or a detectron2:// URL. Required.
     _C.MODEL.KD.TEACHER.WEIGHTS = ""
-    # Extra "KEY VALUE ..." overrides applied to the teacher's config after its file.
+    # Extra "KEY VALUE ..." overrides applied to the teacher's config after its file; for a
+    # LazyConfig .py teacher, LazyConfig overrides "a.b=value" (e.g. "model.num_classes=12").
     _C.MODEL.KD.TEACHER.OPTS = []
     # Allow a random teacher (no weights; no teacher check). Only for tests and cost benchmarks.
     _C.MODEL.KD.TEACHER.ALLOW_RANDOM = False
@@ -126,6 +129,36 @@ def add_kd_config(cfg):
     _C.MODEL.KD.ROI.TEMPERATURE = 2.0
     # Smooth-L1 between student and teacher box deltas on foreground proposals.
     _C.MODEL.KD.ROI.BOX_WEIGHT = 0.0
+
+    # Dense-head KD of a RetinaNet student (DistillationRetinaNet), on the anchors both models
+    # share (kd_det/modeling/losses/dense.py).
+    _C.MODEL.KD.DENSE = CN()
+    # Quality-focal BCE of the student's class logits against the teacher's sigmoid probabilities
+    # on every anchor, normalized like RetinaNet's focal loss (per image: / GT-foreground anchors).
+    _C.MODEL.KD.DENSE.CLS_WEIGHT = 0.0
+    # Exponent beta of the focal factor |q - p| ** beta of the class term (0: plain soft BCE).
+    _C.MODEL.KD.DENSE.CLS_BETA = 1.0
+    # Box KD on anchors the ground truth or the teacher (max class probability > SCORE_THRESH)
+    # makes foreground.
+    _C.MODEL.KD.DENSE.BOX_WEIGHT = 0.0
+    # Box KD loss: "l1" (student deltas vs the teacher's box in the student's encoding) or "giou"
+    # (decoded boxes).
+    _C.MODEL.KD.DENSE.BOX_LOSS = "l1"
+    # The teacher's largest class probability above which an anchor counts as foreground for the
+    # box terms (dense and CrossKD); 1.0: only ground-truth foreground anchors.
+    _C.MODEL.KD.DENSE.SCORE_THRESH = 0.5
+
+    # CrossKD (kd_det/modeling/crosskd.py): the student's head features run through the teacher's
+    # head, and the teacher's predictions are distilled into those cross-head predictions (same
+    # losses and settings as MODEL.KD.DENSE.*).
+    _C.MODEL.KD.CROSSKD = CN()
+    # Weight of the class term on the cross-head logits.
+    _C.MODEL.KD.CROSSKD.CLS_WEIGHT = 0.0
+    # Weight of the box term on the cross-head deltas.
+    _C.MODEL.KD.CROSSKD.BOX_WEIGHT = 0.0
+    # The teacher's last tower conv blocks the student's features pass (1: the student's first
+    # NUM_CONVS - 1 blocks, then the teacher's last block and predictor; 0: the predictor only).
+    _C.MODEL.KD.CROSSKD.TEACHER_CONVS = 1
 
     # How the hints' weights are set: "fixed" (the weights above) or "dynamic" (HKD: per-image
     # weights from a meta-weight network, kd_det/modeling/hint_weighting/dynamic.py).

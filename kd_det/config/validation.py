@@ -49,6 +49,12 @@ RANGES = {
     "MODEL.ONLINE_KD.TEMPERATURE": (lambda v: v > 0, "must be > 0 (the logits are divided by it)"),
     "MODEL.KD.WARMUP_ITERS": (lambda v: v >= 0, "must be >= 0 (iterations; 0: no warm-up)"),
     "MODEL.ONLINE_KD.MUTUAL_WARMUP": (lambda v: v >= 0, "must be >= 0 (iterations; 0: no warm-up)"),
+    "MODEL.KD.DENSE.CLS_BETA": (lambda v: v >= 0, "must be >= 0 (the focal exponent)"),
+    "MODEL.KD.DENSE.SCORE_THRESH": (lambda v: 0 <= v <= 1, "must be in [0, 1] (a probability)"),
+    "MODEL.KD.CROSSKD.TEACHER_CONVS": (
+        lambda v: v >= 0 and v == int(v),
+        "must be an integer >= 0 (the teacher's tower blocks the student's features pass)",
+    ),
     "MODEL.KD.HINT.META_PERIOD": (lambda v: v >= 1, "must be >= 1"),
     "MODEL.KD.HINT.HIDDEN_DIM": (lambda v: v >= 1, "must be >= 1"),
     "MODEL.KD.HINT.MIN_WEIGHT": (lambda v: 0 <= v < 1, "must be in [0, 1)"),

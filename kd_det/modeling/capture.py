@@ -9,7 +9,9 @@ detector runs its own ``forward`` and these taps record what it computed:
 * :func:`record_output` adds a forward hook that keeps a module's latest output;
 * :func:`record_sampled_proposals` makes a ``StandardROIHeads`` (or subclass) keep the proposals
   its ``label_and_sample_proposals`` returned; detectron2 calls it with the same arguments and the
-  same random draws as without the tap.
+  same random draws as without the tap;
+* :func:`record_each_output` keeps every output of a layer called once per FPN level (a dense
+  head's tower), :func:`record_return` what a method returned (e.g. ``RetinaNet.label_anchors``).
 
 Records are stored on the module they come from, so a deep copy of a tapped model (e.g. an EMA
 copy) records into itself, never into the original. :func:`pop_recorded` reads a record and
@@ -20,8 +22,12 @@ import types
 
 __all__ = [
     "pop_recorded",
+    "pop_recorded_each",
+    "pop_return",
     "pop_sampled_proposals",
+    "record_each_output",
     "record_output",
+    "record_return",
     "record_sampled_proposals",
     "score_boxes",
 ]
@@ -29,6 +35,9 @@ __all__ = [
 _OUTPUT = "_kd_recorded_output"
 _SAMPLED = "_kd_sampled_proposals"
 _HOOKED = "_kd_records_output"
+_EACH = "_kd_recorded_outputs"
+_EACH_HOOKED = "_kd_records_each_output"
+_RETURN = "_kd_returned_"
 
 
 def _keep_output(module, _inputs, output):
@@ -49,6 +58,43 @@ def pop_recorded(module, default=None):
     if module is None:
         return default
     return module.__dict__.pop(_OUTPUT, default)
+
+
+def _append_output(module, _inputs, output):
+    module.__dict__.setdefault(_EACH, []).append(output)
+
+
+def record_each_output(module):
+    """Make ``module`` keep every forward output since the last pop, in call order (idempotent):
+    a dense head runs its layers once per level."""
+    if not module.__dict__.get(_EACH_HOOKED, False):
+        module.register_forward_hook(_append_output)
+        module.__dict__[_EACH_HOOKED] = True
+    return module
+
+
+def pop_recorded_each(module):
+    """The outputs ``module`` recorded since the last pop (``[]`` if none), then forget them."""
+    return module.__dict__.pop(_EACH, [])
+
+
+def record_return(module, method):
+    """Make ``module`` keep what its method ``method`` returns (rebound on the instance, as
+    :func:`record_sampled_proposals`; the class's own method does the work)."""
+
+    def _call_and_keep(self, *args, **kwargs):
+        out = getattr(type(self), method)(self, *args, **kwargs)
+        self.__dict__[_RETURN + method] = out
+        return out
+
+    setattr(module, method, types.MethodType(_call_and_keep, module))
+    return module
+
+
+def pop_return(module, method, default=None):
+    """What ``module.<method>`` returned since the last pop (``default`` if nothing), then forget
+    it."""
+    return module.__dict__.pop(_RETURN + method, default)
 
 
 def _sample_and_keep(self, proposals, targets):

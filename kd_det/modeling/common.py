@@ -1,28 +1,43 @@
 """Pieces every distillation meta-architecture shares: sub-model configs, input formats,
-per-level weights, channel adapters and the warm-up rule.
+per-level weights, channel adapters, the warm-up rule, and what a mixed pair needs (levels matched
+by stride, the teacher's heads checked against the terms that read them).
 
 A teacher (offline) and the peers (online) are both complete detectors described by their own
 config file plus ``KEY VALUE`` overrides; the student's data loader feeds all of them, so images
-are converted to each sub-model's ``INPUT.FORMAT``.
+are converted to each sub-model's ``INPUT.FORMAT``. Student and teacher may be of different
+families (a Faster R-CNN with P2-P6, a RetinaNet with P3-P7): feature hints pair the levels of
+equal stride, and a term that reads a head the teacher lacks stops the build naming its key.
 """
 
+import logging
 import os
 
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 __all__ = [
+    "ADAPTER_POLICIES",
     "DISTILLATION_ARCHITECTURES",
+    "architecture_name",
     "build_adapter",
+    "build_adapters",
+    "check_teacher_parts",
     "build_sub_model_cfg",
     "check_convertible",
     "convert_input_format",
     "linear_warmup",
+    "match_levels",
     "per_level_weights",
+    "preprocess_for",
 ]
 
 #: Meta-architectures that cannot serve as a teacher or peer (they are not plain detectors).
-DISTILLATION_ARCHITECTURES = ("DistillationRCNN", "OnlineDistillationRCNN")
+DISTILLATION_ARCHITECTURES = ("DistillationRCNN", "DistillationRetinaNet", "OnlineDistillationRCNN")
+
+_logger = logging.getLogger(__name__)
+
+#: Values of ``MODEL.KD.FEATURE.ADAPTER``.
+ADAPTER_POLICIES = ("auto", "always", "none")
 
 
 def build_sub_model_cfg(path, opts, device, *, what, key, not_plain_hint):
@@ -154,3 +169,137 @@ def check_box_heads(model, who, fix):
             f"MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with ROI distillation "
             f"({who}). {fix}"
         )
+
+
+def build_adapters(pairs, policy):
+    """The student-to-teacher channel adapters of ``pairs`` under ``MODEL.KD.FEATURE.ADAPTER``.
+
+    Args:
+        pairs (list[tuple(str, int, int)]): ``(hint name, student channels, teacher channels)``.
+        policy (str): "auto" (a 1x1 conv where the channels differ), "always" or "none" (a
+            mismatch is an error naming the hint and both counts).
+
+    Returns:
+        nn.ModuleDict: hint name -> adapter, for the hints that get one.
+    """
+    if policy not in ADAPTER_POLICIES:
+        raise ValueError(f"MODEL.KD.FEATURE.ADAPTER={policy!r} is not one of {ADAPTER_POLICIES}.")
+    adapters = nn.ModuleDict()
+    for name, s, t in pairs:
+        if s != t and policy == "none":
+            raise ValueError(
+                f"Feature hint '{name}': the student has {s} channels and the teacher {t}, and "
+                "MODEL.KD.FEATURE.ADAPTER is 'none'. Set it to 'auto' to learn a 1x1 conv "
+                "adapter, or distill other levels."
+            )
+        if s != t or policy == "always":
+            adapters[name] = build_adapter(s, t)
+    return adapters
+
+
+def match_levels(levels, s_shapes, t_shapes, key, logger=None):
+    """Pair each student level in ``levels`` with the teacher's output of the same stride.
+
+    Families name their levels alike (``p<k>`` has stride ``2**k`` in detectron2's FPNs) but not
+    every model has every level: a Faster R-CNN has P2-P6, a RetinaNet P3-P7. Levels are matched
+    by stride, not by name, so a backbone with other names still pairs correctly. A requested
+    level the teacher lacks is dropped with a warning; the levels that exist in only one model
+    are logged before training, so a user sees what is not distilled.
+
+    Args:
+        levels (iterable[str]): student levels requested (``MODEL.KD.FEATURE.LEVELS``).
+        s_shapes, t_shapes (dict[str, ShapeSpec]): the backbones' ``output_shape()``.
+        key (str): the config key, for messages.
+        logger (logging.Logger): where the report goes (this module's by default).
+
+    Returns:
+        dict[str, str]: student level -> teacher level, in the order of ``levels``.
+
+    Raises:
+        ValueError: a requested level that the student does not output, or no level left.
+    """
+    log = logger or _logger
+    levels = list(levels)
+    by_stride = {spec.stride: name for name, spec in t_shapes.items()}
+    pairs, dropped = {}, []
+    for lvl in levels:
+        if lvl not in s_shapes:
+            raise ValueError(
+                f"{key} names '{lvl}', which the student's backbone does not output (it has "
+                f"{sorted(s_shapes)})."
+            )
+        t_lvl = by_stride.get(s_shapes[lvl].stride)
+        if t_lvl is None:
+            dropped.append(lvl)
+        else:
+            pairs[lvl] = t_lvl
+    s_strides = {spec.stride for spec in s_shapes.values()}
+    t_strides = {spec.stride for spec in t_shapes.values()}
+    only_s = sorted((n for n, v in s_shapes.items() if v.stride not in t_strides), key=str)
+    only_t = sorted((n for n, v in t_shapes.items() if v.stride not in s_strides), key=str)
+    if only_s or only_t:
+        log.info(
+            f"Feature levels in only one model (by stride): student {only_s or 'none'}, "
+            f"teacher {only_t or 'none'}; they are not distilled."
+        )
+    if dropped:
+        log.warning(
+            f"{key}: {dropped} have no teacher level of the same stride (teacher levels "
+            f"{sorted(t_shapes)}); not distilled."
+        )
+    if levels and not pairs:
+        raise ValueError(
+            f"{key} = {levels}: none of them has a teacher level of the same stride (teacher "
+            f"levels {sorted(t_shapes)}, strides {sorted(t_strides)})."
+        )
+    renamed = {s: t for s, t in pairs.items() if s != t}
+    if renamed:
+        log.info(f"Feature levels matched by stride (student -> teacher): {renamed}")
+    return pairs
+
+
+def architecture_name(model):
+    """How messages name a detector: its class, plus its ROI heads' class when it has some
+    (``GeneralizedRCNN with CascadeROIHeads``)."""
+    name = type(model).__name__
+    heads = getattr(model, "roi_heads", None)
+    return f"{name} with {type(heads).__name__}" if heads is not None else name
+
+
+def check_teacher_parts(teacher, needs):
+    """Stop the build when a term reads a part the teacher does not have.
+
+    A RetinaNet has no RPN or ROI heads, an R-CNN no dense head: without this check such a pair
+    builds and fails at the first step with an ``AttributeError`` naming neither the term nor the
+    model.
+
+    Args:
+        teacher (nn.Module): the built teacher.
+        needs (list[tuple(str, callable, str)]): one per enabled term, ``(config key,
+            has(teacher) -> bool, what the term reads)``.
+
+    Raises:
+        ValueError: naming the key, the teacher's architecture and what is missing.
+    """
+    for key, has, what in needs:
+        if not has(teacher):
+            raise ValueError(
+                f"{key} needs {what}, but the teacher is a {architecture_name(teacher)}, which "
+                f"has none. Set {key} to 0 (feature hints, MODEL.KD.FEATURE.*, work with any "
+                "teacher that has an FPN backbone), or use a teacher with that head."
+            )
+
+
+def preprocess_for(model, batched_inputs):
+    """``model``'s own normalization and padding of ``batched_inputs`` (an ``ImageList``).
+
+    Detectors with ``preprocess_image`` (R-CNNs, dense detectors) use it; others are normalized
+    with their ``pixel_mean``/``pixel_std`` and padded to their backbone's size divisibility.
+    """
+    if hasattr(model, "preprocess_image"):
+        return model.preprocess_image(batched_inputs)
+    from detectron2.structures import ImageList
+
+    images = [(x["image"].to(model.pixel_mean.device) - model.pixel_mean) / model.pixel_std
+              for x in batched_inputs]  # fmt: skip
+    return ImageList.from_tensors(images, model.backbone.size_divisibility)

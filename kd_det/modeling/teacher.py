@@ -203,13 +203,13 @@ def check_teacher_classes(cfg, tcfg):
         "if that names other data than the teacher was trained on, fix it with "
         "MODEL.KD.TEACHER.OPTS."
     )
-    if cfg.MODEL.KD.ROI.CLS_WEIGHT or cfg.MODEL.KD.ROI.BOX_WEIGHT:
+    labelled = label_terms(cfg)
+    if labelled:
         raise ValueError(
-            f"The teacher's classes differ from the student's: {diff}. MODEL.KD.ROI.CLS_WEIGHT "
-            "and MODEL.KD.ROI.BOX_WEIGHT read the teacher's outputs by label index, so they would "
-            "teach wrong labels. Fix: distill from a teacher trained on the student's categories "
-            "in the same id order, or keep only label-free terms (MODEL.KD.ROI.CLS_WEIGHT 0 "
-            f"MODEL.KD.ROI.BOX_WEIGHT 0). {where}"
+            f"The teacher's classes differ from the student's: {diff}. {' and '.join(labelled)} "
+            "read the teacher's outputs by label index, so they would teach wrong labels. Fix: "
+            "distill from a teacher trained on the student's categories in the same id order, or "
+            f"keep only label-free terms ({' '.join(k + ' 0' for k in labelled)}). {where}"
         )
     logger.warning(
         f"The teacher's classes differ from the student's: {diff}. Only label-free terms "
@@ -217,6 +217,27 @@ def check_teacher_classes(cfg, tcfg):
         f"{where}"
     )
     return False
+
+
+#: Terms that read the teacher's outputs by label index (refused across label spaces).
+LABEL_KEYS = (
+    "MODEL.KD.ROI.CLS_WEIGHT",
+    "MODEL.KD.ROI.BOX_WEIGHT",
+    "MODEL.KD.DENSE.CLS_WEIGHT",
+    "MODEL.KD.CROSSKD.CLS_WEIGHT",
+)
+
+
+def label_terms(cfg):
+    """The keys of :data:`LABEL_KEYS` that ``cfg`` switches on."""
+    out = []
+    for key in LABEL_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node:
+            out.append(key)
+    return out
 
 
 class TeacherHolder:

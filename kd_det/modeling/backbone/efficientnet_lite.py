@@ -55,7 +55,7 @@ from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN, Backbone
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 
 __all__ = [
     "EfficientNetLite",
@@ -392,5 +392,25 @@ def build_efficientnet_lite_fpn_backbone(cfg, input_shape: ShapeSpec):
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_efficientnet_lite_retinanet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """EfficientNet-Lite + FPN for RetinaNet, built like detectron2's
+    ``build_retinanet_resnet_fpn_backbone``: P6 and P7 are strided 3x3 convs on ``res5``.
+
+    Returns:
+        FPN: outputs p3 .. p7 (strides 8 .. 128) for IN_FEATURES res3 .. res5.
+    """
+    bottom_up = build_efficientnet_lite_backbone(cfg, input_shape)
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )

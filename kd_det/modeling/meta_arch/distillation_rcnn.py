@@ -47,12 +47,16 @@ from ..capture import (
     score_boxes,
 )
 from ..common import (
-    build_adapter,
+    ADAPTER_POLICIES,
+    build_adapters,
     check_box_heads,
     check_convertible,
+    check_teacher_parts,
     convert_input_format,
     linear_warmup,
+    match_levels,
     per_level_weights,
+    preprocess_for,
 )
 from ..hint_weighting import HINT_WEIGHTING_REGISTRY, build_hint_weighting
 from ..losses import (
@@ -71,7 +75,30 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DistillationRCNN"]
 
-ADAPTER_POLICIES = ("auto", "always", "none")
+
+def _teacher_needs(kd):
+    """``(key, has(teacher), what)`` of the enabled terms that read a head of the teacher (a
+    RetinaNet teacher has no RPN or ROI heads, a cascade one box predictor per stage)."""
+    rpn = (
+        lambda t: getattr(t, "proposal_generator", None) is not None
+        and hasattr(t.proposal_generator, "rpn_head"),
+        "the teacher's RPN",
+    )
+    roi = (
+        lambda t: isinstance(getattr(t, "roi_heads", None), StandardROIHeads)
+        and hasattr(t.roi_heads, "box_pooler")
+        and not isinstance(getattr(t.roi_heads, "box_predictor", None), nn.ModuleList),
+        "the teacher's StandardROIHeads-style box head (one box predictor; a cascade has one "
+        "per stage)",
+    )
+    keys = (("RPN.OBJECTNESS_WEIGHT", rpn), ("RPN.DELTAS_WEIGHT", rpn), ("ROI.CLS_WEIGHT", roi),
+            ("ROI.BOX_WEIGHT", roi))  # fmt: skip
+    out = []
+    for key, (has, what) in keys:
+        section, name = key.split(".")
+        if kd[section][name]:
+            out.append((f"MODEL.KD.{key}", has, what))
+    return out
 
 
 @META_ARCH_REGISTRY.register()
@@ -198,6 +225,7 @@ class DistillationRCNN(GeneralizedRCNN):
         teacher, tcfg = None, None
         if any(w != 0 for w in weights):
             teacher, tcfg = build_teacher(cfg)
+            check_teacher_parts(teacher, _teacher_needs(kd))
             if kd.ROI.CLS_WEIGHT or kd.ROI.BOX_WEIGHT:
                 check_label_space(cfg, tcfg)
         ret.update(
@@ -261,14 +289,15 @@ class DistillationRCNN(GeneralizedRCNN):
         return bool(self.roi_cls_weight or self.roi_box_weight)
 
     def _check_compatible(self, teacher):
-        s_shapes, t_shapes = self.backbone.output_shape(), teacher.backbone.output_shape()
-        for lvl in self.fpn_levels:
-            for who, shapes in (("student", s_shapes), ("teacher", t_shapes)):
-                if lvl not in shapes:
-                    raise ValueError(
-                        f"MODEL.KD.FEATURE.LEVELS names '{lvl}', which the {who}'s backbone does "
-                        f"not output (it has {sorted(shapes)})."
-                    )
+        # FPN levels are paired by stride (a RetinaNet teacher has P3-P7); unpaired ones logged.
+        self.level_pairs = match_levels(
+            self.fpn_levels,
+            self.backbone.output_shape(),
+            teacher.backbone.output_shape(),
+            "MODEL.KD.FEATURE.LEVELS",
+            logger,
+        )
+        self.fpn_levels = {k: v for k, v in self.fpn_levels.items() if k in self.level_pairs}
         if self.backbone_levels:
             for who, m in (("student", self), ("teacher", teacher)):
                 if not hasattr(m.backbone, "bottom_up"):
@@ -312,25 +341,18 @@ class DistillationRCNN(GeneralizedRCNN):
                 )
 
     def _build_adapters(self, teacher, policy):
-        adapters = nn.ModuleDict()
+        s_fpn, t_fpn = self.backbone.output_shape(), teacher.backbone.output_shape()
         pairs = [
-            ("fpn_" + lvl, self.backbone.output_shape()[lvl], teacher.backbone.output_shape()[lvl])
-            for lvl in self.fpn_levels
+            ("fpn_" + s, s_fpn[s].channels, t_fpn[t].channels) for s, t in self.level_pairs.items()
         ]
         if self.backbone_levels:
             s_out = self.backbone.bottom_up.output_shape()
             t_out = teacher.backbone.bottom_up.output_shape()
-            pairs += [("backbone_" + lvl, s_out[lvl], t_out[lvl]) for lvl in self.backbone_levels]
-        for name, s, t in pairs:
-            if s.channels != t.channels and policy == "none":
-                raise ValueError(
-                    f"Feature hint '{name}': the student has {s.channels} channels and the "
-                    f"teacher {t.channels}, and MODEL.KD.FEATURE.ADAPTER is 'none'. Set it to "
-                    "'auto' to learn a 1x1 conv adapter, or distill other levels."
-                )
-            if s.channels != t.channels or policy == "always":
-                adapters[name] = build_adapter(s.channels, t.channels)
-        return adapters
+            pairs += [
+                ("backbone_" + lvl, s_out[lvl].channels, t_out[lvl].channels)
+                for lvl in self.backbone_levels
+            ]
+        return build_adapters(pairs, policy)
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -397,7 +419,7 @@ class DistillationRCNN(GeneralizedRCNN):
         """The teacher's FPN (and backbone body) features, RPN outputs and its box head's scores
         of the student's sampled proposals; no proposals of its own are generated."""
         teacher = self.teacher
-        t_images = teacher.preprocess_image(self._teacher_inputs(batched_inputs))
+        t_images = preprocess_for(teacher, self._teacher_inputs(batched_inputs))
         t_features = teacher.backbone(t_images.tensor)
         out = {"features": t_features, "bottom_up": None}
         if self.backbone_levels:
@@ -432,7 +454,8 @@ class DistillationRCNN(GeneralizedRCNN):
                 shapes = net.output_shape()
                 for lvl, w in levels.items():
                     name = f"{prefix}_{lvl}"
-                    s_map, t_map = student[key][lvl], t_out[key][lvl]
+                    t_lvl = self.level_pairs[lvl] if prefix == "fpn" else lvl
+                    s_map, t_map = student[key][lvl], t_out[key][t_lvl]
                     stride = shapes[lvl].stride
                     terms["loss_kd_" + name] = (
                         *self._feature_term(name, s_map, t_map, gt_instances, stride),
