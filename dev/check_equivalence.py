@@ -96,8 +96,10 @@ def compare(a_path, b_path):
     """(identical, number of tensors, tensors that differ, max |difference|) of two checkpoints."""
     import torch
 
-    a = torch.load(a_path, map_location="cpu", weights_only=False)["model"]
-    b = torch.load(b_path, map_location="cpu", weights_only=False)["model"]
+    from kd_det.checkpoint import load_checkpoint
+
+    a = load_checkpoint(a_path)["model"]
+    b = load_checkpoint(b_path)["model"]
     if set(a) != set(b):
         diff = sorted(set(a) ^ set(b))
         raise SystemExit(f"{a_path} and {b_path} hold different tensors: {diff[:5]} ...")

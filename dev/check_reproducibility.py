@@ -49,9 +49,9 @@ def parse_args(argv=None):
 
 
 def _weights(path):
-    import torch
+    from kd_det.checkpoint import load_checkpoint
 
-    return torch.load(path, map_location="cpu")["model"]
+    return load_checkpoint(path)["model"]
 
 
 def main(argv=None):

@@ -40,13 +40,55 @@ def build_parser():
         p.add_argument(f"--{key}-config", default="", help=f"config of the {label}")
         p.add_argument(f"--{key}-weights", default="", help=f"weights of the {label}")
     p.add_argument("--dataset", default="", help="default: DATASETS.TEST[0] of the first config")
-    p.add_argument("--num-images", type=int, default=4, help="first N images of the dataset")
+    p.add_argument("--num-images", type=_at_least(1, int), default=4,
+                   help="first N images of the dataset (N >= 1)")  # fmt: skip
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw detections above")
-    p.add_argument("--scale", type=float, default=0.0,
+    p.add_argument("--scale", type=_at_least(0, float), default=0.0,
                    help="drawing scale; 0: enlarge small images to about 320 px")  # fmt: skip
-    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument("--output", required=True, type=_image_file,
+                   help=f"image file to write ({', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every config")
     return p
+
+
+#: What ``--output`` may end with (formats PIL writes without options).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def _at_least(low, kind):
+    """An argparse type: a ``kind`` number >= ``low`` (``--num-images -2`` used to draw 2)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _image_file(text):
+    """An argparse type: a path ending in one of :data:`IMAGE_EXTENSIONS`, not a directory."""
+    if os.path.splitext(text)[1].lower() not in IMAGE_EXTENSIONS:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' must end with {', '.join(IMAGE_EXTENSIONS)} (the grid is one image)"
+        )
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"'{text}' is a directory")
+    return text
+
+
+def check_args(parser, args):
+    """Checks that need no model: score range, every local weights file exists."""
+    if not 0 <= args.score_threshold <= 1:
+        parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    for key, _ in COLUMNS:
+        weights = getattr(args, f"{key}_weights")
+        if weights and "://" not in weights and not os.path.isfile(weights):
+            parser.error(f"--{key}-weights '{weights}' does not exist.")
 
 
 def _load_cfg(config_file, weights, opts):
@@ -84,20 +126,40 @@ def model_configs(args):
         if bool(config) != bool(weights):
             raise SystemExit(f"--{key}-config and --{key}-weights go together.")
         if config:
-            given[key] = (label, _load_cfg(config, weights, args.opts))
+            given[key] = (label, _load_cfg(config, weights, args.opts), config)
     if "teacher" not in given and "distilled" in given:
         kd_cfg = given["distilled"][1]
         if kd_cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN" and kd_cfg.MODEL.KD.TEACHER.WEIGHTS:
             from kd_det.modeling.teacher import build_teacher_cfg
 
-            given["teacher"] = ("teacher", build_teacher_cfg(kd_cfg))
+            teacher_file = kd_cfg.MODEL.KD.TEACHER.CONFIG_FILE
+            given["teacher"] = ("teacher", build_teacher_cfg(kd_cfg), teacher_file)
     if not given:
         raise SystemExit("Give at least one model (--teacher/--student/--distilled-config).")
     reference = next(given[k][1] for k in ("distilled", "student", "teacher") if k in given)
     columns = [
-        (given[k][0], _inference_cfg(given[k][1], reference)) for k, _ in COLUMNS if k in given
+        (given[k][0], _inference_cfg(given[k][1], reference), given[k][2])
+        for k, _ in COLUMNS
+        if k in given
     ]
     return columns, reference
+
+
+def build_predictor(title, cfg, config_file):
+    """detectron2's ``DefaultPredictor`` for ``cfg``, its weights read as data only and refused
+    (keys named) when they do not fit ``config_file``: fvcore would load them partly, with one
+    "Skip loading" line per key, and draw a half-random model's boxes."""
+    from detectron2.engine import DefaultPredictor
+
+    from kd_det.checkpoint import SafeDetectionCheckpointer
+
+    blank = cfg.clone()
+    blank.defrost()
+    blank.MODEL.WEIGHTS = ""  # DefaultPredictor's own load is neither safe nor strict
+    predictor = DefaultPredictor(blank)
+    checkpointer = SafeDetectionCheckpointer(predictor.model)
+    checkpointer.refuse_mismatch(f"The {title}'s weights", config_file).load(cfg.MODEL.WEIGHTS)
+    return predictor
 
 
 def _title_row(titles, cell_w):
@@ -115,7 +177,6 @@ def compare_predictions(args):
     import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.detection_utils import read_image
-    from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import Visualizer
     from PIL import Image
 
@@ -131,7 +192,7 @@ def compare_predictions(args):
     register_datasets_from_config(data_cfg)
     dicts = DatasetCatalog.get(dataset)[: args.num_images]
     metadata = MetadataCatalog.get(dataset)
-    predictors = [DefaultPredictor(cfg) for _, cfg in columns]
+    predictors = [build_predictor(title, cfg, config) for title, cfg, config in columns]
 
     rows = []
     for d in dicts:
@@ -154,7 +215,7 @@ def compare_predictions(args):
         out[: img.shape[0], : img.shape[1]] = img
         return out
 
-    titles = ["ground truth"] + [title for title, _ in columns]
+    titles = ["ground truth"] + [title for title, _, _ in columns]
     grid = np.concatenate(
         [_title_row(titles, cell_w)] + [np.concatenate([pad(c) for c in r], axis=1) for r in rows]
     )
@@ -164,10 +225,17 @@ def compare_predictions(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     import kd_det  # noqa: F401  (registers kd_det's components)
+    from kd_det.checkpoint import UnsafeFileError, WeightsMismatchError
+    from kd_det.config import ConfigFileError
 
-    path, shape = compare_predictions(args)
+    try:
+        path, shape = compare_predictions(args)
+    except (WeightsMismatchError, UnsafeFileError, ConfigFileError) as e:
+        raise SystemExit(f"compare_predictions.py: error: {e}")
     print(f"Wrote {path} ({shape[1]}x{shape[0]} px)")
     return path
 

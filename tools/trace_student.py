@@ -29,13 +29,40 @@ def build_parser():
     return p
 
 
+def check_args(parser, args):
+    """Refuse, before anything is built, what would fail later with a raw traceback."""
+    for name in ("config.yaml", "model_final.pth"):
+        if not os.path.isfile(os.path.join(args.export_dir, name)):
+            parser.error(
+                f"--export-dir '{args.export_dir}' holds no {name}; give the --output folder of "
+                "tools/export_student.py."
+            )
+    if not os.path.isfile(args.image):
+        parser.error(f"--image '{args.image}' does not exist.")
+    if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(
+            f"--output '{args.output}' exists and is not a directory; give a directory (model.ts "
+            "or model.onnx is written into it; an earlier one there is replaced only by a model "
+            "that passes the checks)."
+        )
+    if not args.atol > 0:
+        parser.error(f"--atol must be > 0, got {args.atol}.")
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     from detectron2.data.detection_utils import read_image
 
+    from kd_det.checkpoint import UnsafeFileError, WeightsMismatchError
+    from kd_det.config import ConfigFileError
     from kd_det.export.deploy import export_onnx, export_torchscript
 
-    image = read_image(args.image, format="BGR")
+    try:
+        image = read_image(args.image, format="BGR")
+    except Exception as e:
+        parser.error(f"--image '{args.image}' cannot be read as an image ({type(e).__name__}: {e})")
     export = export_onnx if args.format == "onnx" else export_torchscript
     try:
         res = export(
@@ -45,8 +72,8 @@ def main(argv=None):
             image,
             args.atol,
         )
-    except RuntimeError as e:
-        raise SystemExit(str(e))
+    except (RuntimeError, ValueError, UnsafeFileError, WeightsMismatchError, ConfigFileError) as e:
+        raise SystemExit(f"trace_student.py: error: {e}")
     print(f"Wrote {res['path']} (traced at {res['input_size'][0]}x{res['input_size'][1]})")
     print(json.dumps(res["checks"], indent=2))
     return res

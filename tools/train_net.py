@@ -25,7 +25,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import kd_det  # noqa: F401  (registers kd_det's components)
-from kd_det.config import get_kd_cfg
+from kd_det.checkpoint import UnsafeFileError, WeightsMismatchError
+from kd_det.config import ConfigFileError, get_kd_cfg
 from kd_det.data.builtin import register_datasets_from_config
 from kd_det.engine import KDTrainer
 from kd_det.engine.checkpoint import (
@@ -37,6 +38,9 @@ from kd_det.engine.trainer import fall_back_to_cpu
 from kd_det.modeling.teacher import TeacherInference
 
 logger = logging.getLogger("kd_det")
+
+#: Errors about the user's input that name what to fix: reported without a traceback.
+USER_ERRORS = (CheckpointResumeError, ConfigFileError, UnsafeFileError, WeightsMismatchError)
 
 
 def setup(args):
@@ -65,7 +69,7 @@ def main(args):
         else:
             check_eval_weights(cfg, args)
             model = KDTrainer.build_model(student_only_cfg(cfg))
-            AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            _eval_checkpointer(model, cfg, args).resume_or_load(
                 cfg.MODEL.WEIGHTS, resume=args.resume
             )
         res = KDTrainer.test(cfg, model)
@@ -106,6 +110,15 @@ def check_eval_weights(cfg, args):
     )
 
 
+def _eval_checkpointer(model, cfg, args):
+    """The checkpointer of an evaluation: weights that leave part of the model random (another
+    backbone, other sizes) are refused with the keys named, instead of fvcore's one "Skip
+    loading" line per key and an AP of a half-random model."""
+    what = "The checkpoint --resume found" if args.resume else "MODEL.WEIGHTS"
+    checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    return checkpointer.refuse_mismatch(what, args.config_file)
+
+
 def student_only_cfg(cfg):
     """The config evaluated by ``--eval-only``: a distillation student as a plain detector.
 
@@ -143,9 +156,7 @@ def evaluate_all_peers(cfg, args):
 
     check_eval_weights(cfg, args)
     model = KDTrainer.build_model(cfg)
-    AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-        cfg.MODEL.WEIGHTS, resume=args.resume
-    )
+    _eval_checkpointer(model, cfg, args).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     res = evaluate_all_members(cfg, model, KDTrainer.test)
     if comm.is_main_process():
         _write_results(cfg, res, "members_results.json")
@@ -177,11 +188,14 @@ def build_parser():
 
 def check_args(args):
     """Checks that need only the config, run before any process is started (clean exit)."""
+    cfg = get_kd_cfg()
+    try:
+        cfg.merge_from_file(args.config_file)
+    except ConfigFileError as e:
+        sys.exit(f"train_net.py: error: {e}")
+    cfg.merge_from_list(args.opts)
     if not (args.eval_only or args.eval_all_peers) or args.eval_teacher:
         return
-    cfg = get_kd_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     try:
         check_eval_weights(cfg, args)
     except ValueError as e:
@@ -201,5 +215,5 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    except CheckpointResumeError as e:  # a user decision, not a bug: no traceback
+    except USER_ERRORS as e:  # the user's input or decision, not a bug: no traceback
         sys.exit(f"train_net.py: error: {e}")

@@ -294,5 +294,8 @@ def add_kd_config(cfg):
 
 def get_kd_cfg():
     """detectron2's default config with kd_det's keys added: the usual starting point of a
-    script."""
-    return add_kd_config(get_cfg())
+    script. Its ``merge_from_file`` reads YAML safely (:class:`~kd_det.config.loading.KDCfgNode`:
+    no Python tags, no duplicate keys, no ``_BASE_`` cycles)."""
+    from .loading import KDCfgNode
+
+    return KDCfgNode(add_kd_config(get_cfg()))

@@ -33,13 +33,33 @@ _EXAMPLE = 'DATASETS.COCO \'[["mydata_train", "path/train.json", "path/images"]]
 _CATEGORY_CACHE = {}
 
 
+def check_dataset_name(name, key):
+    """Refuse a dataset name that is not one plain path component.
+
+    Evaluation writes to ``OUTPUT_DIR/inference/<name>`` (and detectron2 caches
+    ``<name>_coco_format.json`` there): a name such as ``../../escaped`` would write outside
+    ``OUTPUT_DIR``.
+
+    Raises:
+        ValueError: the name is empty, ``.`` or ``..``, or holds a path separator or NUL.
+    """
+    seps = {"/", "\\", "\0", os.sep} | ({os.altsep} if os.altsep else set())
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in seps):
+        raise ValueError(
+            f"{key}: the dataset name {name!r} cannot be used: evaluation writes to "
+            "OUTPUT_DIR/inference/<name>, so a name must be one plain path component (no '/', "
+            "'\\' or '..'). Rename the dataset, e.g. 'mydata_val'."
+        )
+
+
 def coco_entries(cfg):
     """``cfg.DATASETS.COCO`` as validated ``(name, json_file, image_root)`` tuples (paths as given).
 
     Raises:
-        ValueError: an entry is not a list of three strings.
+        ValueError: an entry is not a list of three strings; a name that is not a plain path
+            component, is given twice, or is a name kd_det gives the generated data.
     """
-    out = []
+    out, seen = [], {}
     for i, entry in enumerate(cfg.DATASETS.COCO):
         if not (
             isinstance(entry, (list, tuple))
@@ -50,6 +70,21 @@ def coco_entries(cfg):
                 f"DATASETS.COCO entry {i} is {entry!r}; each entry must be [name, json_file, "
                 f"image_root] (three non-empty strings). On the command line: {_EXAMPLE}"
             )
+        name = entry[0]
+        check_dataset_name(name, f"DATASETS.COCO entry {i}")
+        if name in seen:
+            raise ValueError(
+                f"DATASETS.COCO entries {seen[name]} and {i} are both named '{name}' (the second "
+                "would silently replace the first). Give each entry its own name."
+            )
+        if _is_synthetic(name):
+            raise ValueError(
+                f"DATASETS.COCO entry {i} is named '{name}', a name kd_det gives the generated "
+                "data (synthetic*_train/_val/_test, from DATASETS.SYNTHETIC_ROOT): one of the two "
+                "would silently replace the other. Give your data another name, e.g. "
+                f"'my{name}', and use that name in DATASETS.TRAIN / DATASETS.TEST."
+            )
+        seen[name] = i
         out.append(tuple(entry))
     return out
 
@@ -146,6 +181,9 @@ def register_datasets_from_config(cfg):
     """
     from .synthetic import register_synthetic_coco
 
+    for key in ("DATASETS.TRAIN", "DATASETS.TEST"):
+        for name in cfg.DATASETS[key.split(".")[1]]:
+            check_dataset_name(name, key)
     register_coco_from_config(cfg)
     prefixes = set()
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):

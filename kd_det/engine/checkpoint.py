@@ -23,8 +23,9 @@ import time
 import zipfile
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
+
+from kd_det.checkpoint import SafeDetectionCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,32 @@ def atomic_open(path, mode="wb"):
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path next to ``path`` for a writer that wants a file name (``torch.jit.save``,
+    ``torch.onnx.export``); it replaces ``path`` only if the block succeeds.
+
+    Checks may read the temporary file inside the block, so a file that fails them never takes
+    the place of an earlier good one; on any exception it is removed.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+    )
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -107,11 +134,12 @@ def _short(err):
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-class AtomicDetectionCheckpointer(DetectionCheckpointer):
-    """A :class:`DetectionCheckpointer` whose saves are atomic.
+class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
+    """A :class:`~kd_det.checkpoint.SafeDetectionCheckpointer` whose saves are atomic.
 
-    Loading, ``detectron2://`` URLs, model-zoo and pickle formats are unchanged; only ``save`` and
-    the ``last_checkpoint`` tag are written differently. Remote save directories (non-local
+    Loading reads files as data only (``weights_only=True``, ``.pkl`` through the restricted
+    unpickler); ``detectron2://`` URLs and the model-zoo formats work as in detectron2. ``save``
+    and the ``last_checkpoint`` tag are written differently. Remote save directories (non-local
     ``PathManager`` handlers) fall back to the parent implementation, since rename is not atomic
     there.
 

@@ -38,6 +38,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from kd_det.config.validation import validate_kd_config
+from kd_det.data.builtin import check_dataset_name
 from kd_det.data.catalog import parse_each_dataset_once
 from kd_det.data.checks import check_dataset_files
 from kd_det.data.loader import ResumableTrainLoader, build_resumable_train_loader
@@ -371,6 +372,7 @@ class KDTrainer(DefaultTrainer):
         """COCO box AP with pycocotools (the official implementation; detectron2's fast C++
         COCOeval needs its compiled ops, which kd_det does not require)."""
         if output_folder is None:
+            check_dataset_name(dataset_name, "DATASETS.TEST")  # it becomes a path part
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type != "coco":

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kd_det.engine.checkpoint import atomic_path
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,15 +43,19 @@ def load_student(config_file, weights=None, device="cpu"):
     """Build the exported (plain ``GeneralizedRCNN``) student in eval mode.
 
     kd_det's config (``get_kd_cfg``) is used so that a student on a kd_det backbone
-    (EfficientNet-Lite, whose exported config keeps ``MODEL.EFFICIENTNET``) loads too.
+    (EfficientNet-Lite, whose exported config keeps ``MODEL.EFFICIENTNET``) loads too. The weights
+    are read as data only and must fit the config: a trace of a half-random model is refused.
 
     Returns:
         tuple(CfgNode, nn.Module)
+
+    Raises:
+        WeightsMismatchError: missing keys or shape mismatches (the keys are named).
     """
     import kd_det  # noqa: F401  (registers kd_det's backbones)
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from kd_det.checkpoint import SafeDetectionCheckpointer
     from kd_det.config import get_kd_cfg
 
     cfg = get_kd_cfg()
@@ -65,7 +71,8 @@ def load_student(config_file, weights=None, device="cpu"):
             "that tools/export_student.py writes (its config.yaml and model_final.pth)."
         )
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    checkpointer = SafeDetectionCheckpointer(model).refuse_mismatch("Weights", config_file)
+    checkpointer.load(cfg.MODEL.WEIGHTS)
     return cfg, model.eval()
 
 
@@ -187,7 +194,8 @@ def _run_checks(model, run, image, atol, path):
         if not (ok and c["max_box_diff"] <= atol and c["max_score_diff"] <= atol):
             raise RuntimeError(
                 f"The exported model differs from the eager model on the {name.replace('_', ' ')} "
-                f"input: {c}. Do not deploy {path}; report the model's config."
+                f"input: {c}. {path} was not written (an earlier file there is unchanged); report "
+                "the model's config."
             )
     return checks
 
@@ -211,13 +219,13 @@ def export_torchscript(config_file, weights, output_dir, image_bgr, atol=1e-3):
     cfg, model = load_student(config_file, weights)
     image = preprocess(cfg, image_bgr)
     traced, adapter = trace_student(model, image)
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "model.ts")
-    traced.save(path)
-    reloaded = torch.jit.load(path)
-    checks = _run_checks(
-        model, lambda x: adapter.outputs_schema(reloaded(x))[0]["instances"], image, atol, path
-    )
+    with atomic_path(path) as tmp:  # model.ts appears only once its checks passed
+        traced.save(tmp)
+        reloaded = torch.jit.load(tmp)
+        checks = _run_checks(
+            model, lambda x: adapter.outputs_schema(reloaded(x))[0]["instances"], image, atol, path
+        )
     logger.info(f"Traced {config_file} to {path}; checks: {checks}")
     return {"path": path, "input_size": tuple(image.shape[1:]), "checks": checks}
 
@@ -245,21 +253,21 @@ def export_onnx(config_file, weights, output_dir, image_bgr, atol=1e-3):
     image = preprocess(cfg, image_bgr)
     make_traceable(model)
     adapter = TracingAdapter(model, [{"image": image}], _inference)
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "model.onnx")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            adapter.eval(), (image,), path, dynamo=False, opset_version=17,
-            input_names=["image"], dynamic_axes={"image": {1: "height", 2: "width"}},
-        )  # fmt: skip
-    adapter.eval()  # the exporter restores the mode it found
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with atomic_path(path) as tmp:  # model.onnx appears only once its checks passed
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                adapter.eval(), (image,), tmp, dynamo=False, opset_version=17,
+                input_names=["image"], dynamic_axes={"image": {1: "height", 2: "width"}},
+            )  # fmt: skip
+        adapter.eval()  # the exporter restores the mode it found
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
 
-    def run(x):
-        outputs = session.run(None, {"image": x.numpy()})
-        return adapter.outputs_schema([torch.as_tensor(o) for o in outputs])[0]["instances"]
+        def run(x):
+            outputs = session.run(None, {"image": x.numpy()})
+            return adapter.outputs_schema([torch.as_tensor(o) for o in outputs])[0]["instances"]
 
-    checks = _run_checks(model, run, image, atol, path)
+        checks = _run_checks(model, run, image, atol, path)
     logger.info(f"Exported {config_file} to {path}; checks: {checks}")
     return {"path": path, "input_size": tuple(image.shape[1:]), "checks": checks}

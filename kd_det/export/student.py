@@ -23,6 +23,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
+from kd_det.checkpoint import UnsafeFileError, load_checkpoint
 from kd_det.engine.checkpoint import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,9 @@ def export_student(cfg, weights, output_dir, member=None, config_file=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint '{weights}' not found (--weights).")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path)  # weights_only: a crafted file's code never runs
+    except UnsafeFileError as e:
+        raise ExportError(f"--weights: {e} Nothing was written to '{output_dir}'.") from None
     except Exception as e:
         raise ExportError(
             f"Checkpoint '{weights}' cannot be read ({type(e).__name__}: "

@@ -14,9 +14,10 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from torch import nn
+
+from kd_det.checkpoint import SafeDetectionCheckpointer, UnsafeFileError
 
 from .common import build_sub_model_cfg, check_convertible, convert_input_format
 
@@ -65,8 +66,8 @@ def build_teacher_cfg(cfg):
     return tcfg
 
 
-class _RecordingCheckpointer(DetectionCheckpointer):
-    """Keeps the incompatible-keys report that the parent only logs."""
+class _RecordingCheckpointer(SafeDetectionCheckpointer):
+    """Keeps the incompatible-keys report that the parent only logs (and reads files as data)."""
 
     incompatible = None
 
@@ -92,6 +93,8 @@ def load_teacher_weights(model, weights):
         )
     try:
         checkpointer.load(weights, checkpointables=[])
+    except UnsafeFileError as e:  # names the file and why; a traceback of it adds nothing
+        raise TeacherLoadError(f"Teacher weights (MODEL.KD.TEACHER.WEIGHTS): {e}") from None
     except Exception as e:
         raise TeacherLoadError(f"Teacher weights '{weights}' could not be read: {e!r}") from e
     incompatible = checkpointer.incompatible

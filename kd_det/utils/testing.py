@@ -4,7 +4,8 @@ Tiny CPU models need a config small enough to build and step in seconds (:func:`
 inputs shaped like a ``DatasetMapper``'s output (:func:`random_batch`), a saved detector to serve
 as a teacher (:func:`save_random_detector`), digests that show files did not change
 (:func:`file_digests`) and a way to run the repository's scripts as a user does, in a subprocess
-(:func:`run_script`; :func:`run_tool` for the user commands in ``tools/``).
+(:func:`run_script`; :func:`run_tool` for the user commands in ``tools/``), and files whose
+loading would run code (:func:`write_code_payloads`).
 Paths to the repository are always passed in: an installed kd_det has no repository to guess.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "run_tool",
     "save_random_detector",
     "tiny_overrides",
+    "write_code_payloads",
 ]
 
 
@@ -158,3 +160,32 @@ def perturb_online_peers(model, seed=3, scale=0.05):
             for name, b in peer.named_buffers():
                 if name.endswith("running_mean"):
                     b.add_(torch.rand(b.shape, generator=g))
+
+
+class MarkerPayload:
+    """Unpickling this calls ``os.system("touch <marker>")``: proof that a loader ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_code_payloads(directory, marker, stem="evil"):
+    """Files whose unsafe loading creates ``marker``: ``<stem>.pth`` (``torch.save``),
+    ``<stem>.pkl`` (detectron2 model-zoo layout, protocol 2) and ``<stem>.yaml`` (a Python tag).
+
+    Returns:
+        dict: ``{"pth": path, "pkl": path, "yaml": path}``.
+    """
+    import pickle
+
+    os.makedirs(directory, exist_ok=True)
+    paths = {ext: os.path.join(str(directory), f"{stem}.{ext}") for ext in ("pth", "pkl", "yaml")}
+    torch.save({"model": {"w": torch.ones(2)}, "x": MarkerPayload(marker)}, paths["pth"])
+    with open(paths["pkl"], "wb") as f:
+        pickle.dump({"model": {}, "__author__": MarkerPayload(marker)}, f, protocol=2)
+    with open(paths["yaml"], "w") as f:
+        f.write(f'SEED: !!python/object/apply:os.system ["touch {marker}"]\n')
+    return paths

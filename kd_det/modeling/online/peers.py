@@ -9,8 +9,9 @@ that can be evaluated or exported as a plain detector: ``peer<i>`` or its EMA co
 import logging
 import re
 
-from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
+
+from kd_det.checkpoint import SafeDetectionCheckpointer
 
 from ..common import build_adapter, build_sub_model_cfg, check_box_heads
 
@@ -97,10 +98,10 @@ def load_peer_weights(peer, weights, index):
     """Initialise a peer from its own ``MODEL.WEIGHTS`` (local path, detectron2:// URL, .pkl).
 
     Non-strict on purpose: ImageNet weights cover the backbone only; detectron2's checkpointer logs
-    what it did not find.
+    what it did not find. Files are read as data only (no pickled code runs).
     """
     logger.info(f"Initialising peer{index} from {weights}")
-    DetectionCheckpointer(peer).load(weights, checkpointables=[])
+    SafeDetectionCheckpointer(peer).load(weights, checkpointables=[])
 
 
 def check_label_spaces(cfg, peer_cfgs):

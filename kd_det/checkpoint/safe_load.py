@@ -1,26 +1,22 @@
-"""Reading files that anyone may have written, without running anything they hold.
+"""Reading weight files that anyone may have written, without running anything they hold.
 
-A checkpoint, a model-zoo ``.pkl`` and a YAML config are data, but the formats can carry code:
-``pickle`` (under ``torch.load`` too) calls whatever global a file names, and PyYAML's unsafe
-loader builds any Python object a tag names. kd_det reads each with a loader that can only build
-data, and names the file when it refuses one. Concepts:
+A checkpoint and a model-zoo ``.pkl`` are data, but both formats are pickles, and ``pickle`` (under
+``torch.load`` too) calls whatever global a file names. kd_det reads each with a loader that can
+only build data, and names the file when it refuses one. Concepts:
 
 * **Checkpoints** (:func:`load_checkpoint`): ``torch.load(weights_only=True)`` whatever torch's
   default is (it was ``False`` before torch 2.6).
 * **detectron2 ``.pkl`` files** (:func:`load_pickle`): the model zoo's format, a pickled dict of
   numpy arrays, read by :class:`RestrictedUnpickler`, which resolves only the globals such files
   use (numpy's array reconstruction, ``OrderedDict``, ``codecs.encode`` for Python 2 bytes).
-* **YAML** (:func:`load_yaml`): ``yaml.SafeLoader`` that also refuses a key given twice in one
-  mapping (YAML would keep the last silently, dropping a whole ``SOLVER:`` block).
+
+Config YAML is read safely by :mod:`kd_det.config.loading`.
 """
 
 import collections
-import os
 import pickle
 
-import yaml
-
-__all__ = ["UnsafeFileError", "RestrictedUnpickler", "load_checkpoint", "load_pickle", "load_yaml"]
+__all__ = ["UnsafeFileError", "RestrictedUnpickler", "load_checkpoint", "load_pickle"]
 
 
 class UnsafeFileError(ValueError):
@@ -38,6 +34,8 @@ PICKLE_ALLOWED = frozenset(
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # arrays in protocol-5 pickles
+        ("numpy._core.numeric", "_frombuffer"),
     }
 )
 
@@ -98,50 +96,3 @@ def load_checkpoint(path, map_location="cpu"):
             "code. Re-save it as tensors (torch.save({'model': model.state_dict()}, path)) from "
             "a source you trust."
         ) from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` whose mappings refuse a key given twice."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                hash(key)
-            except TypeError:
-                continue  # the base class reports unhashable keys itself
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found the key {key!r} twice (first at line {seen[key] + 1}); YAML would "
-                    "keep only the last one",
-                    key_node.start_mark,
-                )
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(path):
-    """Parse a YAML file with a safe loader that also refuses duplicate keys.
-
-    Raises:
-        UnsafeFileError: a tag that needs PyYAML's unsafe loader (``!!python/...``), or a key
-            given twice; the message names the file, the line and the fix.
-        FileNotFoundError: no such file.
-    """
-    with open(path, encoding="utf-8") as f:
-        try:
-            return yaml.load(f, Loader=_UniqueKeyLoader)
-        except yaml.constructor.ConstructorError as e:
-            where = f"{os.fspath(path)}, line {e.problem_mark.line + 1}" if e.problem_mark else path
-            if "twice" in str(e.problem):
-                raise UnsafeFileError(
-                    f"Config file '{where}': {e.problem}. Merge the two blocks into one."
-                ) from None
-            raise UnsafeFileError(
-                f"Config file '{where}': {e.problem}. kd_det reads configs with a safe YAML "
-                "loader and never builds Python objects from tags such as !!python/...: they "
-                "can run code. Write plain values (numbers, strings, lists, mappings)."
-            ) from None

@@ -1,6 +1,6 @@
-"""Files anyone may have written are read without running what they hold
-(kd_det/utils/safe_load.py). Every payload would create a marker file; the marker must not appear,
-and the refusal names the file."""
+"""Weight files anyone may have written are read without running what they hold
+(kd_det/checkpoint/safe_load.py). Every payload would create a marker file; the marker must not
+appear, and the refusal names the file."""
 
 import collections
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_det.utils.safe_load import UnsafeFileError, load_checkpoint, load_pickle, load_yaml
+from kd_det.checkpoint import UnsafeFileError, load_checkpoint, load_pickle
 
 
 class _Payload:
@@ -28,7 +28,7 @@ def test_model_zoo_pickle_loads(tmp_path):
     weights = collections.OrderedDict(
         [("conv1.weight", np.ones((2, 3), np.float32)), ("fc.bias", np.arange(3.0))]
     )
-    for protocol in (2, 4):
+    for protocol in (2, 4, 5):
         path = tmp_path / f"zoo{protocol}.pkl"
         with open(path, "wb") as f:
             pickle.dump({"model": weights, "__author__": "Detectron", "n": np.int64(3)}, f,
@@ -58,20 +58,3 @@ def test_code_in_a_checkpoint_does_not_run(tmp_path):
     with pytest.raises(UnsafeFileError, match=r"evil\.pth' is not a plain weights file"):
         load_checkpoint(str(evil))
     assert not marker.exists()
-
-
-def test_yaml_python_tags_and_duplicate_keys_are_refused(tmp_path):
-    marker = tmp_path / "marker"
-    evil = tmp_path / "evil.yaml"
-    evil.write_text(f'SEED: !!python/object/apply:os.system ["touch {marker}"]\n')
-    with pytest.raises(UnsafeFileError, match=r"evil\.yaml, line 1.*safe YAML loader"):
-        load_yaml(str(evil))
-    assert not marker.exists()
-    dup = tmp_path / "dup.yaml"
-    dup.write_text("SOLVER:\n  BASE_LR: 0.1\nMODEL:\n  DEVICE: cpu\nSOLVER:\n  MAX_ITER: 4\n")
-    with pytest.raises(UnsafeFileError, match=r"dup\.yaml, line 5.*'SOLVER' twice \(first at "
-                       r"line 1\)"):  # fmt: skip
-        load_yaml(str(dup))
-    ok = tmp_path / "ok.yaml"
-    ok.write_text("A:\n  B: [1, 2]\n  C: {x: 1}\nD: 'text'\n")
-    assert load_yaml(str(ok)) == {"A": {"B": [1, 2], "C": {"x": 1}}, "D": "text"}
