@@ -22,6 +22,7 @@ from skimage import data as skdata  # noqa: E402
 
 from detectron2.structures import BoxMode  # noqa: E402
 from kd_det.config import get_kd_cfg  # noqa: E402
+from kd_det.utils.testing import file_digests  # noqa: E402,F401  (tests import it from here)
 from kd_det.utils.testing import save_random_detector, tiny_overrides  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,19 +113,6 @@ def kd_log():
     yield records
     log.removeHandler(handler)
     log.setLevel(old_level)
-
-
-def file_digests(directory):
-    """``{name: sha256}`` of the files in ``directory`` (not recursive): shows nothing changed."""
-    import hashlib
-
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def write_coco_dataset(
