@@ -20,13 +20,17 @@ RUNNABLE = sorted(
 )
 
 
+#: Offline distillation meta-architectures (a teacher config and weights).
+OFFLINE = ("DistillationRCNN", "DistillationRetinaNet")
+
+
 @pytest.mark.parametrize("path", RUNNABLE, ids=[os.path.relpath(p, CONFIGS) for p in RUNNABLE])
 def test_config_builds_and_trains_one_step(path, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # teacher config paths are relative to the repository root
     cfg = get_kd_cfg()
     cfg.merge_from_file(path)
     opts = tiny_overrides(tmp_path) + ["MODEL.WEIGHTS", ""]
-    if cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN":
+    if cfg.MODEL.META_ARCHITECTURE in OFFLINE:
         opts += ["MODEL.KD.TEACHER.WEIGHTS", "", "MODEL.KD.TEACHER.ALLOW_RANDOM", "True"]
     online = cfg.MODEL.META_ARCHITECTURE == "OnlineDistillationRCNN"
     if online:
@@ -43,14 +47,19 @@ def test_config_builds_and_trains_one_step(path, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
+    # A RetinaNet (plain or distilled) has its own class count and no RPN losses.
+    retina = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
+    heads = cfg.MODEL.RETINANET if retina else cfg.MODEL.ROI_HEADS
     with EventStorage():
-        losses = model(random_batch(num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES))
-    detection = {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+        losses = model(random_batch(num_classes=heads.NUM_CLASSES))
+    detection = {"loss_cls", "loss_box_reg"}
+    if not retina:
+        detection |= {"loss_rpn_cls", "loss_rpn_loc"}
     if online:  # every peer's own losses, renamed loss_peer<i>_*
         n = len(cfg.MODEL.ONLINE_KD.PEERS)
         detection = {f"loss_peer{i}_{k[5:]}" for i in range(n) for k in detection}
     assert detection <= set(losses)
-    if cfg.MODEL.META_ARCHITECTURE in ("DistillationRCNN", "OnlineDistillationRCNN"):
+    if cfg.MODEL.META_ARCHITECTURE in OFFLINE + ("OnlineDistillationRCNN",):
         assert any(k.startswith("loss_kd_") for k in losses)
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -72,8 +81,8 @@ def _load(path):
 def test_coco_configs_are_resumable_amp_and_check_headers(path):
     """Every COCO config uses kd_det's resumable loader (a fixed SEED), AMP, and header-only image
     checks (a full decode of COCO costs minutes per start); peers' own files are not runs."""
-    if os.sep + "peers" + os.sep in path:
-        pytest.skip("a peer's own config, read by the online config")
+    if os.sep + "peers" + os.sep in path or os.sep + "teachers" + os.sep in path:
+        pytest.skip("a peer's or teacher's own config, read by a distillation config")
     cfg = _load(path)
     from kd_det.engine.trainer import _why_not_resumable
 
@@ -87,10 +96,11 @@ def test_coco_ssim_configs_use_the_ssim_kd_papers_setting():
     ssim = [
         p
         for p in COCO_RUNNABLE
-        if _load(p).MODEL.META_ARCHITECTURE == "DistillationRCNN"
+        if _load(p).MODEL.META_ARCHITECTURE in OFFLINE
         and _load(p).MODEL.KD.FEATURE.LOSS == "ssim"
+        and any(_load(p).MODEL.KD.FEATURE.WEIGHTS)  # head-only configs keep the base's loss name
     ]
-    assert len(ssim) >= 4
+    assert len(ssim) >= 5 and any("retinanet" in os.path.basename(p) for p in ssim)
     for path in ssim:
         kd = _load(path).MODEL.KD
         got = (kd.FEATURE.RANGE_POLICY, kd.SSIM.WINDOW_SIZE, kd.SSIM.SIGMA, list(kd.SSIM.K))
