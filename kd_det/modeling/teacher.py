@@ -14,12 +14,12 @@ import logging
 import os
 
 import torch
-from detectron2.modeling import build_model
 from torch import nn
 
 from kd_det.checkpoint import SafeDetectionCheckpointer, UnsafeFileError
 
 from .common import build_sub_model_cfg, check_convertible, convert_input_format
+from .lazy import build_sub_model, is_lazy_config, lazy_teacher_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def build_teacher_cfg(cfg):
             "MODEL.KD.TEACHER.CONFIG_FILE is empty. Point it at the teacher's config file "
             "(e.g. configs/Synthetic/faster_rcnn_lite2_FPN.yaml)."
         )
+    if is_lazy_config(path):  # a LazyConfig .py file: Python code the user chose to run
+        return lazy_teacher_cfg(path, cfg)
     tcfg = build_sub_model_cfg(
         path,
         cfg.MODEL.KD.TEACHER.OPTS,
@@ -146,7 +148,7 @@ def build_teacher(cfg):
         )
     if weights:
         check_teacher_classes(cfg, tcfg)
-    model = build_model(tcfg)
+    model = build_sub_model(tcfg)
     if weights:
         load_teacher_weights(model, weights)
         logger.info(f"Loaded teacher weights from {weights}")

@@ -207,6 +207,14 @@ class DistillationRCNN(GeneralizedRCNN):
     def from_config(cls, cfg):
         validate_kd_config(cfg)  # ranges first: before a teacher or peer is built
         ret = super().from_config(cfg)
+        ret.update(cls.kd_arguments(cfg))
+        return ret
+
+    @classmethod
+    def kd_arguments(cls, cfg):
+        """The distillation arguments (teacher included) from ``cfg.MODEL.KD``: what
+        ``from_config`` adds to ``GeneralizedRCNN``'s, and what a LazyConfig student is given
+        (:func:`kd_det.modeling.lazy.distill`)."""
         kd = cfg.MODEL.KD
         fpn_levels = per_level_weights(
             kd.FEATURE.WEIGHTS, kd.FEATURE.LEVELS, "MODEL.KD.FEATURE.WEIGHTS"
@@ -228,7 +236,7 @@ class DistillationRCNN(GeneralizedRCNN):
             check_teacher_parts(teacher, _teacher_needs(kd))
             if kd.ROI.CLS_WEIGHT or kd.ROI.BOX_WEIGHT:
                 check_label_space(cfg, tcfg)
-        ret.update(
+        return dict(
             teacher=teacher,
             teacher_input_format=tcfg.INPUT.FORMAT if tcfg is not None else cfg.INPUT.FORMAT,
             fpn_levels=fpn_levels,
@@ -255,7 +263,6 @@ class DistillationRCNN(GeneralizedRCNN):
                 max_iter=cfg.SOLVER.MAX_ITER,
             ),
         )
-        return ret
 
     @property
     def distills(self):

@@ -1,0 +1,130 @@
+"""Training and evaluating a LazyConfig model: detectron2's ``tools/lazyconfig_train_net.py`` with
+kd_det's trainers.
+
+The steps are detectron2's (``instantiate`` the model, optimizer and loaders; ``SimpleTrainer`` or
+``AMPTrainer`` with the iteration timer, LR scheduler, periodic checkpointer, evaluation and
+writers; ``resume_or_load``), so a LazyConfig written for detectron2 trains unchanged. What kd_det
+adds, for the same reasons as in :class:`~kd_det.engine.KDTrainer`:
+
+* a distillation model (:func:`kd_det.modeling.lazy.distill`) trains like any model: its
+  ``loss_kd_*`` terms are logged as losses;
+* AMP on CPU (bfloat16, :class:`~kd_det.engine.trainer.CPUAMPTrainer`) and DDP on CPU (gloo,
+  ``device_ids=None``);
+* crash-safe checkpoints (:class:`~kd_det.engine.checkpoint.AtomicDetectionCheckpointer`);
+* kd_det's datasets: the generated scenes and ``DATASETS.COCO``-style entries are registered
+  from an optional top-level ``datasets`` node of the config (``SYNTHETIC_ROOT``, ``COCO``) for
+  the dataset names the loaders use.
+"""
+
+import logging
+
+from detectron2.config import instantiate
+from detectron2.engine import hooks
+from detectron2.engine.defaults import create_ddp_model, default_writers
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from omegaconf import OmegaConf
+
+from .checkpoint import AtomicDetectionCheckpointer
+from .trainer import CPUAMPTrainer, KDSimpleTrainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["do_test", "do_train", "register_lazy_datasets"]
+
+
+def register_lazy_datasets(cfg):
+    """Register the kd_det datasets that ``cfg``'s loaders name (see the module docstring)."""
+    from kd_det.config import get_kd_cfg
+    from kd_det.data.builtin import register_datasets_from_config
+
+    def names(path):
+        value = OmegaConf.select(cfg, path, default=None)
+        if value is None:
+            return ()
+        return (value,) if isinstance(value, str) else tuple(value)
+
+    ycfg = get_kd_cfg()
+    extra = OmegaConf.select(cfg, "datasets", default=None)
+    if extra is not None:
+        extra = OmegaConf.to_container(extra, resolve=True)
+        if "SYNTHETIC_ROOT" in extra:
+            ycfg.DATASETS.SYNTHETIC_ROOT = extra["SYNTHETIC_ROOT"]
+        ycfg.DATASETS.COCO = [list(e) for e in extra.get("COCO", [])]
+    ycfg.DATASETS.TRAIN = names("dataloader.train.dataset.names")
+    ycfg.DATASETS.TEST = names("dataloader.test.dataset.names")
+    register_datasets_from_config(ycfg)
+
+
+def do_test(cfg, model):
+    """Evaluate ``model`` with ``cfg.dataloader.test`` and ``.evaluator`` (when it has one)."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    ret = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(ret)
+    return ret
+
+
+def _wrap_ddp(cfg, model):
+    if comm.get_world_size() == 1:
+        return model
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    ddp = dict(cfg.train.get("ddp", {}))
+    if on_cpu:
+        ddp["device_ids"] = None
+    return create_ddp_model(model, **ddp)
+
+
+def build_model(cfg):
+    """``instantiate(cfg.model)`` on ``cfg.train.device``."""
+    model = instantiate(cfg.model)
+    return model.to(cfg.train.device)
+
+
+def do_train(cfg, resume=False):
+    """Train ``cfg.model`` (detectron2's ``do_train``; see the module docstring).
+
+    Returns:
+        dict: the last evaluation's results ({} without an evaluator).
+    """
+    model = build_model(cfg)
+    logger.info(f"Model:\n{model}")
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = _wrap_ddp(cfg, model)
+    trainer_cls = CPUAMPTrainer if cfg.train.amp.enabled else KDSimpleTrainer
+    trainer = trainer_cls(model, train_loader, optim)
+    checkpointer = AtomicDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    results = {}
+
+    def test_and_keep():
+        results.update(do_test(cfg, model))
+        return results
+
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, test_and_keep),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return results

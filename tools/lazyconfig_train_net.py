@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Train or evaluate a LazyConfig model with kd_det: a plain detectron2 LazyConfig, or a
+distillation model made with ``kd_det.modeling.lazy.distill``.
+
+detectron2's ``tools/lazyconfig_train_net.py``, with kd_det's trainers
+(``kd_det.engine.lazy_train``: AMP and DDP on CPU, crash-safe checkpoints, kd_det's datasets).
+``--num-gpus``, ``--resume``, ``--eval-only`` and ``key=value`` overrides behave as in
+detectron2. A ``.py`` config is Python code: it runs when loaded, so give only files you trust.
+
+Examples:
+    python tools/lazyconfig_train_net.py --config-file configs/Synthetic/lazy/retinanet_R18_FPN.py
+    python tools/lazyconfig_train_net.py \
+        --config-file configs/Synthetic/lazy/distill_retinanet_R18_mse.py train.max_iter=100
+    python tools/lazyconfig_train_net.py --config-file CFG --eval-only \
+        train.init_checkpoint=output/model_final.pth
+"""
+
+import logging
+
+from detectron2.config import LazyConfig
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+import kd_det  # noqa: F401  (registers kd_det's components)
+from kd_det.engine.checkpoint import AtomicDetectionCheckpointer
+from kd_det.engine.lazy_train import build_model, do_test, do_train, register_lazy_datasets
+
+logger = logging.getLogger("kd_det")
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="kd_det")
+    register_lazy_datasets(cfg)
+    if args.eval_only:
+        model = build_model(cfg)
+        AtomicDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    return do_train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
