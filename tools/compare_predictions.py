@@ -108,8 +108,10 @@ def _inference_cfg(cfg, reference):
     ImageNet download, ``reference``'s test size."""
     cfg = cfg.clone()
     cfg.defrost()
-    if cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN":
-        cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    from kd_det.modeling.common import STUDENT_ARCHITECTURES
+
+    if cfg.MODEL.META_ARCHITECTURE in STUDENT_ARCHITECTURES:
+        cfg.MODEL.META_ARCHITECTURE = STUDENT_ARCHITECTURES[cfg.MODEL.META_ARCHITECTURE]
     if "EFFICIENTNET" in cfg.MODEL:
         cfg.MODEL.EFFICIENTNET.PRETRAINED = False  # the checkpoint replaces ImageNet weights
     cfg.INPUT.MIN_SIZE_TEST = reference.INPUT.MIN_SIZE_TEST
@@ -129,7 +131,10 @@ def model_configs(args):
             given[key] = (label, _load_cfg(config, weights, args.opts), config)
     if "teacher" not in given and "distilled" in given:
         kd_cfg = given["distilled"][1]
-        if kd_cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN" and kd_cfg.MODEL.KD.TEACHER.WEIGHTS:
+        from kd_det.modeling.common import STUDENT_ARCHITECTURES
+
+        distilled = kd_cfg.MODEL.META_ARCHITECTURE in STUDENT_ARCHITECTURES
+        if distilled and kd_cfg.MODEL.KD.TEACHER.WEIGHTS:
             from kd_det.modeling.teacher import build_teacher_cfg
 
             teacher_file = kd_cfg.MODEL.KD.TEACHER.CONFIG_FILE

@@ -35,6 +35,7 @@ from kd_det.engine.checkpoint import (
     list_checkpoints,
 )
 from kd_det.engine.trainer import fall_back_to_cpu
+from kd_det.modeling.common import STUDENT_ARCHITECTURES
 from kd_det.modeling.teacher import TeacherInference
 
 logger = logging.getLogger("kd_det")
@@ -122,19 +123,21 @@ def _eval_checkpointer(model, cfg, args):
 def student_only_cfg(cfg):
     """The config evaluated by ``--eval-only``: a distillation student as a plain detector.
 
-    ``DistillationRCNN`` builds (and loads) its teacher whenever a distillation weight is set, but
-    inference is the student's own ``GeneralizedRCNN`` forward: evaluating the student must not
-    need the teacher's checkpoint. The checkpoint's ``kd_adapters.*`` keys are then unused.
+    ``DistillationRCNN`` (``DistillationRetinaNet``) builds (and loads) its teacher whenever a
+    distillation weight is set, but inference is the student's own ``GeneralizedRCNN``
+    (``RetinaNet``) forward: evaluating the student must not need the teacher's checkpoint. The
+    checkpoint's ``kd_adapters.*`` keys are then unused.
     """
-    if cfg.MODEL.META_ARCHITECTURE != "DistillationRCNN":
+    if cfg.MODEL.META_ARCHITECTURE not in STUDENT_ARCHITECTURES:
         return cfg
+    plain = STUDENT_ARCHITECTURES[cfg.MODEL.META_ARCHITECTURE]
     logger.info(
-        "--eval-only: evaluating the student as a GeneralizedRCNN (no teacher is built; the "
+        f"--eval-only: evaluating the student as a {plain} (no teacher is built; the "
         "distillation adapters in the checkpoint are training-only and are not loaded)."
     )
     out = cfg.clone()
     out.defrost()
-    out.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    out.MODEL.META_ARCHITECTURE = plain
     out.freeze()
     return out
 
@@ -145,7 +148,8 @@ def teacher_for_evaluation(cfg, model):
     if teacher is None:
         raise ValueError(
             "--eval-teacher needs a distillation config (MODEL.META_ARCHITECTURE DistillationRCNN "
-            "with MODEL.KD.TEACHER.* and at least one non-zero distillation weight)."
+            "or DistillationRetinaNet, with MODEL.KD.TEACHER.* and at least one non-zero "
+            "distillation weight)."
         )
     return TeacherInference(teacher, cfg.INPUT.FORMAT, model.teacher_input_format)
 

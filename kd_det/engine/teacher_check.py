@@ -58,11 +58,11 @@ class _OnImages(DatasetEvaluator):
 def skip_reason(cfg, model):
     """Why the check does not apply to this config and model, or None if it does."""
     from kd_det.data.builtin import compare_teacher_classes
-    from kd_det.modeling.meta_arch.distillation_rcnn import DistillationRCNN
+    from kd_det.modeling.meta_arch import DistillationRCNN, DistillationRetinaNet
     from kd_det.modeling.teacher import build_teacher_cfg, teacher_data_cfg
 
     t = cfg.MODEL.KD.TEACHER
-    if not isinstance(model, DistillationRCNN) or model.teacher is None:
+    if not isinstance(model, (DistillationRCNN, DistillationRetinaNet)) or model.teacher is None:
         return "no teacher"
     if t.CHECK_IMAGES <= 0:
         return "MODEL.KD.TEACHER.CHECK_IMAGES is 0"

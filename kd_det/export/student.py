@@ -25,6 +25,7 @@ from detectron2.modeling import build_model
 
 from kd_det.checkpoint import UnsafeFileError, load_checkpoint
 from kd_det.engine.checkpoint import atomic_open
+from kd_det.modeling.common import plain_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _plain_subset(cfg, reference):
 def plain_student_cfg(cfg, weights):
     """The student's config as a plain detectron2 config pointing at ``weights``."""
     plain = _plain_subset(cfg, get_cfg())
-    plain.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    plain.MODEL.META_ARCHITECTURE = plain_architecture(cfg.MODEL.META_ARCHITECTURE)
     plain.MODEL.WEIGHTS = weights
     section = BACKBONE_SECTIONS.get(cfg.MODEL.BACKBONE.NAME)
     if section:
@@ -156,7 +157,7 @@ def export_student(cfg, weights, output_dir, member=None, config_file=None):
     # Check first: a fresh plain detector takes every key, and every key it needs is there.
     check_cfg = cfg.clone()
     check_cfg.defrost()
-    check_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    check_cfg.MODEL.META_ARCHITECTURE = plain_architecture(cfg.MODEL.META_ARCHITECTURE)
     check_cfg.MODEL.DEVICE = "cpu"
     if "EFFICIENTNET" in check_cfg.MODEL:
         check_cfg.MODEL.EFFICIENTNET.PRETRAINED = False

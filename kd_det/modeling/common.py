@@ -18,6 +18,7 @@ from torch import nn
 __all__ = [
     "ADAPTER_POLICIES",
     "DISTILLATION_ARCHITECTURES",
+    "STUDENT_ARCHITECTURES",
     "architecture_name",
     "build_adapter",
     "build_adapters",
@@ -28,13 +29,30 @@ __all__ = [
     "linear_warmup",
     "match_levels",
     "per_level_weights",
+    "plain_architecture",
     "preprocess_for",
 ]
 
 #: Meta-architectures that cannot serve as a teacher or peer (they are not plain detectors).
 DISTILLATION_ARCHITECTURES = ("DistillationRCNN", "DistillationRetinaNet", "OnlineDistillationRCNN")
 
+#: The plain detectron2 meta-architecture of each offline distillation model's student: its
+#: checkpoint loads into the plain one (adapters aside) and its inference is the plain one's.
+STUDENT_ARCHITECTURES = {
+    "DistillationRCNN": "GeneralizedRCNN",
+    "DistillationRetinaNet": "RetinaNet",
+}
+
 _logger = logging.getLogger(__name__)
+
+
+def plain_architecture(name, default="GeneralizedRCNN"):
+    """The plain meta-architecture a student of ``name`` is evaluated, exported or compared as:
+    the student's of a distillation model, ``name`` itself for a plain one, else ``default``."""
+    if name in STUDENT_ARCHITECTURES:
+        return STUDENT_ARCHITECTURES[name]
+    return name if name in STUDENT_ARCHITECTURES.values() else default
+
 
 #: Values of ``MODEL.KD.FEATURE.ADAPTER``.
 ADAPTER_POLICIES = ("auto", "always", "none")
