@@ -12,12 +12,22 @@ Examples:
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
     python tools/train_net.py --config-file CFG --resume  # continue from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file CFG --eval-all-peers MODEL.WEIGHTS out/model_final.pth
+
+One run per ``OUTPUT_DIR``: a second run into a folder that a live run uses is refused (the lock
+is released when that run's process exits, however it exits). ``--resume`` compares the config
+with the run's ``OUTPUT_DIR/config.yaml`` and refuses changes to the model, its losses or its
+training data unless ``--allow-config-change``; with no checkpoint there, it warns and starts at
+iteration 0. SIGTERM and SIGINT finish the checkpoint being written and print the command that
+resumes the run.
 """
 
 import json
 import logging
 import os
+import signal
 import sys
+
+import torch
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -32,35 +42,81 @@ from kd_det.engine import KDTrainer
 from kd_det.engine.checkpoint import (
     AtomicDetectionCheckpointer,
     CheckpointResumeError,
+    CheckpointSaveError,
     list_checkpoints,
 )
+from kd_det.engine.interrupt import install_interrupt_handlers, received_signal, resume_hint
+from kd_det.engine.resume_check import ResumeConfigError, check_resume_config
+from kd_det.engine.run_lock import OutputDirError, OutputDirInUseError, OutputDirLock
 from kd_det.engine.trainer import fall_back_to_cpu
 from kd_det.modeling.common import STUDENT_ARCHITECTURES
 from kd_det.modeling.teacher import TeacherInference
 
 logger = logging.getLogger("kd_det")
 
-#: Errors about the user's input that name what to fix: reported without a traceback.
-USER_ERRORS = (CheckpointResumeError, ConfigFileError, UnsafeFileError, WeightsMismatchError)
+#: Errors about the user's input or a decision of theirs, whose message names what to do:
+#: reported without a traceback.
+USER_ERRORS = (
+    CheckpointResumeError,
+    CheckpointSaveError,
+    ConfigFileError,
+    OutputDirError,
+    OutputDirInUseError,
+    ResumeConfigError,
+    UnsafeFileError,
+    WeightsMismatchError,
+)
 
 
-def setup(args):
-    """Build the config (detectron2 defaults + kd_det keys + file + command line) and register
-    data."""
+def load_cfg(args):
+    """detectron2's defaults + kd_det's keys + the file + the command line, not frozen."""
     cfg = get_kd_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def setup(args):
+    """Build the config, set up logging into OUTPUT_DIR and register data."""
+    cfg = load_cfg(args)
     fall_back_to_cpu(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup sets up detectron2's and fvcore's loggers only: kd_det's lines (teacher
     # loading, resume fallbacks, input checks) go to the console and OUTPUT_DIR/log.txt too.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="kd_det")
+    if comm.is_main_process():
+        for line in getattr(args, "resume_changes", None) or []:
+            logger.warning(line)
     register_datasets_from_config(cfg)
     return cfg
 
 
+def _training(args):
+    return not (args.eval_only or args.eval_teacher or args.eval_all_peers)
+
+
 def main(args):
+    """Run in every process; SIGTERM/SIGINT end it with the command that resumes it."""
+    install_interrupt_handlers()
+    try:
+        return _run(args)
+    except BaseException:
+        signum = received_signal()
+        if signum is None:
+            raise
+    if comm.is_main_process():
+        cfg = load_cfg(args)
+        if _training(args):
+            msg = resume_hint(cfg.OUTPUT_DIR, signum)
+        else:
+            msg = f"Stopped by {signal.Signals(signum).name}; the evaluation did not finish."
+        logger.warning(msg)
+        print(f"train_net.py: {msg}", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def _run(args):
     cfg = setup(args)
     if args.eval_all_peers:
         return evaluate_all_peers(cfg, args)
@@ -182,6 +238,12 @@ def build_parser():
         help="evaluate the teacher of a distillation config with the student's evaluator",
     )
     parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: resume even though keys that change the model, its losses or its "
+        "training data differ from OUTPUT_DIR/config.yaml (the change is logged)",
+    )
+    parser.add_argument(
         "--eval-all-peers",
         action="store_true",
         help="online distillation: evaluate every peer and EMA teacher of MODEL.WEIGHTS (or the "
@@ -190,26 +252,37 @@ def build_parser():
     return parser
 
 
-def check_args(args):
-    """Checks that need only the config, run before any process is started (clean exit)."""
-    cfg = get_kd_cfg()
-    try:
-        cfg.merge_from_file(args.config_file)
-    except ConfigFileError as e:
-        sys.exit(f"train_net.py: error: {e}")
-    cfg.merge_from_list(args.opts)
-    if not (args.eval_only or args.eval_all_peers) or args.eval_teacher:
-        return
-    try:
+def preflight(args):
+    """What needs only the config, once, before any process starts: the eval weights exist,
+    OUTPUT_DIR can be a folder and no live run uses it (its lock is taken here and held by this
+    process for the whole run), and ``--resume`` resumes the same model (the changes found are
+    kept in ``args.resume_changes`` for the log).
+
+    Returns:
+        OutputDirLock or None: the held lock (None on machines other than the first).
+
+    Raises:
+        ValueError: evaluation without weights; and see :data:`USER_ERRORS`.
+    """
+    cfg = load_cfg(args)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"  # as setup() will do (and log) in the run itself
+    if (args.eval_only or args.eval_all_peers) and not args.eval_teacher:
         check_eval_weights(cfg, args)
-    except ValueError as e:
-        sys.exit(f"train_net.py: error: {e}")
+    lock = OutputDirLock(cfg.OUTPUT_DIR).acquire() if args.machine_rank == 0 else None
+    args.resume_changes = []
+    if args.resume and _training(args) and args.machine_rank == 0:
+        args.resume_changes = check_resume_config(cfg, args.allow_config_change, get_kd_cfg())
+    return lock
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
-    check_args(args)
+    try:
+        _LOCK = preflight(args)  # held until this process exits
+    except (ValueError,) + USER_ERRORS as e:
+        sys.exit(f"train_net.py: error: {e}")
     try:
         launch(
             main,

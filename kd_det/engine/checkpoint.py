@@ -11,7 +11,8 @@ file or the complete new one, never a partial one.
 Resuming is just as careful (:meth:`AtomicDetectionCheckpointer.resume_or_load`): a missing or
 truncated ``last_checkpoint`` tag, or a tag naming a missing or unreadable file, falls back to the
 newest checkpoint that loads, and the log says which. A checkpoint this run did not write is never
-overwritten: it is first renamed aside (``<name>.pth.bak-<time>``).
+overwritten: it is renamed aside (``<name>.pth.bak-<time>``) once the new file is complete. A
+failed write (a full disk) stops with :class:`CheckpointSaveError`, the previous checkpoint intact.
 """
 
 import contextlib
@@ -26,6 +27,8 @@ import torch
 from detectron2.engine import hooks
 
 from kd_det.checkpoint import SafeDetectionCheckpointer
+
+from .interrupt import finish_before_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,10 @@ class CheckpointResumeError(RuntimeError):
     """``--resume`` found checkpoints in the output directory, but none of them loads."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (the previous one is intact)."""
+
+
 def periodic_iteration(path):
     """The iteration in a periodic checkpoint's name (``model_0000004.pth`` -> 4), else None."""
     m = _PERIODIC.match(os.path.basename(path))
@@ -153,35 +160,88 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.resumed_from = None  # path of the checkpoint --resume continued from
+        self.resumed_iteration = None  # the iteration that checkpoint holds
         self._written = set()  # basenames saved by this object (this run)
         self._preloaded = None  # (path, dict) read while looking for a loadable checkpoint
 
     def save(self, name, **kwargs):
+        """Write ``<save_dir>/<name>.pth`` atomically and tag it as the last checkpoint.
+
+        A file of that name this run did not write is renamed aside (never deleted), once the new
+        file is complete: e.g. the ``model_final.pth`` of a finished run that ``--resume`` with a
+        larger ``SOLVER.MAX_ITER`` extends. Only a file that already holds this very state (the
+        checkpoint this run resumed from, at the iteration being saved) is kept as is. A first
+        SIGTERM/SIGINT during the write lets it finish (:mod:`.interrupt`).
+
+        Raises:
+            CheckpointSaveError: the write failed (a full disk, say); the message says that the
+                previous checkpoint is intact.
+        """
         if not self.save_dir or not self.save_to_disk:
             return
         if not os.path.isdir(self.save_dir) and "://" in self.save_dir:
             return super().save(name, **kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
-        if os.path.exists(save_file) and basename not in self._written:
-            if self.resumed_from and os.path.samefile(save_file, self.resumed_from):
-                # Resumed from this very file with nothing left to train (e.g. model_final):
-                # it already holds this state, so keep its bytes.
-                logger.info(f"{save_file} is the checkpoint this run resumed from; kept as is.")
-                self.tag_last_checkpoint(basename)
-                return
-            self._keep_aside(save_file)
+        foreign = os.path.exists(save_file) and basename not in self._written
+        if foreign and self._holds_this_state(save_file, kwargs.get("iteration")):
+            logger.info(f"{save_file} is the checkpoint this run resumed from; kept as is.")
+            self.tag_last_checkpoint(basename)
+            return
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_torch_save(data, save_file)
-        self._written.add(basename)
-        self.tag_last_checkpoint(basename)
+        with finish_before_interrupt():  # the file and its tag
+            try:
+                with atomic_path(save_file) as tmp:
+                    with open(tmp, "wb") as f:
+                        torch.save(data, f)
+                    if foreign:  # only now that the new file is complete
+                        self._keep_aside(save_file, self._why_aside(save_file, kwargs))
+            except (OSError, RuntimeError) as e:
+                raise CheckpointSaveError(self._save_failed(save_file, e)) from e
+            self._written.add(basename)
+            self.tag_last_checkpoint(basename)
+
+    def _holds_this_state(self, path, iteration):
+        """Whether ``path`` is the checkpoint this run resumed from and holds ``iteration``."""
+        return (
+            self.resumed_from is not None
+            and iteration is not None
+            and self.resumed_iteration == iteration
+            and os.path.samefile(path, self.resumed_from)
+        )
+
+    def _save_failed(self, save_file, err):
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        try:
+            with open(tag) as f:
+                previous = os.path.join(self.save_dir, f.read().strip())
+        except OSError:
+            previous = ""
+        intact = (
+            f"The previous checkpoint {previous} is intact (last_checkpoint still names it)"
+            if previous and os.path.isfile(previous)
+            else "No earlier checkpoint of this run exists"
+        )
+        return (
+            f"Could not write checkpoint '{save_file}' ({_short(err)}); the disk may be full. "
+            f"Nothing was replaced: {intact}. Free space on the disk of '{self.save_dir}' (or "
+            "move OUTPUT_DIR), then continue with --resume."
+        )
+
+    def _why_aside(self, path, kwargs):
+        if self.resumed_from is not None and os.path.samefile(path, self.resumed_from):
+            return (
+                f"holds iteration {self.resumed_iteration}, where this run resumed and trained "
+                f"on; the new file holds iteration {kwargs.get('iteration')}"
+            )
+        return "was not written by this run"
 
     @staticmethod
-    def _keep_aside(path):
+    def _keep_aside(path, why="was not written by this run"):
         """Rename a file this run did not write, instead of overwriting it; returns the new path."""
         aside = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
         n = 1
@@ -189,10 +249,7 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
             aside = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
             n += 1
         os.replace(path, aside)
-        logger.warning(
-            f"{path} was not written by this run; it is kept as {aside} instead of being "
-            "overwritten."
-        )
+        logger.warning(f"{path} {why}; it is kept as {aside} instead of being overwritten.")
         return aside
 
     def find_resumable(self):
@@ -247,6 +304,7 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
                 problems.append(f"{os.path.basename(path)} holds no model state")
                 continue
             self._preloaded = (path, data)
+            self.resumed_iteration = data.get("iteration")
             if problems:
                 logger.warning(
                     f"--resume: {'; '.join(problems)}. Resuming from {path}, the newest "

@@ -243,11 +243,20 @@ class KDTrainer(DefaultTrainer):
         ``PeriodicCheckpointer`` only remembers the files it wrote itself, so without this every
         restart would leave its predecessors' checkpoints on disk forever. Without ``resume``, a
         directory that already holds checkpoints gets a warning: this run starts from iteration 0,
-        and its saves rename those files aside rather than overwrite them.
+        and its saves rename those files aside rather than overwrite them. With ``resume`` but no
+        checkpoint, a warning names the folder (training starts at 0: not an error, since
+        pre-emption scripts pass ``--resume`` on the first start too).
         """
         existing = list_checkpoints(self.cfg.OUTPUT_DIR)
         super().resume_or_load(resume=resume)
         resumed = self.checkpointer.resumed_from
+        if resume and resumed is None and comm.is_main_process():
+            # Loud, not an error: pre-emption scripts pass --resume on the first start too.
+            logger.warning(
+                f"--resume: OUTPUT_DIR '{self.cfg.OUTPUT_DIR}' holds no checkpoint, so training "
+                "starts at iteration 0 from MODEL.WEIGHTS. Expected on a run's first start; "
+                "otherwise check OUTPUT_DIR (a typo starts a new run here)."
+            )
         if resumed is None and existing and comm.is_main_process():
             logger.warning(
                 f"OUTPUT_DIR '{self.cfg.OUTPUT_DIR}' already holds {len(existing)} checkpoint(s) "

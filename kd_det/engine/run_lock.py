@@ -1,0 +1,165 @@
+"""One run per output folder: a lock that a killed run cannot leave stuck.
+
+Two runs writing into one ``OUTPUT_DIR`` both exit 0, but the first run's ``final_results.json`` is
+overwritten, ``metrics.json`` interleaves both, and their checkpoints replace each other.
+``tools/train_net.py`` therefore holds :class:`OutputDirLock` for as long as it runs (training and
+evaluation alike: both write there).
+
+The lock is ``fcntl.flock`` on ``OUTPUT_DIR/.kd_det_run.lock``. The kernel releases it when the
+holding process exits, however it exits (``kill -9`` and out-of-memory kills included), so there is
+never a stale lock to delete. A ``flock`` is shared by every process that inherits its descriptor,
+so a forked child (a data-loader worker outliving a killed run by seconds) would keep it: forked
+children close their copy at once (``os.register_at_fork``). The file itself stays, holding who
+took the lock last (pid, host, start time, command line), which a refused run reports. ``flock``
+works on local file systems and on NFSv4; on file systems without locks the run goes ahead with a
+warning.
+"""
+
+import errno
+import logging
+import os
+import shlex
+import socket
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LOCK_NAME",
+    "OutputDirError",
+    "OutputDirInUseError",
+    "OutputDirLock",
+    "check_output_dir",
+]
+
+LOCK_NAME = ".kd_det_run.lock"
+
+_HELD = set()  # descriptors of the locks this process holds
+
+
+def _close_inherited():
+    """In a forked child: drop the copies of the parent's lock descriptors (the lock is the
+    parent's, and must end with it)."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
+class OutputDirError(ValueError):
+    """``OUTPUT_DIR`` cannot be a folder (it is a file, or lies under one)."""
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another live run holds the lock of ``OUTPUT_DIR``."""
+
+
+def check_output_dir(path):
+    """Refuse an ``OUTPUT_DIR`` that is, or lies under, an existing file.
+
+    Raises:
+        OutputDirError: naming the file and the key.
+    """
+    probe = os.path.abspath(path)
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(path) else f"lies under the file '{probe}'"
+        raise OutputDirError(
+            f"OUTPUT_DIR '{path}' {where}; runs write their checkpoints, logs and results into a "
+            "folder. Set OUTPUT_DIR to a folder path (e.g. OUTPUT_DIR output/my_run)."
+        )
+
+
+class OutputDirLock:
+    """An exclusive lock on an output folder, held until :meth:`release` or process exit.
+
+    Args:
+        output_dir (str): the folder (created if needed).
+    """
+
+    def __init__(self, output_dir):
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, LOCK_NAME)
+        self._fd = None
+
+    def acquire(self):
+        """Take the lock, or raise :class:`OutputDirInUseError` naming the holder.
+
+        Returns:
+            OutputDirLock: ``self``.
+        """
+        import fcntl
+
+        check_output_dir(self.output_dir)
+        os.makedirs(self.output_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputDirInUseError(self._in_use_message()) from None
+            logger.warning(
+                f"Cannot lock OUTPUT_DIR '{self.output_dir}' ({e.strerror}; the file system may "
+                "not support locks): nothing stops a second run from writing into it."
+            )
+            return self
+        os.ftruncate(fd, 0)
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": shlex.join([sys.executable] + sys.argv),
+        }
+        os.write(fd, "".join(f"{k}: {v}\n" for k, v in holder.items()).encode())
+        self._fd = fd
+        _HELD.add(fd)
+        return self
+
+    def _in_use_message(self):
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                holder = dict(line.split(": ", 1) for line in f.read().splitlines() if ": " in line)
+        except OSError:
+            holder = {}
+        who = (
+            f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
+            f"{holder.get('started', '?')}: {holder.get('command', '?')}"
+        )
+        return (
+            f"OUTPUT_DIR '{self.output_dir}' is in use by a live run ({who}). Two runs in one "
+            "folder overwrite each other's checkpoints, metrics.json and results. Wait for that "
+            "run to end, or give this one another OUTPUT_DIR. (Its lock, "
+            f"{self.path}, is released when that process exits, even if it is killed: there is "
+            "nothing to delete.)"
+        )
+
+    def release(self):
+        """Give the lock up (also done by the kernel when the process exits)."""
+        if self._fd is not None:
+            import fcntl
+
+            _HELD.discard(self._fd)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self):
+        return self._fd is not None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
