@@ -4,7 +4,8 @@ detectron2 registers COCO/LVIS/... under ``$DETECTRON2_DATASETS`` itself. kd_det
 
 * **Your own COCO-format data** from ``cfg.DATASETS.COCO``: a list of ``[name, json_file,
   image_root]`` registered with detectron2's ``register_coco_instances`` (as d2go's
-  ``D2GO_DATA.DATASETS.COCO_INJECTION`` does), e.g. on the command line
+  ``D2GO_DATA.DATASETS.COCO_INJECTION`` does, with the json's image list checked first:
+  :mod:`kd_det.data.coco_json`), e.g. on the command line
   ``DATASETS.COCO '[["mydata_train", "data/train.json", "data/images"]]'``. Paths are relative
   to the working directory. Category ids may have gaps and ``file_name`` may contain
   subfolders, as pycocotools writes them: detectron2 maps ids to contiguous labels and joins
@@ -23,6 +24,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .catalog import file_key, read_coco_categories
+from .coco_json import register_checked_coco
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +147,7 @@ def register_coco_from_config(cfg):
             logger.warning(f"Re-registering dataset {name} from {json_file}")
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        from detectron2.data.datasets import register_coco_instances
-
-        register_coco_instances(name, {"kd_det_source": SOURCE}, json_file, image_root)
+        register_checked_coco(name, {"kd_det_source": SOURCE}, json_file, image_root)
         # Known before the json is loaded (teacher checks, visualization); detectron2's loader
         # later sets the same list, in the same (id-sorted) order.
         MetadataCatalog.get(name).set(thing_classes=coco_category_names(json_file))

@@ -21,7 +21,13 @@ from detectron2.data import DatasetCatalog
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["file_key", "parse_each_dataset_once", "read_coco_categories"]
+__all__ = [
+    "decode_array_after",
+    "file_key",
+    "parse_each_dataset_once",
+    "read_coco_categories",
+    "read_json_text",
+]
 
 
 @contextlib.contextmanager
@@ -54,8 +60,51 @@ def parse_each_dataset_once():
         memo.clear()
 
 
-def _decode_categories(text, start):
-    """The JSON array that follows the key ending at ``start``, if it is a list of categories."""
+def decode_array_after(text, key, accept):
+    """The first JSON array that follows ``"key":`` in ``text`` and satisfies ``accept``.
+
+    Decodes that array only: every occurrence of the key is tried (a string elsewhere could
+    contain it). Returns None when no occurrence is followed by an accepted array.
+    """
+    quoted = f'"{key}"'
+    at = text.find(quoted)
+    while at >= 0:
+        value = _decode_array(text, at + len(quoted))
+        if value is not None and accept(value):
+            return value
+        at = text.find(quoted, at + 1)
+    return None
+
+
+def read_json_text(json_file):
+    """The text of a JSON file, which must be UTF-8 (JSON's encoding; pycocotools reads it so).
+
+    Raises:
+        ValueError: not UTF-8 (Latin-1, UTF-16 ...), or UTF-8 with a byte-order mark (which
+            pycocotools' ``json.load`` refuses); the message names the file and the fix.
+    """
+    with open(json_file, "rb") as f:
+        raw = f.read()
+    fix = (
+        're-save it as UTF-8, e.g. python -c "import json,sys; d=json.load(open(sys.argv[1], '
+        "encoding='latin-1')); json.dump(d, open(sys.argv[2], 'w', encoding='utf-8'))\" in.json "
+        "out.json (use the file's real encoding, e.g. utf-16, in place of latin-1)"
+    )
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ValueError(
+            f"'{json_file}' starts with a UTF-8 byte-order mark, which pycocotools (detectron2's "
+            f"COCO reader) refuses. JSON files must be plain UTF-8: {fix}."
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"'{json_file}' is not UTF-8 ({e}). JSON files must be UTF-8: {fix}."
+        ) from None
+
+
+def _decode_array(text, start):
+    """The JSON array that follows the key ending at ``start``, else None."""
     decoder = json.JSONDecoder()
     pos = start
     while pos < len(text) and text[pos] in " \t\r\n":
@@ -65,13 +114,17 @@ def _decode_categories(text, start):
     pos += 1
     while pos < len(text) and text[pos] in " \t\r\n":
         pos += 1
+    if pos >= len(text) or text[pos] != "[":
+        return None
     try:
         value, _ = decoder.raw_decode(text, pos)
     except ValueError:
         return None
-    if isinstance(value, list) and all(isinstance(c, dict) and "id" in c for c in value):
-        return value
-    return None
+    return value if isinstance(value, list) else None
+
+
+def _is_category_list(value):
+    return all(isinstance(c, dict) and "id" in c for c in value)
 
 
 def read_coco_categories(json_file):
@@ -79,29 +132,15 @@ def read_coco_categories(json_file):
 
     Every occurrence of the key ``"categories"`` is tried (a string elsewhere could contain the
     word), and the first that is followed by a list of objects with an ``id`` wins; if none is,
-    the whole file is parsed. The file must be UTF-8 (JSON's encoding; detectron2's loader needs
-    it too).
+    the whole file is parsed. The file must be UTF-8 (:func:`read_json_text`).
 
     Raises:
         ValueError: the file is not UTF-8, or not JSON; the message names the file.
     """
-    with open(json_file, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"'{json_file}' is not UTF-8 ({e}). JSON files must be UTF-8: re-save it as UTF-8, "
-            "e.g. python -c \"import json,sys; d=json.load(open(sys.argv[1], encoding='latin-1'));"
-            " json.dump(d, open(sys.argv[2], 'w', encoding='utf-8'))\" in.json out.json"
-        ) from None
-    key = '"categories"'
-    at = text.find(key)
-    while at >= 0:
-        cats = _decode_categories(text, at + len(key))
-        if cats is not None:
-            return cats
-        at = text.find(key, at + 1)
+    text = read_json_text(json_file)
+    cats = decode_array_after(text, "categories", _is_category_list)
+    if cats is not None:
+        return cats
     try:
         data = json.loads(text)
     except ValueError as e:

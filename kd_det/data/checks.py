@@ -10,10 +10,19 @@ file named -- or, with ``KD_TRAINER.SKIP_UNREADABLE_IMAGES``, drop the bad image
 
 A full decode costs milliseconds per image, which is seconds for a generated dataset but minutes
 for COCO (README, Limitations), hence ``KD_TRAINER.CHECK_IMAGES``: "decode" by default, "header"
-(size and format only) for COCO-sized sets. Under DDP each process decodes only its share.
+(size, format and pixel mode only) for COCO-sized sets. Under DDP each process decodes only its
+share. The header is enough for the pixel mode: a 16-bit or float image (PIL mode ``I;16``, ``I``,
+``F``) would be clipped to white by detectron2's ``read_image``, so it is refused.
+
+Box values are checked in every set, test sets included (a string or NaN there would crash the
+evaluator after training): four numbers, finite. Their geometry (negative size, wholly outside the
+image) is checked in training sets. A training set without a single box is refused (nothing to
+learn from); a test set without one gets a warning (its AP is undefined).
 """
 
 import logging
+import math
+import numbers
 import os
 import time
 
@@ -25,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: Values of ``KD_TRAINER.CHECK_IMAGES``.
 CHECK_MODES = ("decode", "header", "off")
+#: PIL modes detectron2's ``read_image`` converts to 8-bit RGB/BGR without losing the image.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX",
+                             "CMYK", "YCbCr", "LAB", "HSV"})  # fmt: skip
 _SHOWN = 5  # examples named in a message
 
 
@@ -37,11 +49,17 @@ def _image_problem(d, decode):
         return "does not exist"
     try:
         with Image.open(path) as im:
-            size = im.size
+            size, mode = im.size, im.mode
             if decode:
                 im.load()  # the pixel data: a truncated or corrupt file fails only here
     except Exception as e:
         return f"cannot be read ({type(e).__name__}: {e})"
+    if mode not in EIGHT_BIT_MODES:
+        return (
+            f"has PIL mode {mode} (16-bit or float pixels), which detectron2's read_image would "
+            "clip to white; convert it to 8-bit (e.g. PIL: Image.fromarray((np.asarray(im) >> 8)"
+            ".astype('uint8')) for 16-bit)"
+        )
     w, h = d.get("width"), d.get("height")
     if decode and w and h and size != (w, h):
         # detectron2 would stop later with "Mismatched image shape"; PIL's size is before EXIF
@@ -72,45 +90,114 @@ def find_bad_images(dicts, mode="decode"):
     return sorted(x for part in comm.all_gather(mine) for x in part)
 
 
-def box_problems(dicts):
-    """Check every non-crowd box against its image.
+_REAL_TYPES = (float, int)
+
+
+def _value_problem(bbox):
+    """Why ``bbox`` is not four finite numbers (None when it is)."""
+    if (
+        type(bbox) is list
+        and len(bbox) == 4
+        and all(type(v) in _REAL_TYPES for v in bbox)
+        and all(math.isfinite(v) for v in bbox)
+    ):
+        return None  # the json case, fast
+    try:
+        bbox = list(bbox)  # a list from json; a tuple or an array from a registered function
+    except TypeError:
+        bbox = None
+    if bbox is None or len(bbox) != 4:
+        return "must hold 4 numbers [x, y, width, height]"
+    if any(isinstance(v, str) for v in bbox):
+        return "holds strings; write the coordinates as JSON numbers, e.g. [10.0, 20.0, 30.0, 40.0]"
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in bbox):
+        return "holds values that are not numbers"
+    if not all(math.isfinite(v) for v in bbox):
+        return "is not finite (NaN or infinity)"
+    return None
+
+
+def box_problems(dicts, geometry=True):
+    """Check every non-crowd box: four finite numbers and, with ``geometry``, against its image.
 
     Returns:
-        tuple(list[str], int, int): descriptions of invalid boxes (negative width or height, or
-        wholly outside the image) naming the image file, its ``image_id`` and the annotation (its
-        ``id`` when the loader kept it, else its index in the image); the number of boxes partly
-        outside their image (detectron2's mapper clips them); the number of zero-size boxes (the
-        mapper drops them).
+        tuple(list[str], int, int): descriptions of invalid boxes (not four finite numbers;
+        with ``geometry``, a negative width or height, or wholly outside the image) naming the
+        image file, its ``image_id`` and the annotation (its ``id`` when the loader kept it, else
+        its index in the image); the number of boxes partly outside their image (detectron2's
+        mapper clips them); the number of zero-size boxes (the mapper drops them).
     """
     invalid, clipped, empty = [], 0, 0
+
+    def where(d, i, ann):
+        return (
+            f"image '{d['file_name']}' (image_id {d.get('image_id')}), annotation "
+            + (f"id {ann['id']}" if "id" in ann else f"index {i}")
+            + f": bbox {ann['bbox']}"
+        )
+
+    # COCO's train set has 860k boxes: the common path does plain arithmetic only (BoxMode.convert
+    # builds a tensor per box, and a message is formatted only for a box that has a problem).
     for d in dicts:
         width, height = d.get("width"), d.get("height")
         for i, ann in enumerate(d.get("annotations", [])):
-            if ann.get("iscrowd", 0) or "bbox" not in ann:
+            bbox = ann.get("bbox")
+            if bbox is None:
+                continue
+            problem = _value_problem(bbox)
+            if problem:
+                invalid.append(f"{where(d, i, ann)} {problem}")
+                continue
+            if not geometry or ann.get("iscrowd", 0):
                 continue
             mode = ann.get("bbox_mode", BoxMode.XYWH_ABS)
-            box = [float(v) for v in ann["bbox"]]
+            x0, y0, a, b = bbox
             if mode == BoxMode.XYWH_ABS:
-                w, h = box[2], box[3]
+                w, h, x1, y1 = a, b, x0 + a, y0 + b
             elif mode == BoxMode.XYXY_ABS:
-                w, h = box[2] - box[0], box[3] - box[1]
+                w, h, x1, y1 = a - x0, b - y0, a, b
             else:
                 continue  # relative or rotated boxes: not kd_det's detectors
-            x0, y0, x1, y1 = BoxMode.convert(box, mode, BoxMode.XYXY_ABS)
-            where = (
-                f"image '{d['file_name']}' (image_id {d.get('image_id')}), annotation "
-                + (f"id {ann['id']}" if "id" in ann else f"index {i}")
-                + f": bbox {ann['bbox']}"
-            )
             if w < 0 or h < 0:
-                invalid.append(f"{where} has a negative width or height")
+                invalid.append(f"{where(d, i, ann)} has a negative width or height")
             elif width and height and (x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height):
-                invalid.append(f"{where} lies wholly outside the {width}x{height} image")
+                invalid.append(f"{where(d, i, ann)} lies wholly outside the {width}x{height} image")
             elif w == 0 or h == 0:
                 empty += 1
             elif width and height and (x0 < 0 or y0 < 0 or x1 > width or y1 > height):
                 clipped += 1
     return invalid, clipped, empty
+
+
+def check_instance_masks(dataset_names):
+    """``MODEL.MASK_ON``: every training box must come with its ``segmentation``.
+
+    detectron2's mapper adds ``gt_masks`` only when annotations carry polygons or RLE; without
+    them the mask head fails at iteration 0 with an attribute error naming nothing.
+
+    Raises:
+        ValueError: naming the dataset, an image and an annotation without a mask, and the fix.
+    """
+    for name in dataset_names:
+        for d in DatasetCatalog.get(name):
+            for i, ann in enumerate(d.get("annotations", [])):
+                if not ann.get("iscrowd", 0) and not ann.get("segmentation"):
+                    which = f"id {ann['id']}" if "id" in ann else f"index {i}"
+                    raise ValueError(
+                        f"MODEL.MASK_ON is True, but dataset '{name}'{_source(name)} has boxes "
+                        f"without masks, e.g. image '{d['file_name']}', annotation {which} has no "
+                        "'segmentation': the mask head would have nothing to learn from. Set "
+                        "MODEL.MASK_ON False to train a box-only detector, or use data with "
+                        "instance masks (COCO 'segmentation' polygons or RLE)."
+                    )
+
+
+def _source(name):
+    """`` (<json file>)`` when the dataset was registered from one, else ""."""
+    from detectron2.data import MetadataCatalog
+
+    json_file = MetadataCatalog.get(name).get("json_file") if name in MetadataCatalog else None
+    return f" ({json_file})" if json_file else ""
 
 
 def _drop_images(name, bad_files):
@@ -129,7 +216,8 @@ def check_dataset_files(dataset_names, mode="decode", skip_unreadable=False, che
         mode (str): "decode" (full decode), "header" (PIL's lazy open only) or "off".
         skip_unreadable (bool): drop missing and unreadable images from the dataset (it is
             re-registered without them) and log how many, instead of stopping.
-        check_boxes (bool): check the boxes too (training sets; test boxes are only scored).
+        check_boxes (bool): check the boxes' geometry and require at least one box (training
+            sets; test boxes are only scored: their values are checked, their geometry is not).
 
     Raises:
         FileNotFoundError: images do not exist (and ``skip_unreadable`` is off).
@@ -170,17 +258,28 @@ def check_dataset_files(dataset_names, mode="decode", skip_unreadable=False, che
                 "Replace the file or remove its entry from the annotation file, or set "
                 "KD_TRAINER.SKIP_UNREADABLE_IMAGES True to train without them."
             )
-        if not check_boxes:
-            continue
-        invalid, clipped, empty = box_problems(dicts)
+        source = _source(name)
+        if not any(d.get("annotations") for d in dicts):
+            if check_boxes:
+                raise ValueError(
+                    f"Dataset '{name}'{source} has no annotations at all (its annotation list is "
+                    "empty, or no annotation names one of its images): there is nothing to train "
+                    "on. Check the json's 'annotations' and their 'image_id's."
+                )
+            logger.warning(
+                f"Dataset '{name}'{source} has no annotations at all: its AP is undefined (-1)."
+            )
+        invalid, clipped, empty = box_problems(dicts, geometry=check_boxes)
         if invalid:
             raise ValueError(
-                f"Dataset '{name}': {len(invalid)} invalid boxes: "
+                f"Dataset '{name}'{source}: {len(invalid)} invalid boxes: "
                 + "; ".join(invalid[:_SHOWN])
                 + (" ..." if len(invalid) > _SHOWN else "")
                 + ". Fix or remove these annotations (COCO boxes are [x, y, width, height] in "
                 "pixels)."
             )
+        if not check_boxes:
+            continue
         if clipped or empty:
             logger.info(
                 f"Dataset '{name}': {clipped} boxes lie partly outside their image and will be "

@@ -251,7 +251,8 @@ def register_synthetic_coco(name_prefix, root):
             command that generates it.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
+
+    from .coco_json import register_checked_coco
 
     root = os.path.abspath(root)
     names = []
@@ -278,7 +279,7 @@ def register_synthetic_coco(name_prefix, root):
             logger.warning(f"Re-registering dataset {name} with data from {root}")
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, json_file, image_root)
+        register_checked_coco(name, {}, json_file, image_root)
         # Set eagerly so models can read the number of classes before the json is loaded; the
         # lazy loader later sets the same list (ids are sorted, matching CLASS_NAMES order).
         MetadataCatalog.get(name).set(thing_classes=list(CLASS_NAMES))

@@ -12,9 +12,10 @@ What differs from ``DefaultTrainer`` and why:
 * **AMP on CPU**: detectron2's ``AMPTrainer`` requires CUDA; on CPU we autocast to bfloat16 without
   a grad scaler, so a GPU config with ``SOLVER.AMP.ENABLED`` still runs on a CPU machine.
 * **Input checks before the first step** (:mod:`kd_det.data.checks`): every training and test
-  image must exist and decode, and training boxes must lie in their image, so a wrong dataset path
-  or a truncated JPEG fails in seconds with the file named, not after the model and the teacher
-  were built (or after training, for a test image).
+  image must exist and decode to 8-bit pixels, boxes must be numbers and training boxes lie in
+  their image (and carry masks under ``MODEL.MASK_ON``), so a wrong dataset path or a truncated
+  JPEG fails in seconds with the file named, not after the model and the teacher were built (or
+  after training, for a test image).
 * **Mixed-sample mapper** when ``INPUT.MIX.ENABLED``; a COCO evaluator by default.
 """
 
@@ -40,7 +41,7 @@ from detectron2.utils.logger import setup_logger
 from kd_det.config.validation import validate_kd_config
 from kd_det.data.builtin import check_dataset_name
 from kd_det.data.catalog import parse_each_dataset_once
-from kd_det.data.checks import check_dataset_files
+from kd_det.data.checks import check_dataset_files, check_instance_masks
 from kd_det.data.loader import ResumableTrainLoader, build_resumable_train_loader
 
 from .checkpoint import (
@@ -135,6 +136,8 @@ def check_inputs(cfg):
     check_dataset_files(cfg.DATASETS.TRAIN, check_boxes=True, **opts)
     test_only = [n for n in cfg.DATASETS.TEST if n not in cfg.DATASETS.TRAIN]
     check_dataset_files(test_only, check_boxes=False, **opts)
+    if cfg.MODEL.MASK_ON:
+        check_instance_masks(cfg.DATASETS.TRAIN)
 
 
 def setup_kd_logger(output_dir):

@@ -16,6 +16,8 @@ import sys
 import torch
 
 __all__ = [
+    "copy_dataset",
+    "edit_json",
     "file_digests",
     "model_overrides",
     "perturb_online_peers",
@@ -122,6 +124,25 @@ def file_digests(directory):
             with open(path, "rb") as f:
                 out[name] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def copy_dataset(root, destination):
+    """A private copy of a data folder (e.g. generated scenes) for a test to damage."""
+    import shutil
+
+    shutil.copytree(str(root), str(destination))
+    return destination
+
+
+def edit_json(path, edit):
+    """Load the json at ``path``, let ``edit(data)`` change it in place, write it back."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
 
 
 def run_script(repo, script, args, timeout=600, threads=1, **kwargs):
