@@ -13,7 +13,8 @@ study's ``projects/MethodStudy/README.md``. Rule: every ``python tools/<x>.py``,
     anything;
 (c) if it has ``--config-file X``: X exists and ``get_kd_cfg()`` + ``merge_from_file(X)`` +
     ``merge_from_list(opts)`` succeeds, so every documented override key is real; the teacher and
-    peer config files the merged config names exist too;
+    peer config files the merged config names exist too (a LazyConfig ``.py`` X: ``LazyConfig.load``
+    and ``apply_overrides(opts)`` succeed);
 (d) on every page but the developers' ``dev/README.md``: be preceded, in its block or in the HTML
     comment lines right above the block, by ``<!-- tested: tests/path.py::test_name -->`` (an
     existing test function, under ``tests/`` or the study's ``projects/MethodStudy/tests/``) or
@@ -54,6 +55,7 @@ PAGES = [
     "README.md",
     "getting_started.md",
     "distill_your_detector.md",
+    "distill_retinanet.md",
     "own_coco_data.md",
     "online_distillation.md",
     "mixed_sample.md",
@@ -281,6 +283,13 @@ def check_config(config_file, opts):
     from kd_det.modeling.teacher import MODEL_ZOO_PREFIX
 
     if not config_file and not opts:
+        return
+    if config_file.endswith(".py"):  # a LazyConfig: it runs when loaded (the page says so)
+        from detectron2.config import LazyConfig
+
+        path = os.path.join(REPO, config_file)
+        assert os.path.isfile(path), f"--config-file {config_file} does not exist"
+        LazyConfig.apply_overrides(LazyConfig.load(path), opts)  # an unknown key raises
         return
     cfg = get_kd_cfg()
     if config_file:
