@@ -37,9 +37,13 @@ def describe_mismatch(missing, shapes):
         shapes (list[tuple]): ``(key, checkpoint shape, model shape)``.
     """
     parts = []
+    mismatched = {k for k, _, _ in shapes}
+    missing = [k for k in missing if k not in mismatched]  # fvcore lists those as missing too
     if shapes:
-        shown = "; ".join(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes)
-        parts.append(f"{len(shapes)} shape mismatches, e.g. " + shown[:600])
+        shown = "; ".join(
+            f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes[:4]
+        )
+        parts.append(f"{len(shapes)} shape mismatches, e.g. " + shown)
     if missing:
         parts.append(f"{len(missing)} missing keys, e.g. " + ", ".join(missing[:6]))
     return " | ".join(parts)

@@ -55,6 +55,10 @@ RANGES = {
         lambda v: v >= 0 and v == int(v),
         "must be an integer >= 0 (the teacher's tower blocks the student's features pass)",
     ),
+    "MODEL.KD.SSIM.WINDOW_SIZE": (
+        lambda v: v >= 3 and v % 2 == 1,
+        "must be an odd integer >= 3 (the Gaussian window is centred on a pixel), e.g. 11",
+    ),
     "MODEL.KD.HINT.META_PERIOD": (lambda v: v >= 1, "must be >= 1"),
     "MODEL.KD.HINT.HIDDEN_DIM": (lambda v: v >= 1, "must be >= 1"),
     "MODEL.KD.HINT.MIN_WEIGHT": (lambda v: 0 <= v < 1, "must be in [0, 1)"),

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-__all__ = ["feature_hint_per_image", "foreground_maps"]
+__all__ = ["check_per_image", "feature_hint_per_image", "foreground_maps"]
 
 
 def feature_hint_per_image(loss, student, target, adapter=None, weight_map=None):
@@ -27,7 +27,29 @@ def feature_hint_per_image(loss, student, target, adapter=None, weight_map=None)
     if t.shape[-2:] != s.shape[-2:]:
         t = F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)
     values = loss(s, t, weight_map=weight_map, per_image=True)
+    check_per_image(loss, values, s)
     return values, torch.ones_like(values, dtype=torch.bool)
+
+
+def check_per_image(loss, values, student):
+    """Refuse a feature loss whose ``per_image=True`` output is not ``(N,)``.
+
+    A user loss returning ``(N, C, H, W)`` would otherwise be averaged somewhere downstream into a
+    number of another scale, silently. Checking a shape costs nothing (no device sync).
+
+    Raises:
+        ValueError: naming the loss, the shape it returned and the one it must return.
+    """
+    n = student.shape[0]
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != (n,):
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(
+            f"Feature loss {type(loss).__name__} (MODEL.KD.FEATURE.LOSS or "
+            f"MODEL.ONLINE_KD.FEATURE_LOSS) returned {got} with per_image=True for maps of shape "
+            f"{tuple(student.shape)}; it must return a tensor of shape ({n},), one value per "
+            "image. Reduce the other dimensions in its forward, e.g. "
+            "per = (student - teacher).abs().flatten(1).mean(1)."
+        )
 
 
 def foreground_maps(instances, shape, stride, device):
