@@ -222,9 +222,9 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
         except OSError:
             previous = ""
         intact = (
-            f"The previous checkpoint {previous} is intact (last_checkpoint still names it)"
+            f"the previous checkpoint {previous} is intact (last_checkpoint still names it)"
             if previous and os.path.isfile(previous)
-            else "No earlier checkpoint of this run exists"
+            else "no earlier checkpoint of this run exists"
         )
         return (
             f"Could not write checkpoint '{save_file}' ({_short(err)}); the disk may be full. "

@@ -126,7 +126,7 @@ def test_full_disk_during_save_says_the_previous_checkpoint_is_intact(
         ckpt.save(name, iteration=9)
     msg = str(info.value)
     assert f"Could not write checkpoint '{d / (name + '.pth')}'" in msg
-    assert f"The previous checkpoint {d / 'model_final.pth'} is intact" in msg
+    assert f"Nothing was replaced: the previous checkpoint {d / 'model_final.pth'} is intact" in msg
     assert "continue with --resume" in msg
     assert file_digests(d) == before  # no partial file, no temporary file, nothing renamed
 
