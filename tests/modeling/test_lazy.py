@@ -8,12 +8,13 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
+from detectron2.model_zoo import get_config
 from detectron2.modeling import RetinaNet, build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import CONFIGS, distillation_cfg, tiny_cfg
+from conftest import CONFIGS, R18, distillation_cfg, tiny_cfg
 from kd_det.modeling.lazy import distill, lazy_teacher_cfg
-from kd_det.modeling.meta_arch import DistillationRetinaNet
+from kd_det.modeling.meta_arch import DistillationRCNN, DistillationRetinaNet
 from kd_det.modeling.teacher import TeacherLoadError
 from kd_det.utils.testing import random_batch
 
@@ -124,10 +125,30 @@ def test_distill_wraps_a_lazy_retinanet_student(tmp_path, lazy_teacher):
 
 
 def test_distill_refuses_other_models_and_unknown_keys():
-    from detectron2.model_zoo import get_config
-
     with pytest.raises(ValueError, match="GeneralizedRCNN or a RetinaNet; got FCOS"):
         distill(get_config("common/models/fcos.py").model, kd={})
     node = distill(LazyConfig.load(LAZY_RETINA).model, kd={"FEATURE": {"LOSSS": "mse"}})
     with pytest.raises(KeyError, match="LOSSS"):
         instantiate(node)
+
+
+def test_distill_wraps_a_lazy_generalized_rcnn_student(teacher_ckpt):
+    """The model zoo's LazyConfig Faster R-CNN (its Mask R-CNN recipe, masks off) distilled from
+    the tiny YAML R18 teacher: a DistillationRCNN whose detection losses are the recipe's own."""
+    model = get_config("common/models/mask_rcnn_fpn.py").model
+    model.roi_heads.update(mask_in_features=None, mask_pooler=None, mask_head=None)
+    model.roi_heads.num_classes = 12
+    kd = {
+        "TEACHER": {"CONFIG_FILE": R18, "WEIGHTS": teacher_ckpt["path"],
+                    "OPTS": teacher_ckpt["opts"]},
+        "FEATURE": {"LOSS": "mse", "LEVELS": ["p2", "p3"]},
+        "ROI": {"CLS_WEIGHT": 1.0},
+    }  # fmt: skip
+    node = distill(model, kd=kd)
+    assert node.kd_architecture == "DistillationRCNN"
+    student = instantiate(node)
+    assert isinstance(student, DistillationRCNN)
+    assert set(student.kd_adapters.keys()) == {"fpn_p2", "fpn_p3"}  # 256 -> 48 channels
+    losses = one_step(student)
+    assert {"loss_rpn_cls", "loss_cls", "loss_kd_fpn_p2", "loss_kd_roi_cls"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
