@@ -31,6 +31,7 @@ __all__ = [
     "per_level_weights",
     "plain_architecture",
     "preprocess_for",
+    "rcnn_head_needs",
 ]
 
 #: Meta-architectures that cannot serve as a teacher or peer (they are not plain detectors).
@@ -306,6 +307,34 @@ def check_teacher_parts(teacher, needs):
                 f"has none. Set {key} to 0 (feature hints, MODEL.KD.FEATURE.*, work with any "
                 "teacher that has an FPN backbone), or use a teacher with that head."
             )
+
+
+def rcnn_head_needs(kd):
+    """``(key, has(teacher), what)`` of the enabled R-CNN terms of ``kd`` (``cfg.MODEL.KD``) that
+    read a head of the teacher, for :func:`check_teacher_parts` (a RetinaNet teacher has no RPN or
+    ROI heads, a cascade one box predictor per stage)."""
+    from detectron2.modeling.roi_heads import StandardROIHeads
+
+    rpn = (
+        lambda t: getattr(t, "proposal_generator", None) is not None
+        and hasattr(t.proposal_generator, "rpn_head"),
+        "the teacher's RPN",
+    )
+    roi = (
+        lambda t: isinstance(getattr(t, "roi_heads", None), StandardROIHeads)
+        and hasattr(t.roi_heads, "box_pooler")
+        and not isinstance(getattr(t.roi_heads, "box_predictor", None), nn.ModuleList),
+        "the teacher's StandardROIHeads-style box head (one box predictor; a cascade has one "
+        "per stage)",
+    )
+    keys = (("RPN.OBJECTNESS_WEIGHT", rpn), ("RPN.DELTAS_WEIGHT", rpn), ("ROI.CLS_WEIGHT", roi),
+            ("ROI.BOX_WEIGHT", roi))  # fmt: skip
+    out = []
+    for key, (has, what) in keys:
+        section, name = key.split(".")
+        if kd[section][name]:
+            out.append((f"MODEL.KD.{key}", has, what))
+    return out
 
 
 def preprocess_for(model, batched_inputs):

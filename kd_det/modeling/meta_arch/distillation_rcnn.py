@@ -57,6 +57,7 @@ from ..common import (
     match_levels,
     per_level_weights,
     preprocess_for,
+    rcnn_head_needs,
 )
 from ..hint_weighting import HINT_WEIGHTING_REGISTRY, build_hint_weighting
 from ..losses import (
@@ -74,31 +75,6 @@ from ..teacher import TeacherHolder, build_teacher, check_label_space
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistillationRCNN"]
-
-
-def _teacher_needs(kd):
-    """``(key, has(teacher), what)`` of the enabled terms that read a head of the teacher (a
-    RetinaNet teacher has no RPN or ROI heads, a cascade one box predictor per stage)."""
-    rpn = (
-        lambda t: getattr(t, "proposal_generator", None) is not None
-        and hasattr(t.proposal_generator, "rpn_head"),
-        "the teacher's RPN",
-    )
-    roi = (
-        lambda t: isinstance(getattr(t, "roi_heads", None), StandardROIHeads)
-        and hasattr(t.roi_heads, "box_pooler")
-        and not isinstance(getattr(t.roi_heads, "box_predictor", None), nn.ModuleList),
-        "the teacher's StandardROIHeads-style box head (one box predictor; a cascade has one "
-        "per stage)",
-    )
-    keys = (("RPN.OBJECTNESS_WEIGHT", rpn), ("RPN.DELTAS_WEIGHT", rpn), ("ROI.CLS_WEIGHT", roi),
-            ("ROI.BOX_WEIGHT", roi))  # fmt: skip
-    out = []
-    for key, (has, what) in keys:
-        section, name = key.split(".")
-        if kd[section][name]:
-            out.append((f"MODEL.KD.{key}", has, what))
-    return out
 
 
 @META_ARCH_REGISTRY.register()
@@ -233,7 +209,7 @@ class DistillationRCNN(GeneralizedRCNN):
         teacher, tcfg = None, None
         if any(w != 0 for w in weights):
             teacher, tcfg = build_teacher(cfg)
-            check_teacher_parts(teacher, _teacher_needs(kd))
+            check_teacher_parts(teacher, rcnn_head_needs(kd))
             if kd.ROI.CLS_WEIGHT or kd.ROI.BOX_WEIGHT:
                 check_label_space(cfg, tcfg)
         return dict(
