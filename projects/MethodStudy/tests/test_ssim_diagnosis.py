@@ -112,6 +112,12 @@ def test_diagnosis_tiny(tmp_path):
     again = run_module("ssim_diagnosis", args, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": training; log in" not in again.stdout and ": resuming; log in" not in again.stdout
+    # The probe opens the trained models: one row per distilled level that fits a window.
+    probe = run_module("ssim_probe", ["--diagnosis", out, "--runs", "tuned", "on_pkd",
+                                      "--images", "2", "--output", out / "probe.md"])  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    rows = [r for r in (out / "probe.md").read_text().splitlines() if r.startswith("| `")]
+    assert {r.split("|")[1].strip() for r in rows} == {"`tuned`", "`on_pkd`"}
 
 
 def test_ssim_window_tiny(tmp_path):
@@ -174,3 +180,20 @@ def test_generalization_takes_diagnosis_variants(tmp_path):
     assert list(spec.opts) == list(plan.STUDENT_SIZE) + opts and spec.teacher
     assert "structure term alone" in spec.label
     assert gen.diagnosis_methods(["pkd"], str(tmp_path / "none.json")) == (["pkd"], {})
+
+
+def test_probe_terms_multiply_to_ssim():
+    import torch
+
+    from kd_det.modeling.losses import SSIMFeatureLoss, ssim_map
+    from method_study.ssim_probe import terms
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(2, 3, 16, 16, generator=g)
+    s = 0.5 * t + 0.3 * torch.rand(2, 3, 16, 16, generator=g)
+    loss = SSIMFeatureLoss(win_size=7, range_policy="minmax")
+    r = terms(s, t, loss)
+    torch.testing.assert_close(r["l"] * r["c"] * r["s"], ssim_map(s, t, 1.0, 7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(r["s"], ssim_map(s, t, 1.0, 7, terms="structure"), atol=1e-5,
+                               rtol=0)  # fmt: skip
+    assert r["window"] == 7 and terms(s[..., :2, :2], t[..., :2, :2], loss) is None
