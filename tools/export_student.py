@@ -11,7 +11,7 @@ import argparse
 import sys
 
 import kd_det  # noqa: F401  (registers kd_det's components)
-from kd_det.config import get_kd_cfg
+from kd_det.config import ConfigFileError, get_kd_cfg
 from kd_det.export.student import ExportError, export_student
 
 
@@ -29,13 +29,13 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     cfg = get_kd_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
         out = export_student(
             cfg, args.weights, args.output, member=args.member, config_file=args.config_file
         )
-    except ExportError as e:
+    except (ExportError, ConfigFileError) as e:
         sys.exit(f"export_student.py: error: {e}")
     print(
         f"Wrote {out['weights']} and {out['config']} ({out['dropped_keys']} adapter keys dropped)"

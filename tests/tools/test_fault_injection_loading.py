@@ -196,3 +196,11 @@ def test_trace_student_reads_weights_as_data(tmp_path, synthetic_root, payloads)
     proc = run_tool(REPO, "trace_student.py", args)
     _clean_refusal(proc, str(export / "model_final.pth"))
     assert not (export / "model.ts").exists()
+
+
+def test_export_student_refuses_a_config_with_code(tmp_path, payloads):
+    args = ["--config-file", payloads["yaml"], "--weights", payloads["pth"],
+            "--output", str(tmp_path / "export")]  # fmt: skip
+    proc = run_tool(REPO, "export_student.py", args)
+    _clean_refusal(proc, payloads["yaml"])
+    assert not (tmp_path / "export").exists()
