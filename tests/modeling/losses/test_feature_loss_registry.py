@@ -2,6 +2,7 @@
 file) and named in the config of a DistillationRCNN and of an OnlineDistillationRCNN."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -98,10 +99,16 @@ def test_builtin_names_and_their_config_keys():
 
 
 def test_unknown_name_lists_the_registered_ones():
-    with pytest.raises(
-        ValueError, match=r"'ConstantTestLoss', 'cwd', 'feature_sum', 'l1', 'mse', 'pkd', 'ssim'"
-    ):
+    """The message lists every registered name, sorted: the built-ins, this file's user loss, and
+    whatever other test modules collected in the same session registered (so the list is read
+    back from the message rather than written out)."""
+    with pytest.raises(ValueError, match="registered feature losses") as info:
         feature_loss_from_config(get_kd_cfg(), "kl")
+    listed = re.search(r"registered feature losses: (.*?)\. Register", str(info.value)).group(1)
+    names = re.findall(r"'([^']+)'", listed)
+    assert names == sorted(names)
+    assert set(names) == {name for name, _ in FEATURE_LOSS_REGISTRY}
+    assert {"ConstantTestLoss", "cwd", "feature_sum", "l1", "mse", "pkd", "ssim"} <= set(names)
 
 
 def test_unknown_name_in_yaml_stops_the_model_build(tmp_path):
