@@ -256,6 +256,12 @@ def main(argv=None):
     # Study's interface: fields it reads from its own argparse namespace.
     args.jobs, args.restore_from = 1, None
     preset = dict(PRESETS[args.preset])
+    if not args.report_only:  # the study's data, regenerated if this machine lacks it (seeded)
+        from kd_det.data.synthetic import generate_dataset
+
+        generate_dataset(os.path.join(args.study, "data"), preset["num_train"],
+                         preset["num_dev"], preset["image_size"], 0,
+                         num_test=preset["num_test"])  # fmt: skip
     study = DiagnosisStudy(args, preset)
     study.run_teacher()
     if study.results["teacher"] is None:
