@@ -5,6 +5,7 @@ appear, and the refusal names the file."""
 import collections
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -58,3 +59,53 @@ def test_code_in_a_checkpoint_does_not_run(tmp_path):
     with pytest.raises(UnsafeFileError, match=r"evil\.pth' is not a plain weights file"):
         load_checkpoint(str(evil))
     assert not marker.exists()
+
+
+def _py2_numpy1_pickle(arrays, author):
+    """The bytes of a pickle as Python 2 with numpy 1.x wrote detectron2's model-zoo files:
+    protocol 2, ``numpy.core.multiarray._reconstruct`` globals, array data and names as Python 2
+    byte strings (SHORT_BINSTRING / BINSTRING, decoded as latin1). Assembled opcode by opcode,
+    since no Python 2 is at hand to write one."""
+    import struct
+
+    def string(b):  # a Python 2 ``str``
+        return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))) + b
+
+    out = [b"\x80\x02", b"}", b"("]  # PROTO 2, EMPTY_DICT, MARK
+    out += [string(b"__author__"), string(author.encode()), string(b"model"), b"}", b"("]
+    for name, a in arrays.items():
+        descr = a.dtype.str  # e.g. '<f4'
+        out += [string(name.encode())]
+        out += [b"cnumpy.core.multiarray\n_reconstruct\n", b"cnumpy\nndarray\n"]
+        out += [b"K\x00\x85", string(b"b"), b"\x87R"]  # (0,), 'b' -> TUPLE3, REDUCE
+        out += [b"(K\x01"]  # state: MARK, version 1
+        out += [b"(" + b"".join(b"J" + struct.pack("<i", d) for d in a.shape) + b"t"]
+        out += [b"cnumpy\ndtype\n", string(descr[1:].encode()), b"K\x00K\x01\x87R"]
+        out += [
+            b"(K\x03",
+            string(descr[0].encode()),
+            b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb",
+        ]
+        out += [b"\x89", string(a.tobytes()), b"tb"]  # False (C order), raw data; BUILD
+    out += [b"u", b"u", b"."]  # SETITEMS (model), SETITEMS (top), STOP
+    return b"".join(out)
+
+
+def test_python2_numpy1_model_zoo_pickle_loads(tmp_path):
+    """A file in the byte format of the model zoo's R-50.pkl / model_final_*.pkl (written by
+    Python 2 and numpy 1.x) loads through the restricted unpickler with its values intact, as it
+    does through plain ``pickle`` (the check that the assembled bytes are a valid pickle)."""
+    arrays = {"conv1_w": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+              "res2_0_branch1_bn_s": np.array([0.5, -1.25], np.float32),
+              "fc1000_b": np.arange(3, dtype=np.float64)}  # fmt: skip
+    path = tmp_path / "R-50.pkl"
+    path.write_bytes(_py2_numpy1_pickle(arrays, "Detectron"))
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 on numpy.core
+        reference = pickle.load(f, encoding="latin1")
+    data = load_pickle(str(path))
+    assert data["__author__"] == reference["__author__"] == "Detectron"
+    for name, a in arrays.items():
+        assert data["model"][name].dtype == a.dtype
+        np.testing.assert_array_equal(data["model"][name], a)
+        np.testing.assert_array_equal(reference["model"][name], a)
