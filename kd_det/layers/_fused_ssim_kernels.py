@@ -1,28 +1,13 @@
 """Triton kernel bodies of the fused SSIM loss (imported only where triton is installed).
 
-Concepts: the separable Gaussian "valid" filter runs as two 1-D passes, a vertical one (``K`` row
-shifts, :func:`vertical_stats`) and a horizontal one (``K`` column shifts, fused with the SSIM
-formula in :func:`ssim_rows`); the backward runs the adjoint passes in the opposite order
-(:func:`adjoint_rows`, then :func:`adjoint_cols_grad`, which also forms the student gradient).
-Every pass reads shifted tiles straight from global memory (the shifts hit L1/L2), accumulates in
-float32 with plain multiply-adds and never uses ``tl.dot``, so TF32 settings cannot reach it.
-
-The functions are left undecorated on purpose: :mod:`kd_det.layers.fused_ssim` wraps them with
-``triton.jit`` on first use, once for compiled CUDA launches and once for the interpreter
-(``TRITON_INTERPRET=1``, CPU tensors in tests), so a process can use both whatever the import
-order. For that they call only ``triton.language`` builtins, never its ``@jit`` library functions
-(``tl.zeros``, ``tl.sum``, ...), which are bound to the mode triton was imported in and fail under
-the interpreter otherwise: zeros come from ``tl.full`` and tile sums from ``tl.reduce`` with
-Triton's own ``_sum_combine`` (what ``tl.sum`` does; the interpreter maps it to ``numpy.sum``).
-``tests/layers/test_fused_ssim.py`` checks this rule. Only long-stable features are used (masked
-loads/stores, ``arange``, ``program_id``, ``reduce``), because the GPU machines run older Triton
-releases than the CPU ones. The tap loops are not unrolled (``range``, not ``static_range``): for
-sm_90 ptxas then allocates 44-80 registers per thread without spills (4 outputs per thread),
-where the unrolled loops took 168-255 and spilled in the adjoint passes.
-
-Scratch layouts (float32, one chunk of ``P`` planes, a plane being one ``(n, c)`` map):
-``stats``: ``(5, P, HV, W)`` vertically filtered ``x, y, x*x, y*y, x*y`` (in the backward, slots
-0-2 are reused for the horizontally adjoint-filtered coefficients); ``coef``: ``(3, P, HV, WV)``.
+Concepts: the Gaussian valid filter runs as a vertical pass (:func:`vertical_stats`) and a
+horizontal pass fused with the SSIM formula (:func:`ssim_rows`); the backward runs the adjoint
+passes in reverse (:func:`adjoint_rows`, then :func:`adjoint_cols_grad`). The bodies are left
+undecorated: :mod:`kd_det.layers.fused_ssim` jits them once per mode (compiled or
+``TRITON_INTERPRET=1``), so they call only ``triton.language`` builtins (``tl.full``,
+``tl.reduce``), never its ``@jit`` library functions (``tl.zeros``, ``tl.sum``); a test checks it.
+See docs/ssim_kernel.md, "How the kernels are written", for these rules, the scratch layouts and
+the register budget.
 """
 
 import triton.language as tl
@@ -117,9 +102,9 @@ def ssim_rows(
     ``MODE`` 0 (forward): one partial sum of ``w * (1 - ssim)`` per tile into ``out[plane, tile]``.
     ``MODE`` 1 (backward): ``g * dSSIM/d(mu_x, E[x^2], E[xy])`` into the ``coef`` scratch, with
     ``g = -grad[n] * w``, the loss gradient at each SSIM pixel. ``MODE`` 2: the SSIM map itself.
-    The formula and its derivatives mirror ``kd_det.modeling.losses.ssim._SSIMMap`` (including the
-    clamp of ``E[x^2] - mu_x^2`` at 0 and its zero derivative there); docs/ssim_kernel.md derives
-    them.
+    The formula and its derivatives mirror ``kd_det.modeling.losses.ssim_functional._SSIMMap``
+    (including the clamp of ``E[x^2] - mu_x^2`` at 0 and its zero derivative there);
+    docs/ssim_kernel.md derives them.
     """
     tile = tl.program_id(0)
     p = tl.program_id(1)

@@ -1,23 +1,12 @@
 """Fused SSIM of a student map against a constant teacher map, in Triton (CUDA, or the interpreter).
 
-Concepts:
-- The loss needs one number per image, ``sum w * (1 - SSIM)`` over channels and the valid region,
-  so the kernels reduce as they go and never materialize an SSIM map; the range policy's
-  per-``(n, c)`` affine map is applied when the inputs are loaded.
-- Backward recomputes the filtered statistics from ``x`` and ``y`` instead of storing them, and
-  applies the adjoint of the Gaussian filter (again a Gaussian filter): only the inputs and a few
-  per-plane scalars are kept between forward and backward (derivation: docs/ssim_kernel.md).
-- The ``minmax`` policy normalizes the student by its own per-image range; its gradient through
-  the min and max is added in the backward (``own_range_eps``), so that policy is fused too.
-- Work is done in chunks of planes whose float32 scratch (filtered statistics and coefficients)
-  fits in :data:`SCRATCH_BYTES`, which bounds the extra memory whatever the batch or level size.
-- Same window, valid region, filter order (rows, then columns) and formula as
-  :func:`kd_det.modeling.losses.ssim.ssim_map`; float32 accumulation with plain multiply-adds.
-
-Triton is optional: without it this module imports, :data:`HAS_TRITON` is False and
-:func:`fused_unavailable_reason` says why the fused path cannot run. The kernels are jitted on first
-use, for compiled CUDA launches or, when ``TRITON_INTERPRET=1`` is in effect, for the Triton
-interpreter (CPU tensors; that is how the tests run them).
+Concepts: :func:`fused_ssim_sums` gives one number per image, ``sum w * (1 - SSIM)``, without ever
+materializing the SSIM map: the range policy's affine map is applied on load (or, for ``minmax``,
+the student's own range, ``own_range_eps``), and the backward recomputes the filtered statistics.
+Work runs in chunks of planes whose float32 scratch fits in :data:`SCRATCH_BYTES`. It matches
+:func:`kd_det.modeling.losses.ssim_functional.ssim_map`. Triton is optional: without it
+:data:`HAS_TRITON` is False and :func:`fused_unavailable_reason` says why.
+See docs/ssim_kernel.md for the derivation, the memory bound and the two jit modes.
 """
 
 import os
