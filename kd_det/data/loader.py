@@ -1,31 +1,13 @@
 """A training data loader whose batches depend only on the seed and the iteration.
 
-detectron2's ``build_detection_train_loader`` gives batches that depend on more than that:
-
-* the sampler's shuffled stream restarts from its first index whenever the process restarts, so
-  a run resumed at iteration k sees the batches of iterations 0, 1, ... again;
-* each data-loader worker seeds its augmentation RNG from the clock, and workers interleave their
-  shards of the stream, so flips, crops and mixing partners change with ``NUM_WORKERS`` and from
-  run to run.
-
 :func:`build_resumable_train_loader` keeps detectron2's pieces (``TrainingSampler``'s seeded
-stream, ``DatasetFromList``, the mapper, aspect-ratio grouping) and changes who decides what:
-
-* batches are formed in the main process by :class:`ResumableBatchSampler` from the sampler's
-  stream and the images' recorded width and height (the same "w > h" buckets as
-  ``AspectRatioGroupedDataset``), and can start at any iteration by replaying the cheap index
-  stream, so a resumed run continues exactly where the interrupted one stopped;
-* every sample is mapped with the global ``random``, ``numpy`` and torch CPU generators seeded from
-  ``(seed, rank, position in the stream)`` and restored afterwards, so augmentation is a function
-  of the sample's position alone, whatever the number of workers, and mapping in the main process
-  (``NUM_WORKERS 0``) does not disturb the model's random state;
-* the iteration is known when a sample is mapped, so mixing can stop for the last iterations of a
-  schedule (``INPUT.MIX.CLEAN_TAIL``) without rebuilding the loader.
-
-Exceptions that keep detectron2's loader: samplers other than ``TrainingSampler`` and datasets that
-are already iterable (``KDTrainer`` logs which one it uses). A mixed-sample mapper with a partner
-cache (``INPUT.MIX.PARTNER_CACHE_SIZE > 0``) draws partners from its worker's history, which depends
-on the worker count and restarts; the trainer warns about it.
+stream, ``DatasetFromList``, the mapper, aspect-ratio grouping) but forms the batches in the main
+process (:class:`ResumableBatchSampler`, which can start at any iteration by replaying the index
+stream) and maps every sample with the global generators seeded from ``(seed, rank, position)``
+(:func:`seeded_global_rng`). So a resumed run continues exactly, the worker count changes nothing,
+and mixing can stop for the last iterations (``INPUT.MIX.CLEAN_TAIL``). Other samplers and
+iterable datasets keep detectron2's loader; a partner cache makes batches depend on the workers.
+See docs/reproducibility.md, "The training loader", for why detectron2's loader is not enough.
 """
 
 import contextlib
@@ -209,7 +191,7 @@ def build_resumable_train_loader(
     plain_from_iter: Optional[int] = None,
     start_iter: int = 0,
 ) -> ResumableTrainLoader:
-    """The loader of this module's docstring, from the same inputs as detectron2's.
+    """The loader of this module's docstring (docs/reproducibility.md), from detectron2's inputs.
 
     Args:
         dataset_dicts: training dataset dicts (``get_detection_dataset_dicts``).

@@ -1,60 +1,13 @@
 """Box-aware mixed-sample regularization (MixUp, CutMix, Cut^nMix, Mosaic) in a detectron2 mapper.
 
-:class:`MixedSampleDatasetMapper` is a drop-in replacement for detectron2's ``DatasetMapper`` in the
-training loader::
-
-    mapper = MixedSampleDatasetMapper(cfg, is_train=True)
-    loader = build_detection_train_loader(cfg, mapper=mapper)
-
-Every sample is first mapped exactly like ``DatasetMapper`` would (read, check size, geometric
-augmentation, annotations to ``Instances``). With probability ``INPUT.MIX.PROB`` it is then mixed
-with one or more *partner* samples drawn from the training set, which go through the very same
-pipeline (same ``self.augmentations``, same reading code) before mixing. The output dict has
-``DatasetMapper``'s format: ``"image"`` (CHW tensor of the main image's augmented size and dtype),
-``"instances"`` (``gt_boxes``, ``gt_classes``) and the main image's ``"file_name"``, ``"image_id"``,
-``"height"``, ``"width"``.
-
-Rules (chosen so that every output box is exact for the pixels it describes):
-
-* **Partner fitting.** A partner whose augmented size differs from the main image's is scaled
-  uniformly (aspect ratio kept) to the smallest size that *covers* the target, then cropped to it
-  (random crop offset for MixUp/CutMix, the corner facing the mosaic centre for Mosaic). Uniform
-  resizing and cropping map axis-aligned boxes to axis-aligned boxes exactly, no pixel is padding,
-  and the scale change is small when both images went through the same ``ResizeShortestEdge``.
-  The area a partner box had after the resize, before any cropping, is its "original area".
-* **MixUp.** ``image = lam * main + (1 - lam) * partner`` with ``lam ~ Beta(ALPHA, ALPHA)``, rounded
-  back to the main image's dtype; the boxes of both are kept (partner boxes clipped to the frame by
-  the fitting crop follow the visibility rules below).
-* **CutMix / Cut^nMix.** A rectangle with area fraction ``r`` (``r ~ Beta(ALPHA, ALPHA)`` for
-  CutMix, ``Beta(ALPHA, ALPHA) / NUM_PATCHES`` per patch for Cut^nMix, so the total pasted area
-  stays comparable) and a log-uniform aspect (relative to the image's) in ``[1/2, 2]`` (narrowed
-  so that it fits) is placed uniformly at random; its pixels are the fitted partner's pixels *at
-  the same coordinates*. Cut^nMix pastes ``NUM_PATCHES`` patches in order, each from its own partner
-  (distinct partners while the data allows).
-* **Mosaic.** A centre is drawn uniformly in the middle half of the frame; the four quadrants it
-  defines receive the main image and three partners in random order, each fitted to cover its
-  quadrant. The output has the main image's size.
-* **Boxes.** Every source (main image, each patch, each quadrant) is a layer with a region (the
-  frame, the pasted rectangle, the quadrant) painted in order. A box is clipped to its layer's
-  region, and its visible part is that clipped box minus the regions of all *later* layers (so a
-  later patch also covers earlier pasted boxes). The visible area is computed exactly (rectangle
-  geometry, not pixels). A box is dropped if its visible area is zero or its visible fraction
-  (visible area / original area) is below ``MIN_VISIBLE``. Survivors keep their (clipped) box with
-  ``BOX_RULE "keep"``, or become the smallest box containing the visible part of the box rectangle
-  with ``"shrink"``. The latter is the tight box of the visible object only when the object fills
-  its box; it differs from the clipped box only when the covers take a full side of it. A box whose
-  coordinates the mix changed (partner boxes, mosaic boxes, shrunk boxes) is also dropped when it
-  is narrower or shorter than ``MIN_BOX_SIZE``; untouched boxes of the main image are never
-  dropped for size, so mixing does not change which small objects are trained on.
-
-Unsupported: instance masks, keypoints and precomputed proposals cannot be mixed; the mapper raises
-``NotImplementedError`` at construction when mixing is enabled together with them (a disabled mapper
-still supports everything ``DatasetMapper`` does). A sample with semantic segmentation raises
-when it is about to be mixed.
-
-Mix types are entries of :data:`~kd_det.data.mix.strategies.MIX_STRATEGY_REGISTRY`
-(``INPUT.MIX.TYPE``); randomness and the partner cache are described in
-:mod:`kd_det.data.mix.partners`.
+:class:`MixedSampleDatasetMapper` is a drop-in replacement for ``DatasetMapper`` in the training
+loader. Every sample is mapped exactly as ``DatasetMapper`` maps it; with probability
+``INPUT.MIX.PROB`` it is then mixed with *partners* that went through the same pipeline, each
+fitted (scaled, then cropped) to cover the main image. Sources are *layers* painted in order, and
+every output box is exact for the pixels it shows: clipped to its layer, occluded by later layers,
+dropped below ``MIN_VISIBLE`` or ``MIN_BOX_SIZE``. Masks, keypoints and proposals cannot be mixed.
+Mix types: :mod:`kd_det.data.mix.strategies`; randomness: :mod:`kd_det.data.mix.partners`.
+See docs/mixed_sample.md for the output format, the four mixes, the box rules and the limits.
 """
 
 import logging
@@ -116,7 +69,7 @@ def check_mix_args(
 
 
 class MixedSampleDatasetMapper(DatasetMapper):
-    """``DatasetMapper`` that mixes training samples with partners (see the module docstring)."""
+    """``DatasetMapper`` that mixes training samples with partners (docs/mixed_sample.md)."""
 
     @configurable
     def __init__(

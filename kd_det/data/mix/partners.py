@@ -1,27 +1,12 @@
 """Where partners come from, and the random stream every mixing decision draws from.
 
-Randomness: augmentations use numpy's global RNG exactly as ``DatasetMapper`` does (detectron2
-seeds it per worker in ``worker_init_reset_seed``). Every mixing decision (whether to mix, partner
-indices, ratios, rectangles, crop offsets) comes from a ``numpy.random.Generator`` owned by the
-mapper (:class:`ProcessGenerator`). It is created lazily on the first call *inside the process
-that maps*, from ``SeedSequence([torch.initial_seed(), salt])``, and re-created whenever the
-process id or ``torch.initial_seed()`` changes. In a DataLoader worker ``torch.initial_seed()`` is
-the worker's seed (``base_seed + worker_id``, further reset by detectron2's
-``worker_init_reset_seed``), so workers draw different streams, and a new iterator (new
-``base_seed``) draws new ones; ``base_seed`` comes from torch's global RNG, which
-``default_setup`` seeds from ``cfg.SEED``, so a fixed ``cfg.SEED`` reproduces the mixing. With
-``num_workers=0`` the main process's ``torch.initial_seed()`` is used, so ``torch.manual_seed(s)``
-with a new ``s`` reseeds the mixing too (the same ``s`` again does not restart the stream: build a
-new mapper for that). The salt keeps the stream different from numpy's global RNG, which
-detectron2 seeds with the same integer.
-
-Partner cache (:class:`PartnerPool`, ``INPUT.MIX.PARTNER_CACHE_SIZE``, 0 = off): a fresh partner
-costs one more read, decode and augmentation; the pool can keep the last ``cache_size`` plainly
-mapped samples of its process (already augmented by the same pipeline) and, once full, draw
-partners from them instead. With the usual shuffled sampler the cached samples are a random subset
-of the dataset, so partners stay uniform over the data, but each augmented sample then appears
-about ``1 + PROB * partners_per_mix`` times per epoch, and the cache holds ``cache_size`` augmented
-images per worker in memory (docs/mixed_sample.md, "Speed: the partner cache").
+:class:`ProcessGenerator` is the mapper's ``numpy.random.Generator``, created lazily in the
+process that maps from ``torch.initial_seed()`` and a salt, and re-created when the process or
+that seed changes; augmentations keep numpy's global generator, as in ``DatasetMapper``.
+:class:`PartnerPool` reads partners from the training set or, with
+``INPUT.MIX.PARTNER_CACHE_SIZE > 0``, draws them from its process's cache of recently mapped
+samples (cheaper, but the draw then depends on the worker's history).
+See docs/mixed_sample.md, "How the mixing stream is seeded" and "Speed: the partner cache".
 """
 
 import os
@@ -42,7 +27,7 @@ _RNG_SALT = 0x6B646D6978
 
 
 class ProcessGenerator:
-    """A ``numpy.random.Generator`` per process and torch seed (module docstring)."""
+    """A ``numpy.random.Generator`` per process and torch seed (docs/mixed_sample.md)."""
 
     def __init__(self):
         self._rng: Optional[np.random.Generator] = None

@@ -1,26 +1,12 @@
 """Mix strategies: how a sample and its partners become one image, chosen by ``INPUT.MIX.TYPE``.
 
-A strategy is an entry of :data:`MIX_STRATEGY_REGISTRY` called as ``strategy(mapper, main, rng)``:
-
-* ``mapper``: the :class:`~kd_det.data.mix.mapper.MixedSampleDatasetMapper`; its
-  ``draw_partners(n, rng)`` returns ``n`` partners mapped by the same pipeline, and its ``mix_*``
-  attributes hold the ``INPUT.MIX`` settings;
-* ``main``: the plainly mapped sample (:class:`~kd_det.data.mix.geometry.Sample`);
-* ``rng``: the mapper's ``numpy.random.Generator`` (draw every random number from it, so a seed
-  reproduces the mixing).
-
-It returns ``(image, layers, occluding, extra)``: the mixed CHW image of the main image's size and
-dtype, the :class:`~kd_det.data.mix.geometry.Layer` of every source in paint order (their boxes are
-then clipped, occluded and filtered by the mapper's rules), whether later layers hide earlier ones
-(pasting) or not (blending), and a dict added to ``mix_info``. To add one from your own code::
-
-    from kd_det.data.mix import MIX_STRATEGY_REGISTRY
-
-    @MIX_STRATEGY_REGISTRY.register()
-    def my_mix(mapper, main, rng):
-        ...
-
-and set ``INPUT.MIX.TYPE my_mix`` (import the module before the data loader is built).
+A strategy is an entry of :data:`MIX_STRATEGY_REGISTRY` called as ``strategy(mapper, main, rng)``
+(the mapper, the plainly mapped :class:`~kd_det.data.mix.geometry.Sample`, the mapper's
+generator) and returns ``(image, layers, occluding, extra)``: the mixed image, the
+:class:`~kd_det.data.mix.geometry.Layer` of every source in paint order, whether later layers hide
+earlier ones, and a dict for ``mix_info``. ``mixup``, ``cutmix``, ``cutnmix`` and ``mosaic`` are
+built in; register your own with ``@MIX_STRATEGY_REGISTRY.register()``.
+See docs/mixed_sample.md, "Your own mix type", for the full contract and an example.
 """
 
 import torch
