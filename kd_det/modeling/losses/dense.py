@@ -1,25 +1,13 @@
 """Dense-head knowledge terms: a teacher's per-anchor class probabilities and boxes, taught on the
 student's anchors (RetinaNet-style heads; the same anchors in both models, checked at build).
 
-**Classification** (``loss_kd_dense_cls``, ``loss_kd_crosskd_cls``): every anchor ``a`` and class
-``k`` of the image, with the teacher's probability ``p = sigmoid(t_ak)`` as a soft target for the
-student's ``q = sigmoid(s_ak)``, quality-focal BCE (the form of GFL's quality focal loss, which LD
-and CrossKD use for KD)::
-
-    l_ak = BCE(q, p) * |q - p| ** beta
-
-summed over anchors and classes and divided by the image's number of ground-truth foreground
-anchors (at least 1), the normalizer of RetinaNet's own focal loss: weight 1 puts the term on the
-scale of ``loss_cls``. Why the focal factor: plain BCE against a soft target is smallest at
-``q = p`` but not zero there (it is the entropy of ``p``), and the ~10^5 background anchors, where
-both are near 0, would then dominate the sum; ``|q - p| ** beta`` makes every agreeing anchor
-cost nothing and leaves the anchors where the two disagree. ``beta = 0`` is plain BCE.
-
-**Boxes** (``loss_kd_dense_box``, ``loss_kd_crosskd_box``): on the anchors that the ground truth
-(matched foreground) or the teacher (largest class probability above a threshold) makes
-foreground, either L1 between the student's deltas and the teacher's box encoded with the
-student's box transform (``l1``), or GIoU between the two decoded boxes (``giou``), averaged over
-those anchors. An image without such an anchor has no box term (invalid, not zero).
+**Classification** (``loss_kd_dense_cls``, ``loss_kd_crosskd_cls``): quality-focal BCE of the
+student's sigmoid probabilities against the teacher's, ``BCE(q, p) * |q - p| ** beta`` for every
+anchor and class, normalized by the image's ground-truth foreground anchors as RetinaNet's own
+focal loss is. **Boxes** (``loss_kd_dense_box``, ``loss_kd_crosskd_box``): L1 on deltas or GIoU on
+decoded boxes, on anchors that the ground truth or the teacher makes foreground; an image without
+such an anchor has no box term. See docs/distill_retinanet.md, "The knowledge terms", for why the
+focal factor is needed and how foreground anchors are chosen.
 """
 
 import torch

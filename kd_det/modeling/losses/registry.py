@@ -1,23 +1,12 @@
 """The feature-loss registry: ``MODEL.KD.FEATURE.LOSS`` (and ``MODEL.ONLINE_KD.FEATURE_LOSS``) name
 an entry of it.
 
-A registered object is called with the config and returns the loss module, so it can be a builder
-function ``cfg -> nn.Module`` (how kd_det registers its own losses, under the names used in YAML)
-or a class whose constructor takes the config, e.g. one with detectron2's ``@configurable`` and a
-``from_config`` classmethod. The module is called as ``loss(student, teacher, weight_map=None,
-per_image=False)`` on ``(N, C, H, W)`` maps of equal shape (channel adapters and resizing happen
-before) and returns a float32 scalar, or ``(N,)`` per-image values with ``per_image``. To add one
-from your own code::
-
-    from kd_det.modeling.losses import FEATURE_LOSS_REGISTRY
-
-    @FEATURE_LOSS_REGISTRY.register()
-    class MyHintLoss(nn.Module):
-        def __init__(self, cfg):
-            ...
-
-and set ``MODEL.KD.FEATURE.LOSS: MyHintLoss`` (the module must be imported before the model is
-built, as for any detectron2 registry).
+A registered object is called with the config and returns the loss module (a builder function
+``cfg -> nn.Module``, as for kd_det's own losses, or a class taking the config). The module is
+called as ``loss(student, teacher, weight_map=None, per_image=False)`` on ``(N, C, H, W)`` maps of
+equal shape and returns a float32 scalar, or ``(N,)`` per-image values with ``per_image``.
+Register your own with ``@FEATURE_LOSS_REGISTRY.register()`` and import it before the model is
+built. See docs/distill_your_detector.md, "Your own feature loss", for an example.
 """
 
 from detectron2.utils.registry import Registry

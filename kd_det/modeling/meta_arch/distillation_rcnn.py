@@ -1,31 +1,14 @@
 """``DistillationRCNN``: a Faster R-CNN student trained with hints from a frozen teacher.
 
-The student IS the model: ``DistillationRCNN`` subclasses detectron2's ``GeneralizedRCNN`` and its
-``state_dict()`` holds the student's keys (plus the trainable adapters under ``kd_adapters.``), so
-a checkpoint loads into plain detectron2 and inference is plain ``GeneralizedRCNN`` inference. The
-teacher lives in a :class:`~kd_det.modeling.teacher.TeacherHolder` outside the module tree.
-
-Knowledge terms (each its own ``loss_kd_*`` entry, so detectron2's writers log them):
-
-* ``loss_kd_fpn_<level>``: feature hints on FPN outputs (a loss of the feature-loss registry,
-  :mod:`kd_det.modeling.losses`: SSIM (SSIM-KD paper), MSE, L1, PKD, CWD), optional foreground
-  weighting from the ground-truth boxes.
-* ``loss_kd_backbone_<level>``: low-level hints on the backbone's outputs before the FPN
-  (e.g. ``res2``), which drive localization (MetaMixer's low-level knowledge).
-* ``loss_kd_rpn_objectness`` / ``loss_kd_rpn_deltas``: the teacher's RPN on the same anchors: its
-  objectness probabilities as soft targets (BCE), its deltas where it believes in an object.
-* ``loss_kd_roi_cls`` / ``loss_kd_roi_box``: the student's sampled proposals are pooled from BOTH
-  models' features and scored by both box heads; KL divergence of the class distributions at a
-  temperature (times T^2, Hinton et al.), smooth-L1 between box deltas of foreground proposals.
-  These high-level terms need a shared label space and are refused otherwise.
-
-Every term is computed per image (a vector of N values and a validity mask, e.g. an image without
-foreground proposals has no box term) and reduced by averaging valid images. This is what
-instance-wise hint weighting (HKD) plugs into: with ``MODEL.KD.HINT_WEIGHTING: "dynamic"`` a
-meta-weight network (:mod:`kd_det.modeling.hint_weighting`, under the ``kd_hint_weights.`` prefix)
-gives every image its own weight per term and adds its own objective as ``loss_hint_meta``.
-Terms are computed in float32 with autocast off.
-With every weight at zero no teacher runs and training is exactly ``GeneralizedRCNN``'s.
+The student IS the model: a ``GeneralizedRCNN`` subclass whose ``state_dict()`` holds the
+student's keys (plus trainable adapters under ``kd_adapters.``); the teacher lives in a
+:class:`~kd_det.modeling.teacher.TeacherHolder` outside the module tree. Knowledge terms, each its
+own ``loss_kd_*`` entry: FPN hints (a loss of :mod:`kd_det.modeling.losses`), backbone hints,
+RPN objectness and deltas, ROI class KL and box deltas. Every term is computed per image with a
+validity mask, in float32, and averaged over valid images, so that hint-dynamic weighting
+(:mod:`kd_det.modeling.hint_weighting`) can weight each image. With every weight at zero no
+teacher runs and training is exactly ``GeneralizedRCNN``'s.
+See docs/distill_your_detector.md for the terms, their keys and requirements, and the logs.
 """
 
 import logging

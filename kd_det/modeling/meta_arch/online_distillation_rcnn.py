@@ -1,35 +1,13 @@
 """``OnlineDistillationRCNN``: peer Faster R-CNNs that teach each other, plus EMA teachers.
 
-Online distillation (Cut^nMix, MetaMixer) trains two or more peer detectors together instead of
-distilling a frozen, pre-trained teacher. Each peer is a complete ``GeneralizedRCNN`` built from its
-own config (:mod:`kd_det.modeling.online.peers`), so peers may differ in backbone, FPN width, pixel
-mean/std and RGB/BGR input format. They are held in the ``nn.ModuleList`` ``peers``: the optimizer,
-DDP and checkpoints see all of them. Each peer runs its own ``GeneralizedRCNN.forward``; taps
-(:mod:`kd_det.modeling.capture`) record the features, sampled proposals and box predictions the
-knowledge terms read, so with every knowledge weight at zero each peer trains exactly as alone.
-
-Loss entries (zero-weight terms are skipped entirely):
-
-* ``loss_peer<i>_cls``, ``loss_peer<i>_box_reg``, ``loss_peer<i>_rpn_cls``,
-  ``loss_peer<i>_rpn_loc``: every peer's own detection losses.
-* ``loss_kd_peer<i>_fpn_<level>_from_peer<j>``: feature-level mutual learning: peer i's FPN map
-  against peer j's DETACHED map (a :mod:`kd_det.modeling.losses` feature loss); a 1x1 adapter
-  ``kd_adapters.p<i>_to_p<j>_<level>`` maps channels where they differ. As in deep mutual
-  learning each direction pulls only the student side, so the peers cannot meet halfway by
-  degrading the stronger one's map.
-* ``loss_kd_peer<i>_roi_cls_from_peer<j>`` (``LOGIT_TARGET "each"``) or
-  ``loss_kd_peer<i>_roi_cls_from_peers`` (``"average"``: the other peers' mean probabilities):
-  KL at temperature T, times T^2, of the class distributions the other peers' box heads give peer
-  i's sampled proposals (pooled from their own features).
-* ``loss_kd_peer<i>_ema_fpn_<level>``, ``loss_kd_peer<i>_ema_roi_cls``,
-  ``loss_kd_peer<i>_ema_roi_box``: the self-ensemble teacher
-  (:mod:`kd_det.modeling.online.ema`), with the same terms as offline distillation;
-  ``EMA_LOGIT_TARGET "ensemble"`` averages the ROI predictions of every peer's EMA, ``"own"``
-  uses the peer's own EMA (mean teacher). The EMA teaches from iteration ``EMA_WARMUP`` on and
-  is updated from the start; EMA terms due while it was never updated log a warning.
-
-Inference runs the member named by ``MODEL.ONLINE_KD.INFERENCE`` (``peer<i>`` or ``ema<i>``).
-docs/online_distillation.md describes configs, members, evaluation, export and memory cost.
+Each peer is a complete ``GeneralizedRCNN`` built from its own config
+(:mod:`kd_det.modeling.online.peers`), held in the ``nn.ModuleList`` ``peers``; taps
+(:mod:`kd_det.modeling.capture`) record what the knowledge terms read. Loss entries: each peer's
+own detection losses (``loss_peer<i>_*``), mutual feature and ROI-logit terms against the other
+peers' detached outputs (``loss_kd_peer<i>_*_from_peer<j>``), and terms from the EMA teachers
+(:mod:`kd_det.modeling.online.ema`, ``loss_kd_peer<i>_ema_*``); zero-weight terms are skipped.
+``MODEL.ONLINE_KD.INFERENCE`` names the member that runs at inference (``peer<i>`` or ``ema<i>``).
+See docs/online_distillation.md for the terms and keys, the EMA teacher, members and memory.
 """
 
 import logging
@@ -115,7 +93,7 @@ class OnlineDistillationRCNN(nn.Module):
             ema_warmup (int): iterations before the EMA terms start.
             ema_feature_levels (dict[str, float]): FPN level -> weight of the EMA feature hint.
             ema_logit_weight, ema_box_weight (float): weights of the EMA ROI class / box terms.
-            ema_logit_target (str): "own" or "ensemble" (see the module docstring).
+            ema_logit_target (str): "own" or "ensemble" (docs/online_distillation.md).
             inference (str): the member run in eval mode.
         """
         super().__init__()
