@@ -1,23 +1,13 @@
 """Input checks before the first training step: images that exist and decode, boxes that make sense.
 
-detectron2 reads an image only when its data-loader worker maps it, possibly hours into an epoch,
-and then fails with ``OSError: image file is truncated`` and no file name; a box with a negative
-width is silently dropped by the mapper, and a box lying wholly outside its image becomes an empty
-box. Here every image of the training and test sets is opened and fully decoded at start (PIL's
-``Image.open`` is lazy: only ``load()`` reads the pixel data, which is where truncation shows), and
-every training box is checked against its image, so such problems stop the run in seconds with the
-file named -- or, with ``KD_TRAINER.SKIP_UNREADABLE_IMAGES``, drop the bad images with a count.
-
-A full decode costs milliseconds per image, which is seconds for a generated dataset but minutes
-for COCO (README, Limitations), hence ``KD_TRAINER.CHECK_IMAGES``: "decode" by default, "header"
-(size, format and pixel mode only) for COCO-sized sets. Under DDP each process decodes only its
-share. The header is enough for the pixel mode: a 16-bit or float image (PIL mode ``I;16``, ``I``,
-``F``) would be clipped to white by detectron2's ``read_image``, so it is refused.
-
-Box values are checked in every set, test sets included (a string or NaN there would crash the
-evaluator after training): four numbers, finite. Their geometry (negative size, wholly outside the
-image) is checked in training sets. A training set without a single box is refused (nothing to
-learn from); a test set without one gets a warning (its AP is undefined).
+detectron2 finds a missing or truncated image only when a loader worker maps it, possibly hours
+in, and drops or empties bad boxes silently. Here every training and test image is opened and
+fully decoded at start (``KD_TRAINER.CHECK_IMAGES``: "decode", or "header" for COCO-sized sets;
+16-bit and float images are refused either way), and box values are checked in every set and box
+geometry in training sets, so a bad input stops the run in seconds with the file named (or, with
+``KD_TRAINER.SKIP_UNREADABLE_IMAGES``, bad images are dropped and counted). Under DDP each process
+checks its share. A training set without boxes is refused; a test set without boxes warns.
+See docs/troubleshooting.md, "Missing or unreadable images, invalid boxes", for each message.
 """
 
 import logging

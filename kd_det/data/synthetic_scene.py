@@ -1,33 +1,12 @@
 """Scenes of the synthetic shapes dataset: shapes, backgrounds, clutter and their boxes.
 
-What makes the scenes hard (but still readable by eye):
-
-* Classes differ only by **shape**; every instance gets random colours (flat, gradient or noisy),
-  so colour carries no class information.
-* Several **near-duplicate pairs**: circle / ellipse / ring / crescent, square / notched square,
-  star5 / star6, hexagon / circle at small sizes, triangle / arrow head.
-* Sizes are log-uniform from about 8 px to half the image, with random rotation and a slight
-  aspect jitter, 3-12 instances per image.
-* Textured backgrounds (gradients, stripes, checkers, smooth colour noise), un-annotated clutter
-  (scribbles, lines, arcs, irregular blobs) below the objects and a few thin strokes above them,
-  pixel noise and JPEG compression.
-
-Annotation rules (documented here because evaluation depends on them):
-
-* Objects are painted in order, so later objects (and the over-clutter strokes) occlude earlier
-  ones.
-* ``bbox`` is the tight box ``[x, y, w, h]`` of the object's **own full mask** (as if it were not
-  occluded), in COCO pixel convention (a 1-pixel object at column 5 has ``x=5, w=1``). Objects are
-  always placed fully inside the image, so boxes never need clipping.
-* ``area`` is the pixel count of the object's own full mask (consistent with the box; it decides
-  COCO's small/medium/large buckets).
-* An object whose visible fraction (own mask minus everything painted over it) is below
-  :data:`MIN_VISIBLE_FRACTION` (i.e. more than 70 % occluded) is still drawn but **not annotated**:
-  it is too hidden to be recognised reliably, so it acts as hard clutter.
-
-Determinism: image ``i`` of split ``s`` is drawn from ``numpy.random.default_rng`` seeded with
-``SeedSequence([seed, crc32(s), i])``, so it depends only on ``(seed, split, i)`` and not on the
-order or number of workers that generate it.
+Classes differ only by shape (several are near-duplicates) and colours are random; scenes add
+textured backgrounds, un-annotated clutter, occlusion, pixel noise and JPEG compression. Objects
+are painted in order, so later ones occlude earlier ones. ``bbox`` and ``area`` describe the
+object's own full mask (as if unoccluded, COCO pixel convention); an object less visible than
+:data:`MIN_VISIBLE_FRACTION` is drawn but not annotated. Image ``i`` of split ``s`` depends only
+on ``(seed, s, i)`` (``SeedSequence([seed, crc32(s), i])``), not on order or workers.
+See docs/getting_started.md, "What the scenes contain, and how they are annotated".
 """
 
 import math
@@ -336,7 +315,7 @@ def generate_scene(rng, image_size):
         tuple: ``(image, annotations)`` where ``image`` is an ``image_size x image_size x 3`` uint8
         RGB array and ``annotations`` is a list of dicts with ``bbox`` (``[x, y, w, h]`` floats),
         ``category_id`` (1-based index into :data:`CLASS_NAMES`), ``area`` (float) and
-        ``iscrowd=0``. See the module docstring for the box and occlusion rules.
+        ``iscrowd=0``. See docs/getting_started.md for the box and occlusion rules.
     """
     image_size = int(image_size)
     xs, ys = _coords(image_size)

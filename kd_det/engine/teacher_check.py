@@ -1,23 +1,13 @@
 """The teacher check: evaluate the teacher on a few validation images before the first step.
 
-Strict loading (:mod:`kd_det.modeling.teacher`) catches a teacher whose weights are missing or do
-not fit its config. It cannot catch a teacher that loads cleanly and is useless: the wrong
-checkpoint of the same architecture, the wrong input format (RGB/BGR, pixel mean/std) or another
-label order. Such a teacher makes the "distilled" student equal to the baseline or worse, which
-users notice hours later if at all. Measuring the teacher's box AP on the first
-``MODEL.KD.TEACHER.CHECK_IMAGES`` images of ``DATASETS.TEST[0]`` costs seconds and catches all
-three: its AP is logged (and written to ``OUTPUT_DIR/teacher_check.json`` and ``metrics.json``),
-and an AP below ``MODEL.KD.TEACHER.MIN_AP`` stops the run with the likely causes listed.
-
-The teacher sees exactly what the student's evaluation feeds it (the student's test loader,
-through :class:`~kd_det.modeling.teacher.TeacherInference`, as ``--eval-teacher`` does) and is
-scored by detectron2's ``COCOEvaluator`` restricted to those images.
-
-When it runs: on a fresh start only. A resumed run already passed the check at iteration 0 with
-the same config, and resuming should stay cheap. It is skipped for random teachers
-(``MODEL.KD.TEACHER.ALLOW_RANDOM`` or no weights), for teachers trained on other classes (only
-label-free terms are then allowed, and AP on the student's classes means nothing), and without a
-test dataset.
+Strict loading cannot catch a teacher that loads cleanly and is useless (the wrong checkpoint,
+input format or label order). So, on a fresh start, the teacher's box AP is measured on the first
+``MODEL.KD.TEACHER.CHECK_IMAGES`` images of ``DATASETS.TEST[0]``, fed exactly as the student's
+evaluation feeds it (:class:`~kd_det.modeling.teacher.TeacherInference`) and scored by
+``COCOEvaluator``; it is logged, written to ``OUTPUT_DIR/teacher_check.json`` and ``metrics.json``,
+and an AP below ``MODEL.KD.TEACHER.MIN_AP`` stops the run with the likely causes listed. Skipped
+on resume, for random teachers, for teachers of other classes and without a test dataset.
+See docs/own_coco_data.md, "3. The teacher check", for why each choice was made.
 """
 
 import json

@@ -1,28 +1,13 @@
-"""Trace an exported student to TorchScript with detectron2's deployment path.
+"""Trace an exported student to TorchScript (or ONNX) with detectron2's deployment path.
 
 ``tools/export_student.py`` leaves a plain ``GeneralizedRCNN`` (``config.yaml`` +
-``model_final.pth``). This module does what detectron2's ``tools/deploy/export_model.py
---export-method tracing --format torchscript`` does, for that export: build the model, wrap it in
-``detectron2.export.TracingAdapter`` (which flattens detectron2's list-of-dicts inputs and
-``Instances`` outputs into tuples of tensors), ``torch.jit.trace`` it on one image, save
-``model.ts``, and then check that the traced model reproduces the eager model's boxes, scores and
-classes on that image.
-
-What the traced model takes and returns (the ``TracingAdapter`` contract):
-
-* input: one image tensor, ``(3, H, W)``, in the model's ``INPUT.FORMAT`` (RGB/BGR), already
-  resized the way ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST`` resize it (``DefaultPredictor`` does
-  this step in Python); normalization, padding and everything after happen inside;
-* output: a tuple of tensors, ``(pred_boxes, pred_classes, scores)`` (plus ``image_size``
-  depending on the detectron2 version) at the input's resolution, i.e. ``model.inference(...,
-  do_postprocess=False)``. ``adapter.outputs_schema`` turns the tuple back into ``Instances``;
-  ``detectron2.modeling.postprocessing.detector_postprocess`` rescales to the original image.
-
-Tracing records one execution: Python control flow that depends on values is frozen. detectron2
-makes Faster R-CNN trace-friendly (shapes are traced as tensors). The EfficientNet-Lite backbone's
-"SAME" padding was not (a trace padded every input to the traced size): :func:`make_traceable`
-patches it before tracing. :func:`export_torchscript` checks the trace on a second, differently
-sized image too, and fails loudly if the traced graph does not generalize.
+``model_final.pth``). This module does for it what detectron2's ``export_model.py
+--export-method tracing`` does: build the model, wrap it in ``detectron2.export.TracingAdapter``
+(tuples of tensors in and out), ``torch.jit.trace`` it on one image and save ``model.ts``; then
+check that the traced model reproduces the eager boxes, scores and classes on that image and on a
+second, differently sized one (:func:`export_torchscript`), since a trace freezes value-dependent
+control flow. :func:`make_traceable` patches EfficientNet-Lite's "SAME" padding before tracing.
+See docs/export_and_deploy.md, "TorchScript: trace the export", for the traced model's contract.
 """
 
 import logging
