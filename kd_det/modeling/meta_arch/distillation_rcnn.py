@@ -18,9 +18,6 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.utils.events import get_event_storage
-from torch import nn
-
-from kd_det.config.validation import validate_kd_config
 
 from ..capture import (
     pop_recorded,
@@ -33,10 +30,8 @@ from ..common import (
     ADAPTER_POLICIES,
     build_adapters,
     check_box_heads,
-    check_convertible,
     check_teacher_parts,
     convert_input_format,
-    linear_warmup,
     match_levels,
     per_level_weights,
     preprocess_for,
@@ -44,16 +39,15 @@ from ..common import (
 )
 from ..hint_weighting import HINT_WEIGHTING_REGISTRY, build_hint_weighting
 from ..losses import (
-    feature_hint_per_image,
     feature_loss_from_config,
-    foreground_maps,
     log_probs,
     masked_mean,
     roi_box_per_image,
     roi_kl_per_image,
     rpn_per_image,
 )
-from ..teacher import TeacherHolder, build_teacher, check_label_space
+from ..teacher import build_teacher, check_label_space
+from .distillation_mixin import DistillationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +55,7 @@ __all__ = ["DistillationRCNN"]
 
 
 @META_ARCH_REGISTRY.register()
-class DistillationRCNN(GeneralizedRCNN):
+class DistillationRCNN(DistillationMixin, GeneralizedRCNN):
     """``GeneralizedRCNN`` student + frozen teacher + distillation losses (module docstring)."""
 
     @configurable
@@ -127,18 +121,12 @@ class DistillationRCNN(GeneralizedRCNN):
             raise ValueError(
                 f"MODEL.KD.FEATURE.ADAPTER={adapter!r} is not one of {ADAPTER_POLICIES}."
             )
-        if not self.distills:
+        if not self.hold_teacher(teacher, teacher_input_format):
             if hint_weighting != "fixed":
                 logger.warning(
                     f"MODEL.KD.HINT_WEIGHTING={hint_weighting!r} ignored: nothing is distilled."
                 )
-            self._teacher = None
-            self.kd_adapters = nn.ModuleDict()
             return
-        if teacher is None:
-            raise ValueError("Distillation weights are set but no teacher was given.")
-        self._teacher = TeacherHolder(teacher)
-        check_convertible(self.input_format, teacher_input_format, "the teacher")
         self._check_compatible(teacher)
         # Trainable distillation parts live under one prefix so export can drop them.
         self.kd_adapters = self._build_adapters(teacher, adapter)
@@ -162,13 +150,6 @@ class DistillationRCNN(GeneralizedRCNN):
     # ------------------------------------------------------------------------------------------
     # construction
     # ------------------------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, cfg):
-        validate_kd_config(cfg)  # ranges first: before a teacher or peer is built
-        ret = super().from_config(cfg)
-        ret.update(cls.kd_arguments(cfg))
-        return ret
-
     @classmethod
     def kd_arguments(cls, cfg):
         """The distillation arguments (teacher included) from ``cfg.MODEL.KD``: what
@@ -244,11 +225,6 @@ class DistillationRCNN(GeneralizedRCNN):
             if getattr(self, name + "_weight"):
                 names.append("loss_kd_" + name)
         return names
-
-    @property
-    def teacher(self):
-        """The frozen teacher (not a submodule), or None when nothing is distilled."""
-        return None if self._teacher is None else self._teacher.get(self.device)
 
     @property
     def roi_distills(self):
@@ -353,11 +329,8 @@ class DistillationRCNN(GeneralizedRCNN):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         student = {"features": features, "bottom_up": s_bottom_up, "rpn": s_rpn}
         terms = self.distillation_terms(batched_inputs, student, gt_instances, sampled, predictions)
-        scale = self.warmup_factor()
         if self.kd_hint_weights is None:
-            for name, (values, valid, weight) in terms.items():
-                losses[name] = weight * scale * masked_mean(values, valid)
-            return losses
+            return self.add_fixed_weight_terms(losses, terms)
         # Dynamic: weight_k * warmup * sum_i(valid_ik * w_ik * value_ik) / sum_i(valid_ik), with
         # detached w; the meta-net learns only from its own loss_hint_meta.
         hint_inputs, self._hint_inputs = self._hint_inputs, {}
@@ -365,6 +338,7 @@ class DistillationRCNN(GeneralizedRCNN):
         hint_w, losses["loss_hint_meta"] = self.kd_hint_weights(
             terms, hint_inputs, detection_loss, get_event_storage().iter
         )
+        scale = self.warmup_factor()
         for name, (values, valid, weight) in terms.items():
             losses[name] = weight * scale * masked_mean(values * hint_w[name], valid)
         return losses
@@ -372,10 +346,6 @@ class DistillationRCNN(GeneralizedRCNN):
     @property
     def _parts(self):
         return ("rpn",) if self.rpn_objectness_weight or self.rpn_deltas_weight else ()
-
-    def warmup_factor(self):
-        """Linear warm-up of every distillation weight (:func:`.common.linear_warmup`)."""
-        return linear_warmup(self.warmup_iters)
 
     def _teacher_inputs(self, batched_inputs):
         return convert_input_format(batched_inputs, self.input_format, self.teacher_input_format)
@@ -457,15 +427,6 @@ class DistillationRCNN(GeneralizedRCNN):
         alias = x.view_as(x)
         self._hint_inputs.setdefault(name, []).append((student, alias, counts))
         return alias
-
-    def _feature_term(self, name, s, t, gt_instances, stride):
-        s = self._hint_input("loss_kd_" + name, s, s.float())
-        weight_map = None
-        if self.foreground_weight:
-            fg = foreground_maps(gt_instances, s.shape[-2:], stride, s.device)
-            weight_map = 1.0 + self.foreground_weight * fg
-        adapter = self.kd_adapters[name] if name in self.kd_adapters else None
-        return feature_hint_per_image(self.feature_loss, s, t, adapter, weight_map)
 
     def _roi_terms(self, sampled, s_pred, t_pred):
         s_scores, s_deltas = s_pred

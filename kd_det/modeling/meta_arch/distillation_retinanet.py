@@ -26,9 +26,6 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.structures import Boxes
-from torch import nn
-
-from kd_det.config.validation import validate_kd_config
 
 from ..capture import (
     pop_recorded,
@@ -39,10 +36,8 @@ from ..capture import (
 )
 from ..common import (
     build_adapters,
-    check_convertible,
     check_teacher_parts,
     convert_input_format,
-    linear_warmup,
     match_levels,
     per_level_weights,
     preprocess_for,
@@ -51,13 +46,11 @@ from ..crosskd import CrossHead
 from ..losses import (
     dense_box_per_image,
     dense_cls_per_image,
-    feature_hint_per_image,
     feature_loss_from_config,
     foreground_anchors,
-    foreground_maps,
-    masked_mean,
 )
-from ..teacher import TeacherHolder, build_teacher
+from ..teacher import build_teacher
+from .distillation_mixin import DistillationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +71,7 @@ def _has_dense_head(model):
 
 
 @META_ARCH_REGISTRY.register()
-class DistillationRetinaNet(RetinaNet):
+class DistillationRetinaNet(DistillationMixin, RetinaNet):
     """``RetinaNet`` student + frozen teacher + distillation losses (module docstring)."""
 
     @configurable
@@ -135,14 +128,8 @@ class DistillationRetinaNet(RetinaNet):
         self.teacher_input_format = teacher_input_format
         self.level_pairs = {}
         self._cross = None
-        if not self.distills:
-            self._teacher = None
-            self.kd_adapters = nn.ModuleDict()
+        if not self.hold_teacher(teacher, teacher_input_format):
             return
-        if teacher is None:
-            raise ValueError("Distillation weights are set but no teacher was given.")
-        self._teacher = TeacherHolder(teacher)
-        check_convertible(self.input_format, teacher_input_format, "the teacher")
         check_teacher_parts(teacher, self._needs())
         if not hasattr(teacher, "backbone") and self.fpn_levels:
             raise ValueError(
@@ -181,13 +168,6 @@ class DistillationRetinaNet(RetinaNet):
     # ------------------------------------------------------------------------------------------
     # construction
     # ------------------------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, cfg):
-        validate_kd_config(cfg)  # ranges first: before a teacher is built
-        ret = super().from_config(cfg)
-        ret.update(cls.kd_arguments(cfg))
-        return ret
-
     @classmethod
     def kd_arguments(cls, cfg):
         """The distillation arguments (teacher included) from ``cfg.MODEL.KD``: what
@@ -273,11 +253,6 @@ class DistillationRetinaNet(RetinaNet):
                 names.append("loss_kd_" + name)
         return names
 
-    @property
-    def teacher(self):
-        """The frozen teacher (not a submodule), or None when nothing is distilled."""
-        return None if self._teacher is None else self._teacher.get(self.device)
-
     def _needs(self):
         """``(key, has(teacher), what)`` of the enabled head terms (for check_teacher_parts)."""
         what = "the teacher's dense head (a RetinaNet-style head, anchors)"
@@ -351,10 +326,7 @@ class DistillationRetinaNet(RetinaNet):
             self._release_records()
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         terms = self.distillation_terms(batched_inputs, student, gt_instances)
-        scale = linear_warmup(self.warmup_iters)
-        for name, (values, valid, weight) in terms.items():
-            losses[name] = weight * scale * masked_mean(values, valid)
-        return losses
+        return self.add_fixed_weight_terms(losses, terms)
 
     def _release_records(self):
         """Drop whatever the taps recorded and was not read (e.g. after an exception)."""
@@ -396,14 +368,6 @@ class DistillationRetinaNet(RetinaNet):
             if self.reads_head:
                 terms.update(self._head_terms(student, t_out["head"]))
         return terms
-
-    def _feature_term(self, name, s, t, gt_instances, stride):
-        weight_map = None
-        if self.foreground_weight:
-            fg = foreground_maps(gt_instances, s.shape[-2:], stride, s.device)
-            weight_map = 1.0 + self.foreground_weight * fg
-        adapter = self.kd_adapters[name] if name in self.kd_adapters else None
-        return feature_hint_per_image(self.feature_loss, s.float(), t, adapter, weight_map)
 
     @staticmethod
     def _flat(head_out, k):
