@@ -1,6 +1,6 @@
 """Trace an exported student to TorchScript (or ONNX) with detectron2's deployment path.
 
-``tools/export_student.py`` leaves a plain ``GeneralizedRCNN`` (``config.yaml`` +
+``tools/export_student.py`` leaves a plain ``GeneralizedRCNN`` or ``RetinaNet`` (``config.yaml`` +
 ``model_final.pth``). This module does for it what detectron2's ``export_model.py
 --export-method tracing`` does: build the model, wrap it in ``detectron2.export.TracingAdapter``
 (tuples of tensors in and out), ``torch.jit.trace`` it on one image and save ``model.ts``; then
@@ -23,9 +23,12 @@ from kd_det.engine.checkpoint import atomic_path
 
 logger = logging.getLogger(__name__)
 
+#: The plain detectors kd_det's export writes and this module traces.
+TRACEABLE = ("GeneralizedRCNN", "RetinaNet")
+
 
 def load_student(config_file, weights=None, device="cpu"):
-    """Build the exported (plain ``GeneralizedRCNN``) student in eval mode.
+    """Build the exported (plain ``GeneralizedRCNN`` or ``RetinaNet``) student in eval mode.
 
     kd_det's config (``get_kd_cfg``) is used so that a student on a kd_det backbone
     (EfficientNet-Lite, whose exported config keeps ``MODEL.EFFICIENTNET``) loads too. The weights
@@ -50,10 +53,11 @@ def load_student(config_file, weights=None, device="cpu"):
     cfg.MODEL.DEVICE = device
     if "EFFICIENTNET" in cfg.MODEL:
         cfg.MODEL.EFFICIENTNET.PRETRAINED = False  # the checkpoint replaces ImageNet weights
-    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+    if cfg.MODEL.META_ARCHITECTURE not in TRACEABLE:
         raise ValueError(
             f"{config_file} is a {cfg.MODEL.META_ARCHITECTURE} config; trace the plain detector "
-            "that tools/export_student.py writes (its config.yaml and model_final.pth)."
+            f"({' or '.join(TRACEABLE)}) that tools/export_student.py writes (its config.yaml "
+            "and model_final.pth)."
         )
     model = build_model(cfg)
     checkpointer = SafeDetectionCheckpointer(model).refuse_mismatch("Weights", config_file)
@@ -110,8 +114,14 @@ def make_traceable(model):
 
 
 def _inference(model, inputs):
-    # As detectron2's export_model.py: no postprocess, so outputs stay at the input's resolution.
-    return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+    # As detectron2's export_model.py: an R-CNN skips its postprocess, so outputs stay at the
+    # input's resolution; a dense detector runs its forward, whose postprocess is then a no-op
+    # (the inputs carry no "height"/"width", so it rescales to the input's own size).
+    from detectron2.modeling import GeneralizedRCNN
+
+    if isinstance(model, GeneralizedRCNN):
+        return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+    return model(inputs)
 
 
 def trace_student(model, image):
