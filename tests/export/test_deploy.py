@@ -102,11 +102,12 @@ def test_a_trace_that_does_not_generalize_is_refused(tmp_path, synthetic_root, m
         _trace(os.path.dirname(out["config"]), _image(tmp_path))
 
 
-def test_onnx_export_matches_eager(tmp_path, synthetic_root):
+@pytest.mark.parametrize("config", ["faster_rcnn_R18_FPN.yaml", "retinanet_R18_FPN.yaml"])
+def test_onnx_export_matches_eager(tmp_path, synthetic_root, config):
     """Needs the ``deploy`` extra (onnx, onnxruntime), which ``make setup`` installs."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    out = _exported(tmp_path, "faster_rcnn_R18_FPN.yaml", synthetic_root)
+    out = _exported(tmp_path, config, synthetic_root)
     res = _trace(os.path.dirname(out["config"]), _image(tmp_path), fmt="onnx")
     assert res["path"].endswith("model.onnx") and os.path.isfile(res["path"])
     for check in res["checks"].values():  # the traced size and another one (dynamic axes)
