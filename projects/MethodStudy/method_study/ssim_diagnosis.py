@@ -13,7 +13,9 @@ study's teacher, data and schedule (:data:`VARIANTS`):
   tenth of training (:func:`matched_weight`, from the tuned run's ratio and the study's PKD pick);
 * **on top of PKD**: PKD at its tuned weight plus SSIM at its own (``feature_sum``);
 * **references**: the study's PKD and MSE picks, retrained here so their per-level losses and
-  ratios are measured the same way.
+  ratios are measured the same way;
+* **control**: MSE with its weight matched to PKD's ratio the same way, so that a gain of the
+  balanced SSIM over MSE is not only MSE's own under-weighting.
 
 The tuned variant and the references have exactly the parameters of the study's dev trials, so
 their dev AP must reproduce the study's (the report checks it). Every run records, besides the
@@ -32,6 +34,7 @@ once from its recipe if its weights are gone). Writes ``results.md``, ``results.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -54,10 +57,11 @@ MATCHED = "@matched_weight"
 class Variant:
     """One diagnosis run: ``opts`` are complete (not a delta), so each run is what a user types."""
 
-    def __init__(self, name, factor, label, opts, study_trial=None, ssim=True):
+    def __init__(self, name, factor, label, opts, study_trial=None, ssim=True, ratio_of="tuned"):
         self.name, self.factor, self.label, self.opts = name, factor, label, tuple(opts)
         self.study_trial = study_trial  # the study's dev trial with the same parameters
         self.ssim = ssim  # an SSIM-only setting (a candidate for "the best SSIM setting")
+        self.ratio_of = ratio_of  # the weight-3 run whose ratio a MATCHED weight scales
 
 
 VARIANTS = [
@@ -83,6 +87,8 @@ VARIANTS = [
                             "MODEL.KD.FEATURE.WEIGHTS", "[1.0]"), ssim=False),
     Variant("pkd", "reference", "PKD alone (study's pick, weight 12)", PKD, "pkd/w12.0", False),
     Variant("mse", "reference", "MSE (study's pick, weight 3)", MSE, "mse/w3.0", False),
+    Variant("mse_ratio_pkd", "control", "MSE, weight matched to PKD's KD/detection ratio",
+            MSE + _o("MODEL.KD.FEATURE.WEIGHTS", MATCHED), ssim=False, ratio_of="mse"),
 ]  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -170,7 +176,8 @@ def test_variants(dev_ap, max_ssim=2):
     * the best SSIM-only variant other than the tuned one (the study already has the tuned one's
       seeds), and any other SSIM-only variant above the tuned setting's dev AP, ``max_ssim`` in
       all, best first;
-    * SSIM on top of PKD when it is above PKD alone on dev.
+    * SSIM on top of PKD when it is above PKD alone on dev;
+    * the MSE control beside the balanced SSIM whenever that goes to test.
     """
     ssim = sorted((n for n in dev_ap if BY_NAME[n].ssim and n != "tuned"),
                   key=lambda n: -dev_ap[n])  # fmt: skip
@@ -178,6 +185,8 @@ def test_variants(dev_ap, max_ssim=2):
     chosen = chosen[:max_ssim]
     if "on_pkd" in dev_ap and dev_ap["on_pkd"] > dev_ap.get("pkd", float("inf")):
         chosen.append("on_pkd")
+    if "ratio_pkd" in chosen and "mse_ratio_pkd" in dev_ap:
+        chosen.append("mse_ratio_pkd")
     return chosen
 
 
@@ -266,22 +275,26 @@ def main(argv=None):
     study.run_teacher()
     if study.results["teacher"] is None:
         raise SystemExit(f"No teacher: {args.study} has neither its weights nor its record.")
-    chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants]
-    study.progress["total"] = len(chosen)
+    chosen = {v.name for v in VARIANTS if args.variants is None or v.name in args.variants}
+    study.progress["total"] = len(VARIANTS)
     pkd_rec = study_dev_record(args.study, "pkd/w12.0") or {}
-    runs, weight = {}, None
-    for v in chosen:
-        if MATCHED in v.opts and weight is None:
-            tuned = (runs.get("tuned") or {}).get("record") or {}
-            r_tuned = (tuned.get("kd_detection_ratio") or [None])[0]
+    runs, weights = {}, {}
+    # Variants outside --variants are only reused (never trained), so the report keeps them all.
+    for v in VARIANTS:
+        if MATCHED in v.opts and v.ratio_of not in weights:
+            ref = (runs.get(v.ratio_of) or {}).get("record") or {}
+            r_ref = (ref.get("kd_detection_ratio") or [None])[0]
             r_pkd = (pkd_rec.get("kd_detection_ratio") or [None])[0]
-            if r_tuned and r_pkd:
-                weight = matched_weight(r_tuned, r_pkd)
-        opts = expand(v, weight)
+            if r_ref and r_pkd:
+                weights[v.ratio_of] = matched_weight(r_ref, r_pkd)
+        opts = expand(v, weights.get(v.ratio_of))
         if opts is None:
-            print(f"[diagnosis] {v.name}: needs the tuned run's ratio first; skipped", flush=True)
+            if v.name in chosen:
+                print(f"[diagnosis] {v.name}: needs the {v.ratio_of} run's ratio first; skipped",
+                      flush=True)  # fmt: skip
             continue
-        runs[v.name] = study.variant_run(v.name, opts, 0, "dev")
+        with _reuse_only(study, v.name not in chosen):
+            runs[v.name] = study.variant_run(v.name, opts, 0, "dev")
         if runs[v.name] is not None:
             runs[v.name]["opts"] = opts
     dev_ap = {n: r["dev"]["AP"] for n, r in runs.items() if r is not None}
@@ -291,14 +304,17 @@ def main(argv=None):
         seeds = []
         for seed in args.seeds:
             run = runs.get(name) if seed == 0 else None
-            if seed != 0 and runs.get(name) is not None:
-                run = study.variant_run(name, runs[name]["opts"], seed, "final")
-            run = study.test(run)
+            with _reuse_only(study, args.test_variants is None and name not in chosen):
+                if seed != 0 and runs.get(name) is not None:
+                    run = study.variant_run(name, runs[name]["opts"], seed, "final")
+                run = study.test(run)
             if run is not None:
                 run["seed"] = seed
                 seeds.append(run)
         tests[name] = seeds
-    res = assemble(study, runs, tests, weight, pkd_rec, args, preset)
+    matched = {v.name: weights[v.ratio_of] for v in VARIANTS
+               if MATCHED in v.opts and v.ratio_of in weights}  # fmt: skip
+    res = assemble(study, runs, tests, matched, pkd_rec, args, preset)
     write(res, args.output)
     print(open(os.path.join(args.output, "results.md")).read())
 
@@ -321,14 +337,25 @@ def _slim(run, output):
     }
 
 
-def assemble(study, runs, tests, weight, pkd_rec, args, preset):
+@contextlib.contextmanager
+def _reuse_only(study, on):
+    """While ``on``, the study reuses finished runs and trains nothing (as with --report-only)."""
+    saved = study.args.report_only
+    study.args.report_only = saved or on
+    try:
+        yield
+    finally:
+        study.args.report_only = saved
+
+
+def assemble(study, runs, tests, matched, pkd_rec, args, preset):
     """Everything the report shows, as JSON (every AP names its split)."""
     main = study_results(args.study)
     t = study.results["teacher"] or {}
     res = {"preset": preset, "splits": {"dev": "val (every choice)", "test": "test (reported)"},
            "teacher": {"dev_AP": t.get("dev", {}).get("AP"),
                        "test_AP": (t.get("test") or {}).get("AP")},
-           "matched_weight": weight,
+           "matched_weight": matched.get("ratio_pkd"), "matched_weights": matched,
            "pkd_ratio_study": pkd_rec.get("kd_detection_ratio"),
            "variants": {}, "test": {}, "study_test": {}}  # fmt: skip
     for v in VARIANTS:
@@ -402,10 +429,11 @@ def markdown(res):
               "Per-level KD loss: each `loss_kd_fpn_<level>` as trained (weight included); a level "
               "that is skipped (P6 at window 7) logs 0. Every tenth is in results.json "
               "(`kd_terms`) and kd_terms.png."]  # fmt: skip
-    if res.get("matched_weight") is not None:
-        lines += ["", f"Balance: weight {res['matched_weight']} = 3 x PKD's first-tenth ratio "
-                  f"{_f((res.get('pkd_ratio_study') or [None])[0])} (study record "
-                  "`ledger/dev/pkd/w12.0`) / the tuned SSIM run's."]  # fmt: skip
+    r_pkd = _f((res.get("pkd_ratio_study") or [None])[0])
+    for name, w in (res.get("matched_weights") or {}).items():
+        ref = BY_NAME[name].ratio_of
+        lines += ["", f"Balance (`{name}`): weight {w} = 3 x PKD's first-tenth ratio {r_pkd} "
+                  f"(study record `ledger/dev/pkd/w12.0`) / the `{ref}` run's."]  # fmt: skip
     repro = [
         f"`{n}` {_f(e['dev']['AP'], 4)} vs the study's `{e['study_trial']}` "
         f"{_f(e.get('study_dev_AP'), 4)}"

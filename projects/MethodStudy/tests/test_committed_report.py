@@ -25,4 +25,3 @@ def test_report_rebuilt_from_the_ledger_is_byte_identical(tmp_path):
     for name in REPORTS:
         rebuilt, committed = (out / name).read_bytes(), (STUDY / name).read_bytes()
         assert rebuilt == committed, f"{name} differs from the committed one"
-

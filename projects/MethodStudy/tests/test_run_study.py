@@ -114,11 +114,14 @@ def _ledger_keeps_the_study(tmp_path):
     assert json.loads((ledger / "teacher.json").read_text())["source"].startswith("restored from")
 
     # A lost run trains again; its teacher's weights are gone, so the teacher is retrained first
-    # and must reproduce its recorded dev AP bit for bit.
+    # and must reproduce its recorded dev AP bit for bit. Its record stays the run the report is
+    # about (time, CPU, test): the retrain only recreated the weights.
+    teacher_record = (ledger / "teacher.json").read_text()
     (ledger / "final" / "ssim" / "seed1.json").unlink()
     proc = _study(tmp_path, ARGS)
     assert "the teacher's weights are missing" in proc.stdout
     assert proc.stdout.count(": training; log in") == 2  # the teacher and ssim seed 1 only
+    assert (ledger / "teacher.json").read_text() == teacher_record
     assert json.loads((ledger / "final" / "ssim" / "seed1.json").read_text())["source"] == "trained"
 
 

@@ -29,6 +29,10 @@ def test_each_variant_changes_one_factor_of_the_tuned_setting():
     for v in diag.VARIANTS:
         if v.factor == "reference":
             continue
+        if v.factor == "control":  # MSE's pick with only its weight changed, the same way
+            assert list(v.opts) == list(diag.MSE) + ["MODEL.KD.FEATURE.WEIGHTS", diag.MATCHED]
+            assert v.ratio_of == "mse" and diag.BY_NAME["mse"].opts == diag.MSE
+            continue
         assert list(v.opts[: len(base)]) == base, v.name
         extra = v.opts[len(base) :]
         keys = {extra[i] for i in range(0, len(extra), 2)}
@@ -54,6 +58,11 @@ def test_test_variants_rule():
     # Nothing above tuned: still the best SSIM variant (the "best SSIM setting" for later parts).
     dev = {"tuned": 31.9, "p2": 30.0, "structure": 29.0, "on_pkd": 35.0, "pkd": 35.7}
     assert diag.test_variants(dev) == ["p2"]
+    # The MSE control goes to test beside the balanced SSIM, and only then.
+    dev = {"tuned": 31.9, "ratio_pkd": 34.8, "p2": 32.3, "mse_ratio_pkd": 33.0, "pkd": 35.7}
+    assert diag.test_variants(dev) == ["ratio_pkd", "p2", "mse_ratio_pkd"]
+    dev["p2"] = 35.0
+    assert diag.test_variants(dev, max_ssim=1) == ["p2"]
 
 
 def test_kd_terms_averages_each_tenth(tmp_path):
@@ -112,6 +121,13 @@ def test_diagnosis_tiny(tmp_path):
     again = run_module("ssim_diagnosis", args, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": training; log in" not in again.stdout and ": resuming; log in" not in again.stdout
+    # A call for one variant trains only that one and reports every finished one.
+    one_args = args[:6] + ["--variants", "p2", "--test-variants", "structure", "--seeds", "0", "1"]
+    one = run_module("ssim_diagnosis", one_args + no_check, timeout=1200)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.stdout.count(": training; log in") == 1 and "p2/seed0: training" in one.stdout
+    assert set(json.loads((out / "results.json").read_text())["variants"]) == {
+        "tuned", "structure", "on_pkd", "p2"}  # fmt: skip
     # The probe opens the trained models: one row per distilled level that fits a window.
     probe = run_module("ssim_probe", ["--diagnosis", out, "--runs", "tuned", "on_pkd",
                                       "--images", "2", "--output", out / "probe.md"])  # fmt: skip
@@ -197,3 +213,26 @@ def test_probe_terms_multiply_to_ssim():
     torch.testing.assert_close(r["s"], ssim_map(s, t, 1.0, 7, terms="structure"), atol=1e-5,
                                rtol=0)  # fmt: skip
     assert r["window"] == 7 and terms(s[..., :2, :2], t[..., :2, :2], loss) is None
+
+
+def test_balanced_ssim_config_is_the_settled_diagnosis_run():
+    """configs/Synthetic/distill_lite2_to_lite0_ssim_balanced.yaml, which the docs recommend, is
+    the diagnosis's matched-weight run that was settled on test: the same config once its
+    recorded options are applied to the study's SSIM base config."""
+    import os
+
+    from kd_det.config import get_kd_cfg
+
+    from method_study import REPO
+
+    with open(os.path.join(RESULTS, "ssim_diagnosis", "results.json")) as f:
+        res = json.load(f)
+    assert "ratio_pkd" in res["test"], "the recommended setting must have test results"
+    configs = os.path.join(REPO, "configs", "Synthetic")
+    shipped = get_kd_cfg()
+    shipped.merge_from_file(os.path.join(configs, "distill_lite2_to_lite0_ssim_balanced.yaml"))
+    run = get_kd_cfg()
+    run.merge_from_file(os.path.join(configs, "distill_lite2_to_lite0_ssim.yaml"))
+    run.merge_from_list(list(plan.STUDENT_SIZE) + res["variants"]["ratio_pkd"]["opts"])
+    assert shipped.MODEL == run.MODEL
+    assert list(shipped.MODEL.KD.FEATURE.WEIGHTS) == [res["matched_weight"]]
