@@ -87,6 +87,17 @@ def test_run_study_tiny(tmp_path):
     assert test_cfg["DATASETS"]["TEST"] == ["external_test"]
     assert test_cfg["INPUT"]["MIN_SIZE_TEST"] == run_cfg["INPUT"]["MIN_SIZE_TEST"] == size
     assert "Partial" not in (gen_out / "results.md").read_text()
+    assert out["study"] == str(tmp_path / "results.json")  # outside the checkout: absolute
+    # The teacher's record is the run the report is about: a later call that finds its weights
+    # (as after a retrain for lost students) reports the record, and leaves it as it was.
+    t_rec = gen_out / "ledger" / "teacher.json"
+    rec = json.loads(t_rec.read_text())
+    t_rec.write_text(json.dumps(dict(rec, seconds=12345.0)))
+    before = t_rec.read_text()
+    proc = run_module("run_generalization", args + ["--report-only"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert t_rec.read_text() == before
+    assert json.load(open(gen_out / "results.json"))["teacher"]["seconds"] == 12345.0
 
 
 def _ledger_keeps_the_study(tmp_path):
@@ -132,10 +143,12 @@ def test_generalization_takes_the_two_best_methods_by_dev_ap():
     best, dev = gen.best_methods(study)
     assert best == ["mse", "mix"] and dev["ssim"] == 21.0
     assert gen.chosen_methods(None, study)[0] == ["mse", "mix"]
-    # Named methods run as given, once each; the student always runs, so it is not repeated.
-    assert gen.chosen_methods(["ssim", "student", "ssim"], study) == (["ssim"], {})
+    # Named methods run as given, once each; the student always runs, so it is not repeated. The
+    # dev ranking is kept either way, so a results file shows what the study would have chosen.
+    assert gen.chosen_methods(["ssim", "student", "ssim"], study) == (["ssim"], dev)
     # No names: only the teacher and the student, which can start before the study has finished.
-    assert gen.chosen_methods([], study) == ([], {})
+    assert gen.chosen_methods([], study) == ([], dev)
+    assert gen.chosen_methods([], {}) == ([], {})
 
 
 def test_run_study_report_only_trains_nothing(tmp_path):
