@@ -3,7 +3,8 @@
 distillation model made with ``kd_det.modeling.lazy.distill``.
 
 detectron2's ``tools/lazyconfig_train_net.py``, with kd_det's trainers
-(``kd_det.engine.lazy_train``: AMP and DDP on CPU, crash-safe checkpoints, kd_det's datasets).
+(``kd_det.engine.lazy_train``: AMP and DDP on CPU, crash-safe checkpoints, kd_det's datasets,
+the teacher check of a distillation run).
 ``--num-gpus``, ``--resume``, ``--eval-only`` and ``key=value`` overrides behave as in
 detectron2. A ``.py`` config is Python code: it runs when loaded, so give only files you trust.
 

@@ -11,6 +11,9 @@ adds, for the same reasons as in :class:`~kd_det.engine.KDTrainer`:
 * AMP on CPU (bfloat16, :class:`~kd_det.engine.trainer.CPUAMPTrainer`) and DDP on CPU (gloo,
   ``device_ids=None``);
 * crash-safe checkpoints (:class:`~kd_det.engine.checkpoint.AtomicDetectionCheckpointer`);
+* the teacher check of a fresh distillation run (:mod:`kd_det.engine.teacher_check`: the
+  teacher's AP on the first test images, read by ``dataloader.test.mapper``, before the first
+  step; ``model.kd.TEACHER.MIN_AP`` and ``CHECK_IMAGES`` as in YAML);
 * kd_det's datasets: the generated scenes and ``DATASETS.COCO``-style entries are registered
   from an optional top-level ``datasets`` node of the config (``SYNTHETIC_ROOT``, ``COCO``) for
   the dataset names the loaders use.
@@ -26,6 +29,7 @@ from detectron2.utils import comm
 from omegaconf import OmegaConf
 
 from .checkpoint import AtomicDetectionCheckpointer
+from .teacher_check import TeacherCheckHook
 from .trainer import CPUAMPTrainer, KDSimpleTrainer
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,22 @@ def build_model(cfg):
     return model.to(cfg.train.device)
 
 
+def _teacher_check_hook(cfg):
+    """The teacher check of a :func:`~kd_det.modeling.lazy.distill` model, or None for a plain
+    model (the hook skips itself on resume, as in :class:`~kd_det.engine.KDTrainer`)."""
+    from kd_det.modeling.lazy import recipe_kd_cfg
+
+    kcfg = recipe_kd_cfg(cfg.model)
+    if kcfg is None:
+        return None
+    names = OmegaConf.select(cfg, "dataloader.test.dataset.names", default=None)
+    kcfg.DATASETS.TEST = () if names is None else ((names,) if isinstance(names, str) else
+                                                   tuple(names))  # fmt: skip
+    kcfg.OUTPUT_DIR = cfg.train.output_dir
+    mapper = instantiate(cfg.dataloader.test.mapper) if "test" in cfg.dataloader else None
+    return TeacherCheckHook(kcfg, mapper)
+
+
 def do_train(cfg, resume=False):
     """Train ``cfg.model`` (detectron2's ``do_train``; see the module docstring).
 
@@ -106,6 +126,7 @@ def do_train(cfg, resume=False):
 
     trainer.register_hooks(
         [
+            _teacher_check_hook(cfg),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             (

@@ -34,11 +34,14 @@ class _OnImages(DatasetEvaluator):
 
     def __init__(self, evaluator, img_ids):
         self.evaluator, self.img_ids = evaluator, img_ids
+        self.detections = 0  # on this process
 
     def reset(self):
         self.evaluator.reset()
+        self.detections = 0
 
     def process(self, inputs, outputs):
+        self.detections += sum(len(o["instances"]) for o in outputs if "instances" in o)
         self.evaluator.process(inputs, outputs)
 
     def evaluate(self):
@@ -65,8 +68,10 @@ def skip_reason(cfg, model):
     return None
 
 
-def evaluate_teacher(cfg, model, num_images):
-    """Box AP of ``model``'s teacher on the first ``num_images`` images of ``DATASETS.TEST[0]``.
+def evaluate_teacher(cfg, model, num_images, mapper=None):
+    """Box AP of ``model``'s teacher on the first ``num_images`` images of ``DATASETS.TEST[0]``,
+    read by ``mapper`` (default: the student's test mapper of a YAML config, which a LazyConfig
+    run replaces with its ``dataloader.test.mapper``).
 
     Returns:
         dict: COCO bbox metrics (``AP``, ``AP50``, ...) on every process, ``images``, ``dataset``.
@@ -75,20 +80,28 @@ def evaluate_teacher(cfg, model, num_images):
 
     name = cfg.DATASETS.TEST[0]
     dicts = DatasetCatalog.get(name)[:num_images]
-    loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, False), num_workers=0)
+    mapper = mapper if mapper is not None else DatasetMapper(cfg, False)
+    loader = build_detection_test_loader(dicts, mapper=mapper, num_workers=0)
     teacher = TeacherInference(model.teacher, cfg.INPUT.FORMAT, model.teacher_input_format)
     teacher.eval()  # inference_on_dataset restores this mode afterwards: keep the teacher in eval
+    on_images = _OnImages(None, [d["image_id"] for d in dicts])
     with tempfile.TemporaryDirectory() as tmp:
-        evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=True, output_dir=tmp)
-        res = inference_on_dataset(
-            teacher, loader, _OnImages(evaluator, [d["image_id"] for d in dicts])
-        )
+        on_images.evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=True, output_dir=tmp)
+        res = inference_on_dataset(teacher, loader, on_images)
     bbox = comm.all_gather(dict(res.get("bbox", {})) if res else {})[0]  # rank 0 evaluated
-    return dict(bbox, images=len(dicts), dataset=name)
+    detections = sum(comm.all_gather(on_images.detections))
+    objects = sum(not a.get("iscrowd", 0) for d in dicts for a in d.get("annotations", []))
+    if detections == 0 and objects > 0:
+        # COCOEvaluator reports NaN when nothing was predicted ("No predictions from the
+        # model!"), which reads as "nothing to judge"; a teacher that finds none of the objects
+        # there has an AP of 0.
+        bbox = {k: 0.0 for k in bbox} or {"AP": 0.0}
+    return dict(bbox, images=len(dicts), dataset=name, detections=detections, objects=objects)
 
 
-def check_teacher(cfg, model, output_dir=None):
+def check_teacher(cfg, model, output_dir=None, mapper=None):
     """Run the check (see the module docstring); write ``output_dir/teacher_check.json``.
+    ``mapper`` as in :func:`evaluate_teacher`.
 
     Returns:
         dict or None: the check's result, None when skipped.
@@ -101,7 +114,7 @@ def check_teacher(cfg, model, output_dir=None):
         logger.info(f"Teacher check skipped: {reason}.")
         return None
     start = time.perf_counter()
-    res = evaluate_teacher(cfg, model, cfg.MODEL.KD.TEACHER.CHECK_IMAGES)
+    res = evaluate_teacher(cfg, model, cfg.MODEL.KD.TEACHER.CHECK_IMAGES, mapper)
     res["seconds"] = time.perf_counter() - start
     ap, floor = res.get("AP", float("nan")), cfg.MODEL.KD.TEACHER.MIN_AP
     where = f"the first {res['images']} images of '{res['dataset']}'"
@@ -137,17 +150,19 @@ def check_teacher(cfg, model, output_dir=None):
 
 
 class TeacherCheckHook(HookBase):
-    """Runs :func:`check_teacher` in ``before_train`` of a fresh (not resumed) run."""
+    """Runs :func:`check_teacher` in ``before_train`` of a fresh (not resumed) run; ``cfg`` is the
+    run's config (for a LazyConfig run, :func:`kd_det.modeling.lazy.recipe_kd_cfg` with
+    ``OUTPUT_DIR`` and ``DATASETS.TEST`` set), ``mapper`` as in :func:`evaluate_teacher`."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, mapper=None):
+        self.cfg, self.mapper = cfg, mapper
 
     def before_train(self):
         if self.trainer.start_iter > 0:
             logger.info("Teacher check skipped: resumed run (checked when it started).")
             return
         model = getattr(self.trainer.model, "module", self.trainer.model)
-        res = check_teacher(self.cfg, model, self.cfg.OUTPUT_DIR)
+        res = check_teacher(self.cfg, model, self.cfg.OUTPUT_DIR, self.mapper)
         if res is not None and res.get("AP", -1) >= 0:
             self.trainer.storage.put_scalar("teacher_check/AP", res["AP"], smoothing_hint=False)
             self.trainer.storage.put_scalar("teacher_check/seconds", res["seconds"])

@@ -30,8 +30,10 @@ __all__ = [
     "distill",
     "distillation_model",
     "is_lazy_config",
+    "kd_cfg",
     "lazy_teacher_cfg",
     "load_lazy_config",
+    "recipe_kd_cfg",
 ]
 
 #: Config files with this suffix are LazyConfig Python files.
@@ -183,9 +185,27 @@ def distillation_model(*, kd_architecture, kd, kd_datasets=(), **student):
     """Build ``kd_architecture`` from the student's instantiated arguments and the ``MODEL.KD``
     settings ``kd`` (the target of :func:`distill`'s recipe)."""
     from detectron2.modeling import META_ARCH_REGISTRY
+
+    from kd_det.config import validate_kd_config
+
+    cfg = kd_cfg(kd_architecture, kd, kd_datasets, student)
+    validate_kd_config(cfg)
+    cls = META_ARCH_REGISTRY.get(kd_architecture)
+    return cls(**student, **cls.kd_arguments(cfg))
+
+
+def kd_cfg(kd_architecture, kd, kd_datasets, student):
+    """The yacs config that the checks written for YAML students read, for a :func:`distill`
+    model: its ``MODEL.KD``, architecture, training datasets, input format and class count.
+
+    Args:
+        kd_architecture, kd, kd_datasets: the fields of :func:`distill`'s recipe.
+        student: the student's arguments, instantiated or still a recipe (only
+            ``input_format``, ``roi_heads.num_classes`` and ``num_classes`` are read).
+    """
     from omegaconf import DictConfig, OmegaConf
 
-    from kd_det.config import get_kd_cfg, validate_kd_config
+    from kd_det.config import get_kd_cfg
 
     if isinstance(kd, DictConfig):
         kd = OmegaConf.to_container(kd, resolve=True)
@@ -201,6 +221,14 @@ def distillation_model(*, kd_architecture, kd, kd_datasets=(), **student):
     # The teacher is built on the CPU and follows the student to its device at the first step
     # (TeacherHolder); LazyConfig students are moved by their training script.
     cfg.MODEL.DEVICE = "cpu"
-    validate_kd_config(cfg)
-    cls = META_ARCH_REGISTRY.get(kd_architecture)
-    return cls(**student, **cls.kd_arguments(cfg))
+    return cfg
+
+
+def recipe_kd_cfg(recipe):
+    """:func:`kd_cfg` of a :func:`distill` recipe (a ``DictConfig``), or None when ``recipe`` is
+    not one (a plain LazyConfig model has no teacher to check)."""
+    if _target_name(recipe) != "distillation_model":
+        return None
+    fields = ("kd_architecture", "kd", "kd_datasets")
+    student = {k: v for k, v in recipe.items() if k not in fields and k != "_target_"}
+    return kd_cfg(recipe.kd_architecture, recipe.kd, recipe.get("kd_datasets", ()), student)

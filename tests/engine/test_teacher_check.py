@@ -133,3 +133,17 @@ def test_teacher_trained_on_other_classes(tmp_path, teacher_file, synthetic_root
     # Label-free terms only: distillation proceeds, but the teacher's AP is not checked.
     cfg = _cfg(tmp_path, teacher_file, synthetic_root, *extra)
     assert "other classes" in skip_reason(cfg, build_model(cfg))
+
+
+def test_a_teacher_that_finds_nothing_scores_zero(tmp_path, teacher_file, synthetic_root):
+    """COCOEvaluator reports NaN when nothing was predicted; the check must not read that as
+    "no objects to judge" and let a teacher that detects nothing through."""
+    from kd_det.engine.teacher_check import TeacherCheckError, check_teacher
+
+    opts = teacher_file["opts"] + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.01"]
+    cfg = _cfg(tmp_path, teacher_file, synthetic_root, "MODEL.KD.TEACHER.MIN_AP", "1.0",
+               "MODEL.KD.TEACHER.OPTS", str(opts))  # fmt: skip
+    with pytest.raises(TeacherCheckError, match="'synthetic_val' is 0.0, below"):
+        check_teacher(cfg, build_model(cfg), str(tmp_path))
+    res = json.load(open(tmp_path / "teacher_check.json"))
+    assert res["detections"] == 0 and res["objects"] > 0 and res["AP"] == 0.0

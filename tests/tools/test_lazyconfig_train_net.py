@@ -1,6 +1,7 @@
 """tools/lazyconfig_train_net.py as a user runs it: a LazyConfig RetinaNet student wrapped by
-``distill``, with a LazyConfig teacher, trains two steps on tiny generated data, logs its
-``loss_kd_*`` terms, evaluates, and leaves a checkpoint that plain detectron2 loads."""
+``distill``, with a LazyConfig teacher, is checked like a YAML run's teacher, trains two steps on
+tiny generated data, logs its ``loss_kd_*`` terms, evaluates, and leaves a checkpoint that plain
+detectron2 loads."""
 
 import json
 import os
@@ -16,25 +17,46 @@ LAZY_RETINA = os.path.join("configs", "Synthetic", "lazy", "retinanet_R18_FPN.py
 LAZY_DISTILL = os.path.join("configs", "Synthetic", "lazy", "distill_retinanet_R18_mse.py")
 
 
-def test_lazy_student_and_teacher_train_evaluate_and_export(tmp_path, synthetic_root):
+def _args(tmp_path, synthetic_root, out, *extra):
+    """The tool's arguments for the LazyConfig distillation with an untrained (AP 0) teacher."""
     torch.manual_seed(11)
     teacher = instantiate(LazyConfig.load(os.path.join(REPO, LAZY_RETINA)).model)
     DetectionCheckpointer(teacher, save_dir=str(tmp_path)).save("teacher")
-    out = tmp_path / "run"
-    args = [
+    return [
         "--config-file", LAZY_DISTILL,
         f"model.kd.TEACHER.CONFIG_FILE={LAZY_RETINA}",
         f"model.kd.TEACHER.WEIGHTS={tmp_path / 'teacher.pth'}",
-        "model.kd.DENSE.CLS_WEIGHT=1.0",
+        "model.kd.DENSE.CLS_WEIGHT=1.0", "model.kd.TEACHER.CHECK_IMAGES=4",
         f"datasets.SYNTHETIC_ROOT={synthetic_root}",
         "input_size.min_size=64", "input_size.max_size=96",
         "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
         "train.max_iter=2", "train.log_period=1", f"train.output_dir={out}",
-    ]  # fmt: skip
+    ] + list(extra)  # fmt: skip
+
+
+def test_lazy_distillation_stops_on_a_useless_teacher(tmp_path, synthetic_root):
+    """The teacher check of tools/train_net.py applies to a LazyConfig run: an untrained teacher
+    stops it before the first step, with the check's message, and nothing is saved."""
+    out = tmp_path / "run"
+    proc = run_tool(REPO, "lazyconfig_train_net.py", _args(tmp_path, synthetic_root, out))
+    assert proc.returncode != 0
+    assert "TeacherCheckError" in proc.stderr
+    assert "below MODEL.KD.TEACHER.MIN_AP 5.0" in proc.stderr
+    assert "the first 4 images of 'synthetic_val'" in proc.stderr
+    assert json.loads((out / "teacher_check.json").read_text())["images"] == 4
+    assert not (out / "model_final.pth").exists()
+
+
+def test_lazy_student_and_teacher_train_evaluate_and_export(tmp_path, synthetic_root):
+    out = tmp_path / "run"
+    # Floor 0: the check only logs the untrained teacher's AP, and training goes on.
+    args = _args(tmp_path, synthetic_root, out, "model.kd.TEACHER.MIN_AP=0.0")
     proc = run_tool(REPO, "lazyconfig_train_net.py", args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "teacher_check.json").read_text())["dataset"] == "synthetic_val"
     lines = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines()]
+    assert any("teacher_check/seconds" in x for x in lines)
     trained = [x for x in lines if "loss_cls" in x]
     assert trained[-1]["iteration"] == 1
     assert {"loss_kd_fpn_p3", "loss_kd_fpn_p7", "loss_kd_dense_cls"} <= set(trained[-1])
