@@ -7,6 +7,8 @@ detectron2's ``tools/lazyconfig_train_net.py``, with kd_det's trainers
 the teacher check of a distillation run).
 ``--num-gpus``, ``--resume``, ``--eval-only`` and ``key=value`` overrides behave as in
 detectron2. A ``.py`` config is Python code: it runs when loaded, so give only files you trust.
+As with ``tools/train_net.py``, one run at a time may use a ``train.output_dir`` (a second one
+stops before it starts, naming the first).
 
 Examples:
     python tools/lazyconfig_train_net.py --config-file configs/Synthetic/lazy/retinanet_R18_FPN.py
@@ -17,6 +19,7 @@ Examples:
 """
 
 import logging
+import sys
 
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -26,6 +29,7 @@ from detectron2.utils.logger import setup_logger
 import kd_det  # noqa: F401  (registers kd_det's components)
 from kd_det.engine.checkpoint import AtomicDetectionCheckpointer
 from kd_det.engine.lazy_train import build_model, do_test, do_train, register_lazy_datasets
+from kd_det.engine.run_lock import OutputDirError, OutputDirInUseError, OutputDirLock
 
 logger = logging.getLogger("kd_det")
 
@@ -43,8 +47,21 @@ def main(args):
     return do_train(cfg, resume=args.resume)
 
 
+def preflight(args):
+    """Take the lock of ``train.output_dir`` before any process starts (held by this process for
+    the whole run; none on machines other than the first)."""
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    if args.machine_rank != 0:
+        return None
+    return OutputDirLock(cfg.train.output_dir, key="train.output_dir").acquire()
+
+
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
+    try:
+        _LOCK = preflight(args)  # held until this process exits
+    except (OutputDirError, OutputDirInUseError) as e:
+        sys.exit(f"lazyconfig_train_net.py: error: {e}")
     launch(
         main,
         args.num_gpus,

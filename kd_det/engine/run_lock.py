@@ -60,8 +60,13 @@ class OutputDirInUseError(RuntimeError):
     """Another live run holds the lock of ``OUTPUT_DIR``."""
 
 
-def check_output_dir(path):
-    """Refuse an ``OUTPUT_DIR`` that is, or lies under, an existing file.
+def _example(key):
+    return f"{key}=output/my_run" if "." in key else f"{key} output/my_run"
+
+
+def check_output_dir(path, key="OUTPUT_DIR"):
+    """Refuse an ``OUTPUT_DIR`` that is, or lies under, an existing file; ``key`` is how the
+    config names it (``train.output_dir`` in a LazyConfig).
 
     Raises:
         OutputDirError: naming the file and the key.
@@ -75,8 +80,8 @@ def check_output_dir(path):
     if os.path.exists(probe) and not os.path.isdir(probe):
         where = "is a file" if probe == os.path.abspath(path) else f"lies under the file '{probe}'"
         raise OutputDirError(
-            f"OUTPUT_DIR '{path}' {where}; runs write their checkpoints, logs and results into a "
-            "folder. Set OUTPUT_DIR to a folder path (e.g. OUTPUT_DIR output/my_run)."
+            f"{key} '{path}' {where}; runs write their checkpoints, logs and results into a "
+            f"folder. Set {key} to a folder path (e.g. {_example(key)})."
         )
 
 
@@ -85,10 +90,12 @@ class OutputDirLock:
 
     Args:
         output_dir (str): the folder (created if needed).
+        key (str): how the config names it, for the messages (``train.output_dir`` in a
+            LazyConfig).
     """
 
-    def __init__(self, output_dir):
-        self.output_dir = output_dir
+    def __init__(self, output_dir, key="OUTPUT_DIR"):
+        self.output_dir, self.key = output_dir, key
         self.path = os.path.join(output_dir, LOCK_NAME)
         self._fd = None
 
@@ -100,7 +107,7 @@ class OutputDirLock:
         """
         import fcntl
 
-        check_output_dir(self.output_dir)
+        check_output_dir(self.output_dir, self.key)
         os.makedirs(self.output_dir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -110,7 +117,7 @@ class OutputDirLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise OutputDirInUseError(self._in_use_message()) from None
             logger.warning(
-                f"Cannot lock OUTPUT_DIR '{self.output_dir}' ({e.strerror}; the file system may "
+                f"Cannot lock {self.key} '{self.output_dir}' ({e.strerror}; the file system may "
                 "not support locks): nothing stops a second run from writing into it."
             )
             return self
@@ -137,9 +144,9 @@ class OutputDirLock:
             f"{holder.get('started', '?')}: {holder.get('command', '?')}"
         )
         return (
-            f"OUTPUT_DIR '{self.output_dir}' is in use by a live run ({who}). Two runs in one "
+            f"{self.key} '{self.output_dir}' is in use by a live run ({who}). Two runs in one "
             "folder overwrite each other's checkpoints, metrics.json and results. Wait for that "
-            "run to end, or give this one another OUTPUT_DIR. (Its lock, "
+            f"run to end, or give this one another {self.key}. (Its lock, "
             f"{self.path}, is released when that process exits, even if it is killed: there is "
             "nothing to delete.)"
         )

@@ -67,3 +67,18 @@ def test_lazy_student_and_teacher_train_evaluate_and_export(tmp_path, synthetic_
     state = torch.load(out / "model_final.pth", weights_only=True)["model"]
     missing, unexpected = plain.load_state_dict(state, strict=False)
     assert missing == [] and unexpected == []  # 64 channels both: no adapters
+
+
+def test_one_lazy_run_per_output_dir(tmp_path, synthetic_root):
+    """A second run into a folder a live run holds stops before it starts, naming the holder and
+    the LazyConfig key to change, as tools/train_net.py does for OUTPUT_DIR."""
+    from kd_det.engine.run_lock import OutputDirLock
+
+    out = tmp_path / "run"
+    with OutputDirLock(str(out)):  # this test process is the live run
+        proc = run_tool(REPO, "lazyconfig_train_net.py", _args(tmp_path, synthetic_root, out))
+    assert proc.returncode != 0
+    assert f"train.output_dir '{out}' is in use by a live run (pid {os.getpid()}" in proc.stderr
+    assert "give this one another train.output_dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".kd_det_run.lock"]
