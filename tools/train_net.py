@@ -46,8 +46,8 @@ from kd_det.engine.checkpoint import (
     list_checkpoints,
 )
 from kd_det.engine.interrupt import install_interrupt_handlers, received_signal, resume_hint
-from kd_det.engine.resume_check import ResumeConfigError, check_resume_config
-from kd_det.engine.run_lock import OutputDirError, OutputDirInUseError, OutputDirLock
+from kd_det.engine.resume_check import ResumeConfigError
+from kd_det.engine.run_lock import OutputDirError, OutputDirInUseError, guard_run
 from kd_det.engine.trainer import fall_back_to_cpu
 from kd_det.modeling.common import STUDENT_ARCHITECTURES
 from kd_det.modeling.teacher import TeacherInference
@@ -269,10 +269,11 @@ def preflight(args):
         cfg.MODEL.DEVICE = "cpu"  # as setup() will do (and log) in the run itself
     if (args.eval_only or args.eval_all_peers) and not args.eval_teacher:
         check_eval_weights(cfg, args)
-    lock = OutputDirLock(cfg.OUTPUT_DIR).acquire() if args.machine_rank == 0 else None
     args.resume_changes = []
-    if args.resume and _training(args) and args.machine_rank == 0:
-        args.resume_changes = check_resume_config(cfg, args.allow_config_change, get_kd_cfg())
+    if args.machine_rank != 0:
+        return None
+    resume = args.resume and _training(args)
+    lock, args.resume_changes = guard_run(cfg, resume, args.allow_config_change)
     return lock
 
 

@@ -12,7 +12,8 @@ so a forked child (a data-loader worker outliving a killed run by seconds) would
 children close their copy at once (``os.register_at_fork``). The file itself stays, holding who
 took the lock last (pid, host, start time, command line), which a refused run reports. ``flock``
 works on local file systems and on NFSv4; on file systems without locks the run goes ahead with a
-warning.
+warning. :func:`guard_run` bundles the lock with ``--resume``'s config check, for a script of
+one's own around ``KDTrainer``.
 """
 
 import errno
@@ -31,6 +32,7 @@ __all__ = [
     "OutputDirInUseError",
     "OutputDirLock",
     "check_output_dir",
+    "guard_run",
 ]
 
 LOCK_NAME = ".kd_det_run.lock"
@@ -170,3 +172,30 @@ class OutputDirLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def guard_run(cfg, resume=False, allow_config_change=False):
+    """What ``tools/train_net.py`` checks before a run starts, for a script of one's own around
+    :class:`~kd_det.engine.KDTrainer`: no live run uses ``cfg.OUTPUT_DIR`` (its lock is taken)
+    and, with ``resume``, the config matches the run's ``OUTPUT_DIR/config.yaml``
+    (:func:`~kd_det.engine.resume_check.check_resume_config`). Call it once, in the process that
+    starts the run and before ``default_setup`` rewrites ``config.yaml``, and keep the lock for
+    the whole run.
+
+    Returns:
+        tuple[OutputDirLock, list[str]]: the held lock, and the resume check's lines to log.
+
+    Raises:
+        OutputDirInUseError, OutputDirError, ResumeConfigError: nothing is held then.
+    """
+    from kd_det.config import get_kd_cfg
+
+    from .resume_check import check_resume_config
+
+    lock = OutputDirLock(cfg.OUTPUT_DIR).acquire()
+    try:
+        changes = check_resume_config(cfg, allow_config_change, get_kd_cfg()) if resume else []
+    except BaseException:
+        lock.release()
+        raise
+    return lock, changes
