@@ -29,7 +29,8 @@ import statistics
 
 from . import RESULTS, ledger, plan, report
 from .run_study import PRESETS, Study
-from .ssim_diagnosis import BY_NAME, MSE, PKD, TUNED_SSIM, _f, _vs, kd_terms
+from .ssim_diagnosis import BY_NAME, MSE, PKD, TUNED_SSIM, kd_terms
+from .ssim_diagnosis_report import _f, _vs
 
 #: Input side (images generated at this size; every run trains and tests at it).
 SIZE = 256

@@ -116,6 +116,7 @@ def test_diagnosis_tiny(tmp_path):
     assert all("AP" in r["test"] for r in res["test"]["structure"])
     md = (out / "results.md").read_text()
     assert "structure term alone (`structure`)" in md and "## On test" in md
+    assert "test seeds evaluated" not in md  # both seeds asked for were settled
     assert (out / "kd_terms.png").stat().st_size > 0
     assert (out / "ledger" / "final" / "structure" / "seed1.json").exists()
     again = run_module("ssim_diagnosis", args, timeout=1200)
