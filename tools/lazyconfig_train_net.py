@@ -8,7 +8,8 @@ the teacher check of a distillation run).
 ``--num-gpus``, ``--resume``, ``--eval-only`` and ``key=value`` overrides behave as in
 detectron2. A ``.py`` config is Python code: it runs when loaded, so give only files you trust.
 As with ``tools/train_net.py``, one run at a time may use a ``train.output_dir`` (a second one
-stops before it starts, naming the first).
+stops before it starts, naming the first), and ``--resume`` refuses a config whose ``model`` or
+``dataloader.train`` differ from the run's ``config.yaml`` unless ``--allow-config-change``.
 
 Examples:
     python tools/lazyconfig_train_net.py --config-file configs/Synthetic/lazy/retinanet_R18_FPN.py
@@ -29,6 +30,7 @@ from detectron2.utils.logger import setup_logger
 import kd_det  # noqa: F401  (registers kd_det's components)
 from kd_det.engine.checkpoint import AtomicDetectionCheckpointer
 from kd_det.engine.lazy_train import build_model, do_test, do_train, register_lazy_datasets
+from kd_det.engine.resume_check import ResumeConfigError, check_lazy_resume_config
 from kd_det.engine.run_lock import OutputDirError, OutputDirInUseError, OutputDirLock
 
 logger = logging.getLogger("kd_det")
@@ -39,6 +41,9 @@ def main(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="kd_det")
+    if comm.is_main_process():
+        for line in getattr(args, "resume_changes", None) or []:
+            logger.warning(line)
     register_lazy_datasets(cfg)
     if args.eval_only:
         model = build_model(cfg)
@@ -48,19 +53,30 @@ def main(args):
 
 
 def preflight(args):
-    """Take the lock of ``train.output_dir`` before any process starts (held by this process for
-    the whole run; none on machines other than the first)."""
+    """Before any process starts and ``default_setup`` rewrites ``config.yaml``: take the lock
+    of ``train.output_dir`` (held by this process for the whole run) and check what ``--resume``
+    resumes (the lines to log kept in ``args.resume_changes``). Nothing on other machines."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    args.resume_changes = []
     if args.machine_rank != 0:
         return None
-    return OutputDirLock(cfg.train.output_dir, key="train.output_dir").acquire()
+    lock = OutputDirLock(cfg.train.output_dir, key="train.output_dir").acquire()
+    if args.resume and not args.eval_only:
+        args.resume_changes = check_lazy_resume_config(cfg, args.allow_config_change)
+    return lock
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="--resume even if model.* or dataloader.train.* changed (logged)",
+    )
+    args = parser.parse_args()
     try:
         _LOCK = preflight(args)  # held until this process exits
-    except (OutputDirError, OutputDirInUseError) as e:
+    except (OutputDirError, OutputDirInUseError, ResumeConfigError) as e:
         sys.exit(f"lazyconfig_train_net.py: error: {e}")
     launch(
         main,

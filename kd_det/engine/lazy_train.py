@@ -145,6 +145,14 @@ def do_train(cfg, resume=False):
             ),
         ]
     )
+    if resume and not checkpointer.has_checkpoint() and comm.is_main_process():
+        # detectron2 silently starts again from train.init_checkpoint; say so (as KDTrainer does).
+        # Loud, not an error: pre-emption scripts pass --resume on the first start too.
+        logger.warning(
+            f"--resume: train.output_dir '{cfg.train.output_dir}' holds no checkpoint, so "
+            "training starts at iteration 0 from train.init_checkpoint. Expected on a run's "
+            "first start; otherwise check train.output_dir (a typo starts a new run here)."
+        )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)

@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "NOT_THE_MODEL",
     "ResumeConfigError",
+    "check_lazy_resume_config",
     "check_resume_config",
     "config_changes",
+    "is_lazy_model_key",
     "is_model_key",
 ]
 
@@ -128,17 +130,23 @@ def check_resume_config(cfg, allow_change=False, defaults=None):
         return []
     saved = load_yaml(path) or {}
     changes = config_changes(saved, cfg, defaults)
+    return _judge(changes, is_model_key, allow_change, path, f"'{cfg.OUTPUT_DIR}'",
+                  f"--config-file {path}", "OUTPUT_DIR")  # fmt: skip
+
+
+def _judge(changes, is_model, allow_change, path, run, own_config, key):
+    """Refuse model changes (unless allowed), keep the saved config aside, return the log lines."""
     if not changes:
         return []
-    model = [c for c in changes if is_model_key(c[0])]
-    schedule = [c for c in changes if not is_model_key(c[0])]
+    model = [c for c in changes if is_model(c[0])]
+    schedule = [c for c in changes if not is_model(c[0])]
     if model and not allow_change:
         raise ResumeConfigError(
-            f"--resume: the config differs from the one '{cfg.OUTPUT_DIR}' was trained with "
-            f"({path}) in keys that change the model, its losses or its training data:\n"
-            f"{_lines(model)}\nResuming would mix two trainings in one set of weights. Resume "
-            f"with the run's own config (e.g. --config-file {path}), start a new run in another "
-            "OUTPUT_DIR, or pass --allow-config-change to resume with the change (it is logged)."
+            f"--resume: the config differs from the one {run} was trained with ({path}) in keys "
+            f"that change the model, its losses or its training data:\n{_lines(model)}\n"
+            "Resuming would mix two trainings in one set of weights. Resume with the run's own "
+            f"config (e.g. {own_config}), start a new run in another {key}, or pass "
+            "--allow-config-change to resume with the change (it is logged)."
         )
     aside = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
     shutil.copy2(path, aside)
@@ -154,3 +162,82 @@ def check_resume_config(cfg, allow_change=False, defaults=None):
             f"{_lines(schedule)}"
         )
     return lines
+
+
+#: A LazyConfig's nodes whose change alters the model, its losses or its training data.
+LAZY_MODEL_KEYS = ("model.", "dataloader.train.")
+#: Keys under those that do not (loading speed, the teacher check before the first step).
+NOT_THE_LAZY_MODEL = frozenset(
+    {
+        "dataloader.train.num_workers",
+        "model.kd.TEACHER.CHECK_IMAGES",
+        "model.kd.TEACHER.MIN_AP",
+    }
+)
+
+
+def is_lazy_model_key(key):
+    """Whether a change of ``key`` (a dotted LazyConfig path) alters the model or its data."""
+    return key not in NOT_THE_LAZY_MODEL and key.startswith(LAZY_MODEL_KEYS)
+
+
+def check_lazy_resume_config(cfg, allow_change=False):
+    """:func:`check_resume_config` for a LazyConfig run: ``cfg`` against the
+    ``train.output_dir/config.yaml`` that detectron2's ``default_setup`` wrote when it started.
+
+    Both sides go through detectron2's own serializer (``LazyConfig.save``) and are read back
+    with kd_det's safe YAML loader, so the comparison is of the same plain data (a callable
+    ``_target_`` as its dotted name). The model is ``model.*`` and ``dataloader.train.*``
+    (:data:`LAZY_MODEL_KEYS`); ``train.*``, ``optimizer.*``, ``lr_multiplier.*`` and the test
+    loader are the schedule and the setup.
+
+    ``LazyConfig.save`` writes objects such as detectron2's ``ShapeSpec`` with Python tags
+    (``!!python/object:...``); they are read as plain data (the tag and the fields), never
+    constructed, so comparing runs no code. Returns and raises as :func:`check_resume_config`; a
+    saved file that is not YAML is not compared (one log line says so).
+    """
+    import tempfile
+
+    from detectron2.config import LazyConfig
+
+    out = cfg.train.output_dir
+    path = os.path.join(out, "config.yaml")
+    if not os.path.isfile(path):
+        return []
+    try:
+        saved = _read_as_data(path) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        return [f"--resume: the saved config {path} was not compared with this one: {e}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        LazyConfig.save(cfg, os.path.join(tmp, "config.yaml"))
+        new = _read_as_data(os.path.join(tmp, "config.yaml")) or {}
+    old, cur = _flatten(saved), _flatten(new)
+    keys = sorted(k for k in set(old) | set(cur) if old.get(k, _GONE) != cur.get(k, _GONE))
+    changes = [(k, old.get(k, "(not in the saved config)"), cur.get(k, "(not in this config)"))
+               for k in keys]  # fmt: skip
+    return _judge(changes, is_lazy_model_key, allow_change, path, f"train.output_dir '{out}'",
+                  f"--config-file {path}", "train.output_dir")  # fmt: skip
+
+
+_GONE = object()
+
+
+class _DataLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that reads a Python tag as data (``{"!tag": ..., fields}``)."""
+
+
+def _tag_as_data(loader, suffix, node):
+    tag = "!python/" + suffix
+    if isinstance(node, yaml.MappingNode):
+        return {"!tag": tag, **loader.construct_mapping(node, deep=True)}
+    if isinstance(node, yaml.SequenceNode):
+        return {"!tag": tag, "items": loader.construct_sequence(node, deep=True)}
+    return {"!tag": tag, "value": loader.construct_scalar(node)}
+
+
+_DataLoader.add_multi_constructor("tag:yaml.org,2002:python/", _tag_as_data)
+
+
+def _read_as_data(path):
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=_DataLoader)

@@ -39,8 +39,11 @@ def test_lazy_distillation_stops_on_a_useless_teacher(tmp_path, synthetic_root):
     """The teacher check of tools/train_net.py applies to a LazyConfig run: an untrained teacher
     stops it before the first step, with the check's message, and nothing is saved."""
     out = tmp_path / "run"
-    proc = run_tool(REPO, "lazyconfig_train_net.py", _args(tmp_path, synthetic_root, out))
+    # --resume on a first start (as pre-emption scripts pass it): said, then a fresh start.
+    args = ["--resume"] + _args(tmp_path, synthetic_root, out)
+    proc = run_tool(REPO, "lazyconfig_train_net.py", args)
     assert proc.returncode != 0
+    assert f"--resume: train.output_dir '{out}' holds no checkpoint" in proc.stdout + proc.stderr
     assert "TeacherCheckError" in proc.stderr
     assert "below MODEL.KD.TEACHER.MIN_AP 5.0" in proc.stderr
     assert "the first 4 images of 'synthetic_val'" in proc.stderr
@@ -67,6 +70,24 @@ def test_lazy_student_and_teacher_train_evaluate_and_export(tmp_path, synthetic_
     state = torch.load(out / "model_final.pth", weights_only=True)["model"]
     missing, unexpected = plain.load_state_dict(state, strict=False)
     assert missing == [] and unexpected == []  # 64 channels both: no adapters
+
+    # --resume checks what it resumes: another hint loss is refused before anything starts ...
+    before = (out / "model_final.pth").read_bytes()
+    proc = run_tool(
+        REPO, "lazyconfig_train_net.py", ["--resume"] + args + ["model.kd.FEATURE.LOSS=pkd"]
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "model.kd.FEATURE.LOSS: 'mse' -> 'pkd'" in proc.stderr
+    assert (out / "model_final.pth").read_bytes() == before
+    # ... a longer schedule resumes at the saved iteration, and the change is logged.
+    proc = run_tool(REPO, "lazyconfig_train_net.py", ["--resume"] + args + ["train.max_iter=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "schedule and setup keys differ" in log and "train.max_iter: 2 -> 3" in log
+    rows = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines()]
+    # One more step, at iteration 2, and the teacher not checked again on resume.
+    assert [r["iteration"] for r in rows if "loss_cls" in r] == [0, 1, 2]
+    assert sum("teacher_check/AP" in r for r in rows) == 1
 
 
 def test_one_lazy_run_per_output_dir(tmp_path, synthetic_root):
