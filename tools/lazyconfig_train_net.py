@@ -26,6 +26,7 @@ from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from hydra.errors import OverrideParseException
 
 import kd_det  # noqa: F401  (registers kd_det's components)
 from kd_det.engine.checkpoint import AtomicDetectionCheckpointer
@@ -52,11 +53,22 @@ def main(args):
     return do_train(cfg, resume=args.resume)
 
 
+class OverridesError(ValueError):
+    """The command line's overrides cannot be parsed."""
+
+
 def preflight(args):
     """Before any process starts and ``default_setup`` rewrites ``config.yaml``: take the lock
     of ``train.output_dir`` (held by this process for the whole run) and check what ``--resume``
     resumes (the lines to log kept in ``args.resume_changes``). Nothing on other machines."""
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    try:
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    except OverrideParseException as e:
+        raise OverridesError(
+            f"an override is not key=value ({str(e).splitlines()[0]}). Overrides come last; "
+            "flags such as --resume go before them: lazyconfig_train_net.py --config-file CFG "
+            "--resume key=value ..."
+        ) from None
     args.resume_changes = []
     if args.machine_rank != 0:
         return None
@@ -76,7 +88,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         _LOCK = preflight(args)  # held until this process exits
-    except (OutputDirError, OutputDirInUseError, ResumeConfigError) as e:
+    except (OverridesError, OutputDirError, OutputDirInUseError, ResumeConfigError) as e:
         sys.exit(f"lazyconfig_train_net.py: error: {e}")
     launch(
         main,

@@ -103,3 +103,10 @@ def test_one_lazy_run_per_output_dir(tmp_path, synthetic_root):
     assert "give this one another train.output_dir" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [".kd_det_run.lock"]
+
+
+def test_a_flag_after_the_overrides_is_named_with_the_fix(tmp_path, synthetic_root):
+    args = _args(tmp_path, synthetic_root, tmp_path / "run") + ["--resume"]
+    proc = run_tool(REPO, "lazyconfig_train_net.py", args)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "an override is not key=value" in proc.stderr and "go before them" in proc.stderr
