@@ -29,6 +29,8 @@ KD = os.path.join(SYN, "distill_lite2_to_lite0_ssim.yaml")
 MULTILEVEL = os.path.join(SYN, "distill_lite2_to_lite0_multilevel.yaml")
 DYNAMIC = os.path.join(SYN, "distill_lite2_to_lite0_ssim_dynamic.yaml")
 ONLINE = os.path.join(SYN, "online_lite0_x2.yaml")
+#: The teacher's row in the report.
+TEACHER_LABEL = "teacher (Lite2-FPN)"
 
 #: The study's student is cheaper than the shipped Lite0 config: a 64-channel FPN (the teacher's
 #: has 128) and a 256-d box head. With the shipped student the teacher-student gap on this data is
@@ -69,7 +71,9 @@ class Final:
     config: str
     opts: Tuple[str, ...]
     teacher: bool
-    reuses: str = ""  # the family whose pick is this method's seed-0 run ("" for none)
+    # Seed 0 of this method is a dev run: the pick of this family, or one trial
+    # ("family/trial"); "" for none.
+    reuses: str = ""
 
 
 def _o(*pairs) -> Tuple[str, ...]:
@@ -109,16 +113,17 @@ def mix_opts(kind: str, prob: float, clean_tail: float = 0.15) -> Tuple[str, ...
               "INPUT.MIX.CLEAN_TAIL", clean_tail, "INPUT.MIX.PARTNER_CACHE_SIZE", 0)  # fmt: skip
 
 
-def _lp(loss: str) -> List[Trial]:
-    """MSE / L1: lambda over 1.5 decades, plus standardized maps."""
+def lp_trials(loss: str, config: str = KD) -> List[Trial]:
+    """MSE / L1: lambda over 1.5 decades, plus standardized maps (``config``: the distillation
+    config they change; :mod:`method_study.plan_retinanet` uses them too)."""
     base = _o("MODEL.KD.FEATURE.LOSS", loss, "MODEL.KD.FEATURE.RANGE_POLICY", "none")
     trials = [
-        Trial(loss, f"w{w}", KD, base + _o("MODEL.KD.FEATURE.WEIGHTS", f"[{w}]"), True)
+        Trial(loss, f"w{w}", config, base + _o("MODEL.KD.FEATURE.WEIGHTS", f"[{w}]"), True)
         for w in (0.1, 0.3, 1.0, 3.0)
     ]
     standardize = base + _o("MODEL.KD.FEATURE.WEIGHTS", "[1.0]",
                             "MODEL.KD.FEATURE.RANGE_POLICY", "standardize")  # fmt: skip
-    trials.append(Trial(loss, "w1.0_standardize", KD, standardize, True))
+    trials.append(Trial(loss, "w1.0_standardize", config, standardize, True))
     return trials
 
 
@@ -150,7 +155,7 @@ def dev_trials(iters: int) -> List[Trial]:
         ("lambda1", _o("MODEL.KD.FEATURE.WEIGHTS", "[1.0]")),
     ):
         t.append(Trial("ssim", name, KD, SSIM_PAPER + extra, True))
-    t += _lp("mse") + _lp("l1")
+    t += lp_trials("mse") + lp_trials("l1")
     # PKD: mmrazor's FPN setting is loss weight 6; five weights around it.
     pkd = _o("MODEL.KD.FEATURE.LOSS", "pkd")
     t += [Trial("pkd", f"w{w}", KD, pkd + _o("MODEL.KD.FEATURE.WEIGHTS", f"[{w}]"), True)

@@ -363,7 +363,7 @@ def drops_methods(res, output):
         return bool(set(json.load(f).get("methods", {})) - set(res["methods"]))
 
 
-def write_all(res, output, allow_fewer=False):
+def write_all(res, output, allow_fewer=False, teacher_label="teacher (Lite2-FPN)"):
     """Write the reports; refuse to replace a results.json that holds more finished runs than
     ``res`` (a study whose ``runs/`` and ledger are gone would otherwise overwrite its evidence
     with an empty table) unless ``allow_fewer``."""
@@ -375,7 +375,7 @@ def write_all(res, output, allow_fewer=False):
     with open(os.path.join(output, "dev_sweep.md"), "w") as f:
         f.write(dev_sweep_markdown(res))
     with open(os.path.join(output, "results.md"), "w") as f:
-        f.write(results_markdown(res))
+        f.write(results_markdown(res, teacher_label))
     plots.plot_ap_curves(res, os.path.join(output, "ap_curves.png"))
     plots.plot_dev_sweep(res, os.path.join(output, "dev_sweep.png"))
 
@@ -409,7 +409,7 @@ def versus_student(runs, student_runs, name):
     return f"{diff:+.1f} +- {se:.1f}{mark}"
 
 
-def results_markdown(res):
+def results_markdown(res, teacher_label="teacher (Lite2-FPN)"):
     t = res.get("teacher") or {}
     t_ap = (t.get("test") or {}).get("AP")
     s_runs = res["methods"].get("student", {}).get("runs", [])
@@ -420,7 +420,7 @@ def results_markdown(res):
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     if t:
         t_ap50 = (t.get("test") or {}).get("AP50")
-        lines.append(f"| teacher (Lite2-FPN) | {fmt(t_ap)} | | | {fmt(t_ap50)} | | "
+        lines.append(f"| {teacher_label} | {fmt(t_ap)} | | | {fmt(t_ap50)} | | "
                      f"{fmt(t['dev']['AP'])} | 1 | {t['seconds'] / 60:.0f} | |")  # fmt: skip
     for name, m in res["methods"].items():
         runs = m["runs"]

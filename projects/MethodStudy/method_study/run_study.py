@@ -41,10 +41,13 @@ DATA_NAMES = {"train": "synthetic_study_train", "dev": "synthetic_study_val",
               "test": "synthetic_study_test"}  # fmt: skip
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default=RESULTS)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+def parse_args(argv=None, output=RESULTS, presets=None, description=None):
+    """The study's command line; ``output`` and ``presets`` are a family driver's defaults
+    (:mod:`method_study.run_retinanet`)."""
+    presets = presets or PRESETS
+    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    p.add_argument("--output", default=output)
+    p.add_argument("--preset", choices=sorted(presets), default="full")
     for k in FULL:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -78,10 +81,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def select(args, preset):
+def select(args, preset, study_plan=plan):
     """The dev trials and finals this invocation covers."""
-    trials = plan.dev_trials(preset["iters"])
-    finals = plan.finals()
+    trials = study_plan.dev_trials(preset["iters"])
+    finals = study_plan.finals()
     if args.families:
         fams = set(args.families)
         unknown = fams - {t.family for t in trials} - {f.name for f in finals}
@@ -93,8 +96,8 @@ def select(args, preset):
         trials = [t for t in trials if t.family in fams]
         # The student, the named finals, and the finals built only from named families' picks.
         picks_of = lambda f: [o[6:] for o in f.opts if o.startswith("@pick:")]  # noqa: E731
-        finals = [f for f in finals
-                  if f.name in fams or f.name == "student" or picks_of(f)]  # fmt: skip
+        finals = [f for f in finals if f.name in fams or f.name == "student" or picks_of(f)
+                  or f.reuses.split("/")[0] in fams]  # fmt: skip
     if args.max_trials:
         kept, count = [], {}
         for t in trials:
@@ -105,11 +108,13 @@ def select(args, preset):
     have = {t.family for t in trials}
 
     def ok(needs):  # every pick these options name can be made by this invocation
-        feature = plan.FEATURE and have & set(plan.FEATURE_FAMILIES)
+        feature = plan.FEATURE and have & set(study_plan.FEATURE_FAMILIES)
         return all(n in have or (n == plan.FEATURE and feature) for n in needs)
 
     trials = [t for t in trials if ok(t.needs())]
-    finals = [f for f in finals if ok([o[6:] for o in f.opts if o.startswith("@pick:")])]
+    keys = {t.key for t in trials}  # a final whose seed 0 is one named trial needs that trial
+    finals = [f for f in finals if ok([o[6:] for o in f.opts if o.startswith("@pick:")])
+              and ("/" not in f.reuses or f.reuses in keys)]  # fmt: skip
     return trials, finals
 
 
@@ -169,10 +174,10 @@ def check_teacher(dev, record, cpu=None):
 class Study:
     """Schedules the runs (dependencies by events), remembers their results, writes reports."""
 
-    def __init__(self, args, preset, trial_families):
+    def __init__(self, args, preset, trial_families, study_plan=plan):
         from kd_det.utils.runs import schedule_opts
 
-        self.args, self.preset = args, preset
+        self.args, self.preset, self.plan = args, preset, study_plan
         self.trial_families = set(trial_families)
         self.env = None
         if args.jobs > 1:
@@ -343,7 +348,7 @@ class Study:
         try:
             iters = self.preset["teacher_iters"]
             out = os.path.join(self.args.output, "runs", "teacher")
-            run = self.train("teacher", plan.TEACHER, self.data_opts + self.sched(iters)
+            run = self.train("teacher", self.plan.TEACHER, self.data_opts + self.sched(iters)
                              + ["SEED", "42"], out, dict(self.base, iters=iters, seed=42),
                              False)  # fmt: skip
             if run is not None:
@@ -367,7 +372,7 @@ class Study:
     def _pick(self, fam):
         """The picked trial of one family (or of the best feature loss), None if there is none."""
         if fam == plan.FEATURE:
-            fams = [f for f in plan.FEATURE_FAMILIES if f in self.trial_families]
+            fams = [f for f in self.plan.FEATURE_FAMILIES if f in self.trial_families]
             for f in fams:
                 self.event(f"pick:{f}").wait()
             chosen = {f: self.results["dev"][f]["pick_trial"] for f in fams
@@ -385,7 +390,7 @@ class Study:
                 return None
             opts = plan.expand(trial.opts, picks)
             out = os.path.join(self.args.output, "runs", "dev", trial.family, trial.name, "seed0")
-            size = list(plan.student_opts(trial.config))
+            size = list(self.plan.student_opts(trial.config))
             all_opts = (
                 self.data_opts + self.sched(self.preset["iters"]) + ["SEED", "0"] + size + opts
             )
@@ -427,13 +432,17 @@ class Study:
         picks = self.picks(needs)
         if picks is None:
             return None
-        opts = list(plan.student_opts(final.config)) + plan.expand(final.opts, picks)
+        opts = list(self.plan.student_opts(final.config)) + plan.expand(final.opts, picks)
         if final.reuses and seed == 0:
-            trial = picks[final.reuses]
-            run = self.results["dev"][final.reuses]["trials"].get(trial.name)
+            if "/" in final.reuses:  # one named trial (a paper's setting), with the same opts
+                self.event(f"trial:{final.reuses}").wait()
+                fam, name = final.reuses.split("/")
+            else:
+                fam, name = final.reuses, picks[final.reuses].name
+            run = self.results["dev"].get(fam, {}).get("trials", {}).get(name)
             if run is None:
                 return None
-            run = dict(run, reused_dev_trial=trial.key)
+            run = dict(run, reused_dev_trial=f"{fam}/{name}")
         else:
             out = os.path.join(self.args.output, "runs", "final", final.name, f"seed{seed}")
             all_opts = self.data_opts + self.sched(self.preset["iters"]) + ["SEED", str(seed)]
@@ -458,15 +467,19 @@ class Study:
         return run
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, study_plan=plan, presets=None, output=RESULTS, description=None):
+    """Run (or report) the study of ``study_plan``: :mod:`method_study.plan` (Faster R-CNN, the
+    default) or a family's plan with its presets and output folder
+    (:mod:`method_study.run_retinanet`)."""
+    presets = presets or PRESETS
+    args = parse_args(argv, output, presets, description)
     args.output = os.path.abspath(args.output)
     args.report_only = args.report_only or bool(args.restore_from)
-    preset = dict(PRESETS[args.preset])
+    preset = dict(presets[args.preset])
     for k in FULL:
         if getattr(args, k) is not None:
             preset[k] = getattr(args, k)
-    trials, finals = select(args, preset)
+    trials, finals = select(args, preset, study_plan)
     if args.list:
         for t in trials:
             print(f"dev   {t.key:28s} {os.path.relpath(t.config, REPO)} {' '.join(t.opts)}")
@@ -479,7 +492,7 @@ def main(argv=None):
         generate_dataset(os.path.join(args.output, "data"), preset["num_train"],
                          preset["num_dev"], preset["image_size"], 0,
                          num_test=preset["num_test"])  # fmt: skip
-    study = Study(args, preset, {t.family for t in trials})
+    study = Study(args, preset, {t.family for t in trials}, study_plan)
     families = {}
     for t in trials:
         families.setdefault(t.family, []).append(t)
@@ -504,7 +517,7 @@ def main(argv=None):
                                                    for fam, ts in families.items()])  # fmt: skip
         closers.start()
         final_jobs.update({(f.name, s): pool.submit(study.run_final, f, s)
-                           for f, s in plan.start_order(finals, args.seeds)
+                           for f, s in study_plan.start_order(finals, args.seeds)
                            if f.name != "student"})  # fmt: skip
         for j in jobs + trial_jobs:
             j.result()
@@ -522,7 +535,8 @@ def main(argv=None):
               "families): `python -m method_study.run_study --report-only` rewrites "
               "it.")  # fmt: skip
         return
-    report.write_all(results, args.output, allow_fewer=args.force)
+    report.write_all(results, args.output, allow_fewer=args.force,
+                     teacher_label=study_plan.TEACHER_LABEL)  # fmt: skip
     print(open(os.path.join(args.output, "dev_sweep.md")).read())
     print(open(os.path.join(args.output, "results.md")).read())
 
