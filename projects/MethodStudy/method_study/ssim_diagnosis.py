@@ -299,13 +299,18 @@ def main(argv=None):
         if runs[v.name] is not None:
             runs[v.name]["opts"] = opts
     dev_ap = {n: r["dev"]["AP"] for n, r in runs.items() if r is not None}
-    names = test_variants(dev_ap) if args.test_variants is None else args.test_variants
+    names = test_variants(dev_ap) if args.test_variants is None else list(args.test_variants)
+    # Variants an earlier call settled on test stay in the report, in its order, reused and never
+    # trained: a call that settles one more variant must not drop (or be refused for dropping)
+    # the others, and a rebuild gives the same table.
+    earlier = [n for n in reported_test_variants(args.output) if n in BY_NAME]
     tests = {}
-    for name in names:
+    for name in earlier + [n for n in names if n not in earlier]:
         seeds = []
+        reuse_only = (args.test_variants is None and name not in chosen) or name not in names
         for seed in args.seeds:
             run = runs.get(name) if seed == 0 else None
-            with _reuse_only(study, args.test_variants is None and name not in chosen):
+            with _reuse_only(study, reuse_only):
                 if seed != 0 and runs.get(name) is not None:
                     run = study.variant_run(name, runs[name]["opts"], seed, "final")
                 run = study.test(run)
@@ -320,6 +325,15 @@ def main(argv=None):
     res = assemble(study, runs, tests, matched, pkd_rec, args, preset)
     write(res, args.output)
     print(open(os.path.join(args.output, "results.md")).read())
+
+
+def reported_test_variants(output):
+    """The variants settled on test in ``<output>/results.json`` (none without one)."""
+    path = os.path.join(output, "results.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(json.load(f).get("test", {}))
 
 
 @contextlib.contextmanager

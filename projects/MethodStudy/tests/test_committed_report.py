@@ -25,3 +25,16 @@ def test_report_rebuilt_from_the_ledger_is_byte_identical(tmp_path):
     for name in REPORTS:
         rebuilt, committed = (out / name).read_bytes(), (STUDY / name).read_bytes()
         assert rebuilt == committed, f"{name} differs from the committed one"
+
+
+def test_ssim_diagnosis_report_rebuilt_from_its_ledger_is_byte_identical(tmp_path):
+    """The SSIM diagnosis's report too: its documented rebuild (``--report-only``, no other
+    option) gives the committed tables, the variants settled on test in their committed order."""
+    diag = STUDY / "ssim_diagnosis"
+    out = tmp_path / "ssim_diagnosis"
+    shutil.copytree(diag, out, ignore=shutil.ignore_patterns("runs", "data"))
+    proc = run_module("ssim_diagnosis", ["--report-only", "--output", out], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("results.md", "results.json"):
+        rebuilt, committed = (out / name).read_bytes(), (diag / name).read_bytes()
+        assert rebuilt == committed, f"ssim_diagnosis/{name} differs from the committed one"

@@ -129,6 +129,14 @@ def test_diagnosis_tiny(tmp_path):
     assert one.stdout.count(": training; log in") == 1 and "p2/seed0: training" in one.stdout
     assert set(json.loads((out / "results.json").read_text())["variants"]) == {
         "tuned", "structure", "on_pkd", "p2"}  # fmt: skip
+    # Settling one more variant on test keeps the ones settled before (reused, not retrained);
+    # the report had been refused for holding fewer runs than the committed one.
+    p2_args = args[:6] + ["--variants", "p2", "--test-variants", "p2", "--seeds", "0", "1"]
+    p2 = run_module("ssim_diagnosis", p2_args + no_check, timeout=1200)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert p2.stdout.count(": training; log in") == 1 and "p2/seed1: training" in p2.stdout
+    settled = json.loads((out / "results.json").read_text())["test"]
+    assert {n: len(s) for n, s in settled.items()} == {"p2": 2, "structure": 2}
     # The probe opens the trained models: one row per distilled level that fits a window.
     probe = run_module("ssim_probe", ["--diagnosis", out, "--runs", "tuned", "on_pkd",
                                       "--images", "2", "--output", out / "probe.md"])  # fmt: skip
