@@ -13,9 +13,12 @@ children close their copy at once (``os.register_at_fork``). The file itself sta
 took the lock last (pid, host, start time, command line), which a refused run reports. ``flock``
 works on local file systems and on NFSv4; on file systems without locks the run goes ahead with a
 warning. :func:`guard_run` bundles the lock with ``--resume``'s config check, for a script of
-one's own around ``KDTrainer``.
+one's own around ``KDTrainer``; a ``KDTrainer`` whose script took no lock takes it for its
+training loop (:func:`run_lock`). The holder names its folder in :data:`HELD_ENV`, so the
+processes it starts (``detectron2.engine.launch``'s workers) know the folder is theirs.
 """
 
+import contextlib
 import errno
 import logging
 import os
@@ -33,11 +36,15 @@ __all__ = [
     "OutputDirLock",
     "check_output_dir",
     "guard_run",
+    "run_lock",
 ]
 
 LOCK_NAME = ".kd_det_run.lock"
 
 _HELD = set()  # descriptors of the locks this process holds
+#: The folder whose lock this process, or the process that started it, holds (set by
+#: :meth:`OutputDirLock.acquire`, inherited by child processes, cleared by ``release``).
+HELD_ENV = "KD_DET_RUN_LOCK"
 
 
 def _close_inherited():
@@ -133,6 +140,7 @@ class OutputDirLock:
         os.write(fd, "".join(f"{k}: {v}\n" for k, v in holder.items()).encode())
         self._fd = fd
         _HELD.add(fd)
+        os.environ[HELD_ENV] = os.path.abspath(self.output_dir)
         return self
 
     def _in_use_message(self):
@@ -162,6 +170,8 @@ class OutputDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            if os.environ.get(HELD_ENV) == os.path.abspath(self.output_dir):
+                del os.environ[HELD_ENV]
 
     @property
     def held(self):
@@ -199,3 +209,23 @@ def guard_run(cfg, resume=False, allow_config_change=False):
         lock.release()
         raise
     return lock, changes
+
+
+@contextlib.contextmanager
+def run_lock(output_dir):
+    """Hold ``output_dir``'s lock for the block, unless this run holds it already: this process
+    or the process that started it (``tools/train_net.py``, :func:`guard_run`) took it
+    (:data:`HELD_ENV`). ``KDTrainer.train`` runs in it, so a script of one's own that calls no
+    :func:`guard_run` cannot train into a folder a live run uses.
+
+    Raises:
+        OutputDirInUseError, OutputDirError: before the block runs.
+    """
+    if os.environ.get(HELD_ENV) == os.path.abspath(output_dir):
+        yield None
+        return
+    lock = OutputDirLock(output_dir).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()

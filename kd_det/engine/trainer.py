@@ -17,6 +17,8 @@ What differs from ``DefaultTrainer`` and why:
   JPEG fails in seconds with the file named, not after the model and the teacher were built (or
   after training, for a test image).
 * **Mixed-sample mapper** when ``INPUT.MIX.ENABLED``; a COCO evaluator by default.
+* **One run per OUTPUT_DIR**: ``train`` holds the folder's lock (:mod:`.run_lock`) unless the
+  script took it already, so two runs never write into one folder.
 """
 
 import logging
@@ -24,6 +26,7 @@ import math
 import os
 import time
 import weakref
+from contextlib import nullcontext
 
 import torch
 from detectron2.data import (
@@ -52,6 +55,7 @@ from .checkpoint import (
 )
 from .hooks import EMAUpdateHook
 from .rng import GlobalRNGState, preserved_global_rng
+from .run_lock import run_lock
 from .teacher_check import TeacherCheckHook
 
 logger = logging.getLogger(__name__)
@@ -289,7 +293,10 @@ class KDTrainer(DefaultTrainer):
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             loader.start_iter = self.start_iter
-        super().train()
+        # One run per OUTPUT_DIR also for a script that took no lock (run_lock.guard_run): the
+        # first process holds it for the loop, the final evaluation included.
+        with run_lock(self.cfg.OUTPUT_DIR) if comm.is_main_process() else nullcontext():
+            super().train()
         return getattr(self, "_last_eval_results", None)
 
     @classmethod
