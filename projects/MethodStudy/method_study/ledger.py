@@ -17,6 +17,7 @@ half-written one.
 import hashlib
 import json
 import os
+import threading
 
 #: Fields of a record; ``params`` decides reuse, the rest feeds the reports (``kd_terms``: the
 #: per-level distillation losses over training, :mod:`method_study.ssim_diagnosis`; ``cpu``: the
@@ -53,7 +54,8 @@ def save(path, **fields):
     rec = load(path) or {}
     rec.update(fields)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    # A temporary file of this writer's own: two writers never rename each other's file away.
+    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
     with open(tmp, "w") as f:
         json.dump(rec, f, indent=1)
     os.replace(tmp, path)

@@ -197,6 +197,7 @@ class Study:
 
         self.sched = sched
         self.lock = threading.Lock()
+        self.test_locks = {}  # run folder -> threading.Lock (see :meth:`test`)
         self.done = {}  # key -> threading.Event
         self.results = {"teacher": None, "dev": {}, "final": {}}
         self.t0 = time.time()
@@ -214,13 +215,13 @@ class Study:
             return self.done.setdefault(key, threading.Event())
 
     def report(self, name, run):
-        with self.lock:
+        with self.lock:  # invocations.json too: runs finish side by side at --jobs 2
             self.progress["done"] += 1
             self.progress["trained"] += not run["reused"]
             p = dict(self.progress)
+            if not run["reused"]:
+                report.record_invocation(self.args.output, self.t0, self.args.jobs, p["trained"])
         elapsed = time.time() - self.t0
-        if not run["reused"]:
-            report.record_invocation(self.args.output, self.t0, self.args.jobs, p["trained"])
         eta = (f"{elapsed / p['trained'] * (p['total'] - p['done']) / 60:.0f} min"
                if p["trained"] else "n/a")  # fmt: skip
         print(f"[study] {p['done']}/{p['total']} done: {name} (elapsed {elapsed / 60:.0f} min, "
@@ -333,14 +334,20 @@ class Study:
                       f"differs from its record's {rec.get('dev', {}).get('AP')!r}; training did "
                       "not reproduce", flush=True)  # fmt: skip
         root = ["DATASETS.SYNTHETIC_ROOT", self.data_opts[1]]  # the data where it is now
-        run["test"] = report.evaluate_on_test(run["out"], DATA_NAMES["test"], env=self.env,
-                                              finished_only=self.args.report_only,
-                                              opts=root)  # fmt: skip
-        if run["test"] is not None:
-            rec_path = ledger.record_path(self.args.output, run["out"])
-            run["record"] = ledger.save(rec_path, test=run["test"])
-        else:  # --report-only and no evaluation cached beside the weights: the recorded one
-            run["test"] = (run.get("record") or {}).get("test")
+        # Two finals may stand on one dev run (a family's pick that is also a paper's setting):
+        # one evaluation and record update per run folder at a time; the second reads the first's
+        # cache.
+        with self.lock:
+            folder_lock = self.test_locks.setdefault(run["out"], threading.Lock())
+        with folder_lock:
+            run["test"] = report.evaluate_on_test(run["out"], DATA_NAMES["test"], env=self.env,
+                                                  finished_only=self.args.report_only,
+                                                  opts=root)  # fmt: skip
+            if run["test"] is not None:
+                rec_path = ledger.record_path(self.args.output, run["out"])
+                run["record"] = ledger.save(rec_path, test=run["test"])
+            else:  # --report-only and no evaluation cached beside the weights: the recorded one
+                run["test"] = (run.get("record") or {}).get("test")
         return run
 
     # -- stages -------------------------------------------------------------------------------
