@@ -11,6 +11,7 @@ same terms. Options that name another family's pick (``@pick:...``) are left out
 Evaluations are not counted (about a tenth more in the study).
 
     OMP_NUM_THREADS=1 python -m method_study.step_cost --plan retinanet
+    OMP_NUM_THREADS=1 python -m method_study.step_cost --plan ssim_window   # issue 29's 256 px
     OMP_NUM_THREADS=1 python -m method_study.step_cost --plan study --steps 5
 """
 
@@ -22,8 +23,9 @@ import statistics
 import time
 from collections import Counter
 
-#: ``--plan`` name -> (plan module, the driver's presets module and attribute).
-PLANS = {"study": ("plan", "run_study"), "retinanet": ("plan_retinanet", "run_retinanet")}
+#: ``--plan`` name -> (plan module, the driver module whose ``PRESETS`` it runs at).
+PLANS = {"study": ("plan", "run_study"), "retinanet": ("plan_retinanet", "run_retinanet"),
+         "ssim_window": ("plan", "ssim_window")}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -40,7 +42,8 @@ def parse_args(argv=None):
 
 def rows(study_plan, preset, seeds):
     """``[{part, config, opts, teacher, runs, iters}]``: every run the plan trains, grouped by
-    what it costs per step (the teacher, each family's sweep, each final's seeds)."""
+    what it costs per step (the teacher, each family's sweep, each final's seeds); ``opts`` are
+    what is timed: the student's size and the options, without other families' picks."""
     trials = study_plan.dev_trials(preset["iters"])
     first, count = {}, Counter(t.family for t in trials)
     for t in trials:
@@ -57,6 +60,23 @@ def rows(study_plan, preset, seeds):
                         config=t.config if t else f.config, opts=t.opts if t else f.opts,
                         teacher=f.teacher, runs=seeds - bool(f.reuses),
                         iters=preset["iters"]))  # fmt: skip
+    for r in out[1:]:
+        picked = [o for o in r["opts"] if not o.startswith("@pick:")]
+        r["opts"] = list(study_plan.student_opts(r["config"])) + picked
+    return out
+
+
+def window_rows(preset, seeds, diagnosis=None):
+    """:func:`rows` of :mod:`method_study.ssim_window`: its teacher, then each method's seeds
+    (the diagnosis's best SSIM variant included when ``diagnosis``, its results.json, has one)."""
+    from . import RESULTS, plan, ssim_window
+
+    diagnosis = diagnosis or os.path.join(RESULTS, "ssim_diagnosis", "results.json")
+    out = [dict(part="teacher", config=plan.TEACHER, opts=[], teacher=False, runs=1,
+                iters=preset["teacher_iters"])]  # fmt: skip
+    for m in ssim_window.methods(*ssim_window.best_variant(diagnosis)):
+        out.append(dict(part=m.name, config=m.config, opts=list(m.opts), teacher=m.teacher,
+                        runs=seeds, iters=preset["iters"]))  # fmt: skip
     return out
 
 
@@ -97,16 +117,16 @@ def step_seconds(config, opts, image_size, batch, steps):
     return statistics.median(times[1:])
 
 
-def estimate(study_plan, preset, steps=3, seeds=3, timer=step_seconds):
-    """The rows of :func:`rows` with ``seconds`` per step and ``hours`` (runs x iterations)."""
+def estimate(table, preset, steps=3, timer=step_seconds):
+    """``table`` (:func:`rows`, :func:`window_rows`) with ``seconds`` per step, each kind timed
+    once, and ``hours`` (seconds x runs x iterations)."""
     cache, out = {}, []
-    for r in rows(study_plan, preset, seeds):
-        opts = [o for o in r["opts"] if not o.startswith("@pick:")]
-        opts = list(study_plan.student_opts(r["config"])) * (r["part"] != "teacher") + opts
-        key = (r["config"], tuple(opts))
+    for r in table:
+        key = (r["config"], tuple(r["opts"]))
         if key not in cache:
-            cache[key] = timer(r["config"], opts, preset["image_size"], preset["batch"], steps)
-        out.append(dict(r, opts=opts, seconds=cache[key],
+            cache[key] = timer(r["config"], list(r["opts"]), preset["image_size"],
+                               preset["batch"], steps)  # fmt: skip
+        out.append(dict(r, seconds=cache[key],
                         hours=cache[key] * r["runs"] * r["iters"] / 3600))  # fmt: skip
     return out
 
@@ -117,7 +137,9 @@ def torch_threads():
     return torch.get_num_threads()
 
 
-def markdown(table, preset):
+def markdown(table, preset, parallel=True):
+    """The table; ``parallel``: the driver runs two runs side by side with ``--jobs 2``
+    (ssim_window runs one at a time)."""
     lines = [f"Training steps at {preset['image_size']} px, batch {preset['batch']} (random "
              "weights; evaluations not counted):", "",
              "| part | runs | iterations | s / step | hours on one thread |",
@@ -127,8 +149,9 @@ def markdown(table, preset):
                      f"{r['hours']:.1f} |")  # fmt: skip
     total = sum(r["hours"] for r in table)
     runs = sum(r["runs"] for r in table)
-    lines.append(f"| total | {runs} | | | {total:.1f} (about {total / 2:.0f} wall-clock hours "
-                 "with `--jobs 2` on two free cores) |")  # fmt: skip
+    wall = (f"about {total / 2:.0f} wall-clock hours with `--jobs 2` on two free cores" if parallel
+            else "one run at a time")  # fmt: skip
+    lines.append(f"| total | {runs} | | | {total:.1f} ({wall}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -136,12 +159,18 @@ def main(argv=None):
     args = parse_args(argv)
     plan_name, driver = PLANS[args.plan]
     study_plan = importlib.import_module(f"method_study.{plan_name}")
-    presets = importlib.import_module(f"method_study.{driver}").PRESETS
-    preset = dict(presets[args.preset])
+    driver = importlib.import_module(f"method_study.{driver}")
+    preset = dict(driver.PRESETS[args.preset])
+    if args.plan == "ssim_window":
+        preset["image_size"] = driver.SIZE
     preset.update({k: v for k, v in (("image_size", args.image_size), ("batch", args.batch))
                    if v is not None})  # fmt: skip
-    table = estimate(study_plan, preset, args.steps, args.seeds)
-    print(markdown(table, preset))
+    if args.plan == "ssim_window":
+        table = window_rows(preset, args.seeds)
+    else:
+        table = rows(study_plan, preset, args.seeds)
+    table = estimate(table, preset, args.steps)
+    print(markdown(table, preset, parallel=args.plan != "ssim_window"))
     if args.output:
         from . import REPO
 

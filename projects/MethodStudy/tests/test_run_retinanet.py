@@ -85,7 +85,7 @@ def test_step_cost_adds_up_every_run_of_the_plan():
         assert (opts[:2] == ["MODEL.FPN.OUT_CHANNELS", "64"]) == (config != pr.TEACHER)
         return fake.setdefault((config, tuple(opts)), 1.0 + len(fake))
 
-    table = step_cost.estimate(pr, preset, seeds=3, timer=timer)
+    table = step_cost.estimate(step_cost.rows(pr, preset, 3), preset, timer=timer)
     by = {r["part"].split(" (")[0]: r for r in table}
     assert by["teacher"]["runs"] == 1 and by["teacher"]["iters"] == 3000
     assert by["final: student"]["runs"] == 3
@@ -106,3 +106,19 @@ def test_step_cost_builds_and_steps_every_kind_of_run(tmp_path):
     rows = json.load(open(out))["rows"]
     assert len({r["config"] for r in rows}) == 5  # teacher, student, ssim/mse/pkd, head, crosskd
     assert all(r["seconds"] > 0 and r["config"].startswith("configs/Synthetic/") for r in rows)
+
+
+def test_step_cost_of_the_ssim_window_study():
+    """Issue 29's 256 px study: its own teacher, then every method with 3 seeds, each run at the
+    study's student size (the committed diagnosis supplies its best SSIM variant)."""
+    from method_study import plan, ssim_window, step_cost
+
+    preset = dict(run_study.FULL, image_size=ssim_window.SIZE)
+    table = step_cost.window_rows(preset, 3)
+    names = [r["part"] for r in table]
+    assert names[0] == "teacher" and table[0]["runs"] == 1 and table[0]["iters"] == 3000
+    assert {"student", "mse", "ssim", "pkd", "ssim_best", "ssim_win11"} == set(names[1:])
+    for r in table[1:]:
+        assert r["runs"] == 3 and r["opts"][:4] == list(plan.STUDENT_SIZE)
+    timed = step_cost.estimate(table, preset, timer=lambda c, o, size, b, s: float(size))
+    assert timed[0]["hours"] == pytest.approx(256.0 * 3000 / 3600)
