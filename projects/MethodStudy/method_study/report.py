@@ -11,7 +11,7 @@ import time
 from kd_det.utils.loss_balance import balance
 from kd_det.utils.runs import fmt
 
-from . import REPO, ledger, plots, verdicts
+from . import REPO, ledger, plan, plots, verdicts
 
 
 def ap_curve(metrics_json):
@@ -363,7 +363,7 @@ def drops_methods(res, output):
         return bool(set(json.load(f).get("methods", {})) - set(res["methods"]))
 
 
-def write_all(res, output, allow_fewer=False, teacher_label="teacher (Lite2-FPN)"):
+def write_all(res, output, allow_fewer=False, teacher_label=plan.TEACHER_LABEL):
     """Write the reports; refuse to replace a results.json that holds more finished runs than
     ``res`` (a study whose ``runs/`` and ledger are gone would otherwise overwrite its evidence
     with an empty table) unless ``allow_fewer``."""
@@ -409,7 +409,7 @@ def versus_student(runs, student_runs, name):
     return f"{diff:+.1f} +- {se:.1f}{mark}"
 
 
-def results_markdown(res, teacher_label="teacher (Lite2-FPN)"):
+def results_markdown(res, teacher_label=plan.TEACHER_LABEL):
     t = res.get("teacher") or {}
     t_ap = (t.get("test") or {}).get("AP")
     s_runs = res["methods"].get("student", {}).get("runs", [])
